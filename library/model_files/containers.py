@@ -1,0 +1,219 @@
+"""Checkpoint containers: `.safetensors` and `.ckpt`/`.pt` files, read one tensor at a time.
+
+The safetensors reader parses the header itself and reads each tensor with a plain file read into freshly
+allocated memory. Unlike a memory map, nothing of the file stays resident after a tensor has been copied into the
+model, so loading a model costs the model's memory plus one tensor. The writer streams tensors the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping
+
+import torch
+
+from library.errors import UserError
+from library.file_io import atomic_output
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+SAFETENSORS_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+_HEADER_LIMIT = 100 * 1024 * 1024
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+CHECKPOINT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class CheckpointFile:
+    """A read-only mapping of key -> tensor, opened lazily: shapes are known before any tensor is read."""
+
+    path: Path
+    metadata: dict[str, str]
+
+    def info(self) -> Mapping[str, TensorInfo]:
+        raise NotImplementedError
+
+    def read(self, key: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def keys(self) -> Iterable[str]:
+        return self.info().keys()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.info()[key].shape
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.info()
+
+
+class SafetensorsFile(CheckpointFile):
+    def __init__(self, path: Path):
+        self.path = path
+        self._tensors, self.metadata, self._data_start = _read_safetensors_header(path)
+
+    def info(self) -> Mapping[str, TensorInfo]:
+        return {key: entry[0] for key, entry in self._tensors.items()}
+
+    def read(self, key: str) -> torch.Tensor:
+        info, begin, end = self._tensors[key]
+        raw = torch.empty(end - begin, dtype=torch.uint8)
+        with open(self.path, "rb") as stream:
+            stream.seek(self._data_start + begin)
+            if stream.readinto(memoryview(raw.numpy())) != end - begin:
+                raise UserError(f"{self.path}: the file ends inside tensor '{key}'; it is truncated, download or copy it again.")
+        return raw.view(info.dtype).reshape(info.shape)
+
+
+class PickleCheckpointFile(CheckpointFile):
+    """A `.ckpt`/`.pt` file, opened with `weights_only=True` so that it cannot run code."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.metadata = {}
+        self._tensors = {key: value for key, value in _load_pickle_state_dict(path).items() if isinstance(value, torch.Tensor)}
+
+    def info(self) -> Mapping[str, TensorInfo]:
+        return {key: TensorInfo(tuple(t.shape), t.dtype) for key, t in self._tensors.items()}
+
+    def read(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+
+def open_checkpoint(path: str | os.PathLike) -> CheckpointFile:
+    """Open a single-file checkpoint (or LoRA) by its extension; bad files raise a one-sentence UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file; check the path (a Diffusers model is a folder, not a file).")
+    if path.suffix.lower() == ".safetensors":
+        return SafetensorsFile(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return PickleCheckpointFile(path)
+    raise UserError(f"{path}: unknown file type '{path.suffix}'; expected .safetensors or .ckpt.")
+
+
+def _read_safetensors_header(path: Path) -> tuple[dict[str, tuple[TensorInfo, int, int]], dict[str, str], int]:
+    size = path.stat().st_size
+    with open(path, "rb") as stream:
+        prefix = stream.read(8)
+        if len(prefix) < 8:
+            raise UserError(f"{path}: the file is empty or truncated, not a safetensors file; copy it again.")
+        (header_size,) = struct.unpack("<Q", prefix)
+        if header_size > min(_HEADER_LIMIT, size - 8):
+            raise UserError(f"{path}: not a valid safetensors file (bad header length); it is truncated or of another format.")
+        try:
+            header = json.loads(stream.read(header_size))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise UserError(f"{path}: not a valid safetensors file (unreadable header); it is truncated or of another format.") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: not a valid safetensors file (its header is not a table of tensors).")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_size
+    tensors = {}
+    for key, entry in header.items():
+        try:
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            begin, end = (int(offset) for offset in entry["data_offsets"])
+            shape = tuple(int(dim) for dim in entry["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{path}: tensor '{key}' has an unreadable entry in the safetensors header; the file is damaged.") from None
+        tensors[key] = (TensorInfo(shape, dtype), begin, end)
+    data_end = max((end for _, _, end in tensors.values()), default=0)
+    if data_start + data_end > size:
+        raise UserError(
+            f"{path}: the file is truncated ({size:,} bytes, its header promises {data_start + data_end:,}); download or copy it again."
+        )
+    return tensors, {str(k): str(v) for k, v in metadata.items()}, data_start
+
+
+def _load_pickle_state_dict(path: Path) -> dict:
+    mmap = zipfile.is_zipfile(path)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        if "weights_only" in str(error) or "Unsupported" in str(error):
+            raise UserError(
+                f"{path}: this .ckpt holds pickled Python objects besides tensors, which could run code when opened, "
+                "so it is refused; convert it to .safetensors with a tool you trust."
+            ) from None
+        raise UserError(f"{path}: not a readable .ckpt file ({error}); it is truncated or of another format.") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise UserError(f"{path}: not a readable .ckpt file ({str(error).splitlines()[0]}); it is truncated or damaged.") from None
+    while isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, dict):
+        raise UserError(f"{path}: the .ckpt holds a {type(loaded).__name__}, not a dictionary of tensors.")
+    return loaded
+
+
+TensorSource = Callable[[], torch.Tensor]
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, tuple[TensorInfo, TensorSource]], metadata: Mapping[str, str] | None = None) -> None:
+    """Write tensors one at a time (each produced on demand), atomically. Peak memory is one tensor."""
+    layout, offset = {}, 0
+    for key, (info, _) in tensors.items():
+        nbytes = _numel(info.shape) * torch.empty((), dtype=info.dtype).element_size()
+        layout[key] = {"dtype": SAFETENSORS_DTYPE_NAMES[info.dtype], "shape": list(info.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header = dict(layout)
+    if metadata:
+        header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}, **layout}
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+    with atomic_output(path) as temporary, open(temporary, "wb") as stream:
+        stream.write(struct.pack("<Q", len(encoded)))
+        stream.write(encoded)
+        for key, (info, source) in tensors.items():
+            tensor = source().detach().to(device="cpu", dtype=info.dtype).contiguous()
+            if tuple(tensor.shape) != info.shape:
+                raise ValueError(f"tensor '{key}' has shape {tuple(tensor.shape)}, expected {info.shape}")
+            stream.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+
+
+def save_state_dict(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+    """Save tensors as `.safetensors` (with metadata) or `.ckpt`/`.pt` (wrapped in `state_dict`), atomically."""
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        write_safetensors(path, {key: (TensorInfo(tuple(t.shape), t.dtype), _constant(t)) for key, t in tensors.items()}, metadata)
+        return
+    with atomic_output(path) as temporary:
+        torch.save({"state_dict": {key: t.detach().cpu().contiguous() for key, t in tensors.items()}, "epoch": 0, "global_step": 0}, temporary)
+
+
+def iter_tensors(checkpoint: CheckpointFile, keys: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    for key in keys:
+        yield key, checkpoint.read(key)
+
+
+def _constant(tensor: torch.Tensor) -> TensorSource:
+    return lambda: tensor
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count

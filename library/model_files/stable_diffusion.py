@@ -1,0 +1,403 @@
+"""Stable Diffusion models as users have them: one `.safetensors`/`.ckpt` file, or a Diffusers folder.
+
+Loading builds diffusers/transformers modules on the meta device and fills them one tensor at a time from the
+file, so memory peaks at the model plus one tensor. Saving writes the same file layout back, including the file
+tensors the models do not use (SD2's last text layer, text projection and logit scale).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+import torch
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL, ModelMixin, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from library.errors import UserError
+from library.metadata import checkpoint_modelspec
+from library.model_files.architecture import TEXT_ENCODER_FOLDERS, Architecture, architecture_from_shapes, scheduler_config, shipped_architecture
+from library.model_files.containers import CHECKPOINT_SUFFIXES, CheckpointFile, TensorInfo, open_checkpoint, save_state_dict, write_safetensors
+from library.model_files.family import (
+    TEXT_ENCODER_LAYOUTS,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    ModelFamily,
+    TextEncoderLayout,
+    check_family_flags,
+    detect_family,
+    detect_v_prediction,
+)
+from library.model_files.key_maps import KeyLink, Reshape, clip_links, file_shape, open_clip_links, to_file_tensor, to_model_tensor, unet_links, vae_links
+from library.model_files.tokenizer import load_tokenizers
+
+TextEncoder = CLIPTextModel | CLIPTextModelWithProjection
+PRECISIONS = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+PIPELINE_CLASSES = {ModelFamily.SD1: "StableDiffusionPipeline", ModelFamily.SD2: "StableDiffusionPipeline", ModelFamily.SDXL: "StableDiffusionXLPipeline"}
+
+
+@dataclass
+class StableDiffusionModel:
+    family: ModelFamily
+    v_prediction: bool
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoders: list[TextEncoder]
+    tokenizers: list[CLIPTokenizer]
+    source: str
+    prediction_reason: str = ""
+    # File tensors that no module uses but other tools expect to find (file key -> tensor), written back on save.
+    unused_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def scheduler_config(self) -> dict:
+        return scheduler_config(self.family, self.v_prediction)
+
+    def components(self) -> Iterator[tuple[torch.nn.Module, dict[str, KeyLink]]]:
+        """Each module with the links from its state-dict keys to single-file keys."""
+        yield self.unet, unet_links(self.unet.state_dict().keys(), self.unet.config)
+        yield self.vae, vae_links(self.vae.state_dict().keys(), self.vae.config)
+        for encoder, layout in zip(self.text_encoders, TEXT_ENCODER_LAYOUTS[self.family]):
+            yield encoder, _text_encoder_links(encoder.state_dict().keys(), layout)
+
+
+def parse_precision(name: str | None, default: torch.dtype | None = None) -> torch.dtype | None:
+    """`--save_precision`/`--precision` values (float, fp16, bf16) -> dtype; None keeps `default`."""
+    if name is None:
+        return default
+    if name not in PRECISIONS:
+        raise UserError(f"unknown precision '{name}'; use one of float, fp16, bf16.")
+    return PRECISIONS[name]
+
+
+# ---------------------------------------------------------------- loading
+
+def load_stable_diffusion(
+    path: str | os.PathLike,
+    *,
+    v2: bool = False,
+    sdxl: bool = False,
+    v_parameterization: bool = False,
+    dtype: torch.dtype = torch.float32,
+    tokenizer_cache_dir: str | os.PathLike | None = None,
+) -> StableDiffusionModel:
+    """Load a single-file checkpoint or a Diffusers folder; the family is detected, `--v2`/`--sdxl` must agree."""
+    path = Path(path)
+    if not path.exists() and HUB_ID.fullmatch(str(path)) and path.suffix.lower() not in CHECKPOINT_SUFFIXES:
+        path = _download_from_hub(str(path))
+    if path.is_dir():
+        return _load_diffusers_folder(path, v2, sdxl, v_parameterization, dtype, tokenizer_cache_dir)
+    checkpoint = _AliasedCheckpoint(open_checkpoint(path))
+    shapes = checkpoint.shapes()
+    family = detect_family(shapes, str(path))
+    check_family_flags(family, str(path), v2=v2, sdxl=sdxl)
+    v_prediction, reason = detect_v_prediction(checkpoint.metadata, shapes, v_parameterization)
+    model = empty_model(family, _architecture(family, shapes, path), v_prediction, str(path), tokenizer_cache_dir)
+    model.prediction_reason = reason
+    components = list(model.components())
+    _check_keys(checkpoint, components, family, path)
+    for module, links in components:
+        _fill_module(module, links, checkpoint, dtype)
+    model.unused_tensors = {key: checkpoint.read(key) for key in _unused_keys(checkpoint, components, family)}
+    return model
+
+
+def empty_model(
+    family: ModelFamily,
+    architecture: Architecture | None = None,
+    v_prediction: bool = False,
+    source: str = "",
+    tokenizer_cache_dir: str | os.PathLike | None = None,
+) -> StableDiffusionModel:
+    """The modules on the meta device (no memory used), shaped as `architecture` says (default: the released
+    model of the family), in eval mode. Weights are filled in by the loader."""
+    architecture = architecture or shipped_architecture(family)
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**_init_arguments(architecture.unet))
+        vae = AutoencoderKL(**_init_arguments(architecture.vae))
+        text_encoders = [
+            text_encoder_class(layout)(CLIPTextConfig(**config))
+            for config, layout in zip(architecture.text_encoders, TEXT_ENCODER_LAYOUTS[family])
+        ]
+    for module in (unet, vae, *text_encoders):
+        module.eval()
+    return StableDiffusionModel(family, v_prediction, unet, vae, text_encoders, load_tokenizers(family, cache_dir=tokenizer_cache_dir), source)
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    """The one place that may use the network: the user named a Hugging Face Hub model id."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["model_index.json", "*/config.json", "*/scheduler_config.json", "tokenizer*/*", "*.safetensors"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as error:  # the hub client raises many kinds (offline, not found, gated, network)
+        raise UserError(
+            f"{repo_id}: no such local file or folder, and fetching it from the Hugging Face Hub failed ({type(error).__name__});"
+            " give the path of a local .safetensors/.ckpt file or Diffusers folder."
+        ) from None
+
+
+class _AliasedCheckpoint:
+    """A checkpoint seen through the names current tools use: legacy SD1 text keys gain `text_model.`, stray
+    `position_ids` disappear, Playground's doubled `text_projection.weight.weight` loses its extra `.weight`."""
+
+    _LEGACY_CLIP = re.compile(r"^cond_stage_model\.transformer\.(?!text_model\.)(embeddings|encoder|final_layer_norm)\.")
+
+    def __init__(self, checkpoint: CheckpointFile):
+        self.checkpoint = checkpoint
+        self.metadata = checkpoint.metadata
+        self._names = {}
+        for key in checkpoint.keys():
+            if key.endswith("position_ids"):
+                continue
+            name = self._LEGACY_CLIP.sub(r"cond_stage_model.transformer.text_model.\1.", key)
+            self._names[name.replace("text_projection.weight.weight", "text_projection.weight")] = key
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        info = self.checkpoint.info()
+        return {name: info[key].shape for name, key in self._names.items()}
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.checkpoint.read(self._names[name])
+
+
+def _architecture(family: ModelFamily, shapes, path: Path):
+    try:
+        return architecture_from_shapes(family, shapes)
+    except (KeyError, IndexError, ValueError) as error:
+        raise UserError(f"{path}: the {family.label} weights are incomplete ({error} is missing or malformed); the file is damaged or not a full model.") from None
+
+
+def _init_arguments(config: Mapping) -> dict:
+    return {key: value for key, value in config.items() if not key.startswith("_")}
+
+
+def text_encoder_class(layout: TextEncoderLayout) -> type[TextEncoder]:
+    return CLIPTextModelWithProjection if layout.with_projection else CLIPTextModel
+
+
+def _text_encoder_links(model_keys, layout: TextEncoderLayout) -> dict[str, KeyLink]:
+    return (open_clip_links if layout.open_clip else clip_links)(model_keys, layout.prefix)
+
+
+def _component_prefixes(family: ModelFamily) -> tuple[str, ...]:
+    return (UNET_PREFIX, VAE_PREFIX, *(layout.prefix for layout in TEXT_ENCODER_LAYOUTS[family]))
+
+
+def _unused_keys(checkpoint: _AliasedCheckpoint, components, family: ModelFamily) -> list[str]:
+    """OpenCLIP tensors the converted text model leaves out: layers past the ones used, projection, logit scale."""
+    linked = {link.file_key for _, links in components for link in links.values()}
+    unused = []
+    for layout in TEXT_ENCODER_LAYOUTS[family]:
+        if layout.open_clip:
+            unused += [key for key in checkpoint.shapes() if key.startswith(layout.prefix) and key not in linked]
+    return unused
+
+
+def _check_keys(checkpoint: _AliasedCheckpoint, components, family: ModelFamily, path: Path) -> None:
+    shapes = checkpoint.shapes()
+    missing, wrong_shape = [], []
+    for module, links in components:
+        model_shapes = {key: tuple(t.shape) for key, t in module.state_dict().items()}
+        for key, link in links.items():
+            expected = file_shape(model_shapes[key], link.reshape)
+            if link.file_key not in shapes:
+                missing.append(link.file_key)
+            elif shapes[link.file_key] != expected:
+                wrong_shape.append(f"{link.file_key} {shapes[link.file_key]} instead of {expected}")
+    linked = {link.file_key for _, links in components for link in links.values()}
+    unexpected = [
+        key for key in shapes
+        if key.startswith(_component_prefixes(family)) and key not in linked and key not in _unused_keys(checkpoint, components, family)
+    ]
+    problems = [(missing, "missing"), (wrong_shape, "with a wrong shape"), (unexpected, "unexpected")]
+    report = "; ".join(f"{len(keys)} {what} (first: {', '.join(sorted(keys)[:3])})" for keys, what in problems if keys)
+    if report:
+        raise UserError(f"{path}: not a complete {family.label} checkpoint, its tensors do not match the model: {report}. The file is damaged, or a merge left it incomplete.")
+
+
+def _fill_module(module: torch.nn.Module, links: dict[str, KeyLink], checkpoint: _AliasedCheckpoint, dtype: torch.dtype) -> None:
+    last_read: tuple[str, torch.Tensor] | None = None  # q, k and v come from one fused tensor: read it once
+    for key, link in links.items():
+        if last_read is None or last_read[0] != link.file_key:
+            last_read = (link.file_key, checkpoint.read(link.file_key))
+        tensor = to_model_tensor(last_read[1], link)
+        _assign(module, key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+
+
+def _assign(module: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:
+    owner_path, _, name = key.rpartition(".")
+    owner = module.get_submodule(owner_path)
+    if name in owner._parameters:
+        owner._parameters[name] = torch.nn.Parameter(tensor.contiguous(), requires_grad=owner._parameters[name].requires_grad)
+    else:
+        owner._buffers[name] = tensor.contiguous()
+
+
+def _load_diffusers_folder(folder: Path, v2: bool, sdxl: bool, v_parameterization: bool, dtype: torch.dtype, tokenizer_cache_dir) -> StableDiffusionModel:
+    for needed in ("unet", "vae", "text_encoder"):
+        if not (folder / needed / "config.json").is_file():
+            raise UserError(f"{folder}: not a Diffusers model folder ({needed}/config.json is missing); give a model folder or a single .safetensors/.ckpt file.")
+    family = _folder_family(folder)
+    check_family_flags(family, str(folder), v2=v2, sdxl=sdxl)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, local_files_only=True)
+    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype, local_files_only=True)
+    text_encoders = [
+        text_encoder_class(layout).from_pretrained(folder / name, dtype=dtype, local_files_only=True)
+        for name, layout in zip(TEXT_ENCODER_FOLDERS, TEXT_ENCODER_LAYOUTS[family])
+    ]
+    scheduler_file = folder / "scheduler" / "scheduler_config.json"
+    folder_v = scheduler_file.is_file() and json.loads(scheduler_file.read_text()).get("prediction_type") == "v_prediction"
+    v_prediction = v_parameterization or folder_v
+    reason = "--v_parameterization" if v_parameterization else "the folder's scheduler config" if folder_v else "default (no --v_parameterization)"
+    tokenizer_dirs = [folder / name for name in ("tokenizer", "tokenizer_2")]
+    tokenizers = load_tokenizers(family, tokenizer_dirs, cache_dir=tokenizer_cache_dir)
+    model = StableDiffusionModel(family, v_prediction, unet, vae, text_encoders, tokenizers, str(folder), reason)
+    for module in (unet, vae, *text_encoders):
+        module.eval()
+    return model
+
+
+def _folder_family(folder: Path) -> ModelFamily:
+    """SDXL has a second text encoder; SD2's OpenCLIP tower uses GELU where SD1's CLIP-L uses QuickGELU."""
+    if (folder / "text_encoder_2" / "config.json").is_file():
+        return ModelFamily.SDXL
+    text_config = json.loads((folder / "text_encoder" / "config.json").read_text())
+    return ModelFamily.SD2 if text_config.get("hidden_act") == "gelu" else ModelFamily.SD1
+
+
+# ---------------------------------------------------------------- saving
+
+def single_file_tensors(model: StableDiffusionModel, dtype: torch.dtype | None = None) -> dict[str, tuple[TensorInfo, Callable[[], torch.Tensor]]]:
+    """Every tensor of the single file, in LDM/SGM names, each produced on demand (key -> (info, producer))."""
+    entries = {}
+    for module, links in model.components():
+        state = module.state_dict()
+        for file_key, (reshape, keys) in _group_links(links).items():
+            tensors = [state[key] for key in keys]
+            info = TensorInfo(file_shape(tuple(tensors[0].shape), reshape), _save_dtype(tensors[0], dtype))
+            entries[file_key] = (info, _producer(tensors, reshape))
+    for key, tensor in _unused_or_fabricated(model).items():
+        entries[key] = (TensorInfo(tuple(tensor.shape), _save_dtype(tensor, dtype)), _producer([tensor], Reshape.SAME))
+    return entries
+
+
+def save_stable_diffusion_checkpoint(model: StableDiffusionModel, path: str | os.PathLike, dtype: torch.dtype | None = None, title: str | None = None) -> None:
+    """Write a single-file checkpoint (`.safetensors` with modelspec metadata, or `.ckpt`), atomically."""
+    path = Path(path)
+    entries = single_file_tensors(model, dtype)
+    if path.suffix.lower() == ".safetensors":
+        metadata = checkpoint_modelspec(model.family, model.v_prediction, title or path.stem)
+        write_safetensors(path, entries, metadata)
+    else:
+        save_state_dict(path, {key: source().to(info.dtype) for key, (info, source) in entries.items()})
+
+
+def save_diffusers_folder(model: StableDiffusionModel, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+    """Write a Diffusers model folder (unet, vae, text encoders, tokenizers, scheduler, model_index.json)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
+    try:
+        modules = {"unet": model.unet, "vae": model.vae, **dict(zip(TEXT_ENCODER_FOLDERS, model.text_encoders))}
+        for name, module in modules.items():
+            _save_module(module, staging / name, dtype)
+        tokenizer_names = ("tokenizer", "tokenizer_2")[: len(model.tokenizers)]
+        for name, tokenizer in zip(tokenizer_names, model.tokenizers):
+            tokenizer.save_pretrained(staging / name)
+        (staging / "scheduler").mkdir()
+        (staging / "scheduler" / "scheduler_config.json").write_text(json.dumps(model.scheduler_config(), indent=2))
+        (staging / "model_index.json").write_text(json.dumps(_model_index(model, modules, tokenizer_names), indent=2))
+        _replace_folder(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _save_module(module: torch.nn.Module, folder: Path, dtype: torch.dtype | None) -> None:
+    """config.json and the weights in the file name from_pretrained looks for, cast on the way out (the model in
+    memory keeps its dtype)."""
+    folder.mkdir()
+    if isinstance(module, ModelMixin):
+        module.save_config(folder)
+        weights_name = "diffusion_pytorch_model.safetensors"
+    else:
+        module.config.save_pretrained(folder)
+        weights_name = "model.safetensors"
+    tensors = {key: (TensorInfo(tuple(t.shape), _save_dtype(t, dtype)), _producer([t], Reshape.SAME)) for key, t in module.state_dict().items()}
+    write_safetensors(folder / weights_name, tensors, {"format": "pt"})
+
+
+def _model_index(model: StableDiffusionModel, modules: dict, tokenizer_names) -> dict:
+    index = {"_class_name": PIPELINE_CLASSES[model.family], "_diffusers_version": "0.42.1"}
+    for name, module in modules.items():
+        library = "diffusers" if name in ("unet", "vae") else "transformers"
+        index[name] = [library, type(module).__name__]
+    for name in tokenizer_names:
+        index[name] = ["transformers", "CLIPTokenizer"]
+    index["scheduler"] = ["diffusers", "DDPMScheduler"]
+    if model.family is ModelFamily.SDXL:
+        index["force_zeros_for_empty_prompt"] = True
+    else:
+        index.update(safety_checker=[None, None], feature_extractor=[None, None], image_encoder=[None, None], requires_safety_checker=False)
+    return index
+
+
+def _replace_folder(staging: Path, folder: Path) -> None:
+    if folder.exists():
+        retired = folder.with_name(f".{folder.name}.old")
+        shutil.rmtree(retired, ignore_errors=True)
+        os.replace(folder, retired)
+        os.replace(staging, folder)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, folder)
+
+
+def _unused_or_fabricated(model: StableDiffusionModel) -> dict[str, torch.Tensor]:
+    """The OpenCLIP tensors a reader of the original layout expects: those remembered at load, else made up."""
+    fabricated = {}
+    for encoder, layout in zip(model.text_encoders, TEXT_ENCODER_LAYOUTS[model.family]):
+        if layout.open_clip:
+            fabricated.update(_fabricated_open_clip_tensors(encoder, layout))
+    return {**fabricated, **model.unused_tensors}
+
+
+def _fabricated_open_clip_tensors(encoder: TextEncoder, layout: TextEncoderLayout) -> dict[str, torch.Tensor]:
+    """As sd-scripts makes them: logit scale 1; for SD2 also a projection of ones and a copy of the last layer as
+    the unused 24th."""
+    p = layout.prefix
+    tensors = {p + "logit_scale": torch.ones((), dtype=encoder.dtype)}
+    if layout.with_projection:
+        return tensors
+    hidden, last = encoder.config.hidden_size, encoder.config.num_hidden_layers - 1
+    tensors[p + "text_projection"] = torch.ones(hidden, hidden, dtype=encoder.dtype)
+    state = encoder.state_dict()
+    last_layer_links = open_clip_links([key for key in state if f"layers.{last}." in key], p)
+    for file_key, (reshape, keys) in _group_links(last_layer_links).items():
+        copied_key = file_key.replace(f".resblocks.{last}.", f".resblocks.{last + 1}.")
+        tensors[copied_key] = to_file_tensor([state[key] for key in keys], reshape)
+    return tensors
+
+
+def _group_links(links: Mapping[str, KeyLink]) -> dict[str, tuple[Reshape, list[str]]]:
+    """file key -> (reshape, the model keys that make it, in q, k, v order where fused)."""
+    grouped: dict[str, tuple[Reshape, list[str]]] = {}
+    for key, link in sorted(links.items(), key=lambda item: item[1].part):
+        grouped.setdefault(link.file_key, (link.reshape, []))[1].append(key)
+    return grouped
+
+
+def _save_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    return dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+
+
+def _producer(tensors: list[torch.Tensor], reshape: Reshape):
+    return lambda: to_file_tensor(tensors, reshape)
