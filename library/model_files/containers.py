@@ -14,7 +14,7 @@ import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 
@@ -193,19 +193,20 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, tuple[Tenso
             stream.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
 
 
-def save_state_dict(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+def save_state_dict(
+    path: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    epoch: int = 0,
+    global_step: int = 0,
+) -> None:
     """Save tensors as `.safetensors` (with metadata) or `.ckpt`/`.pt` (wrapped in `state_dict`), atomically."""
     path = Path(path)
     if path.suffix.lower() == ".safetensors":
         write_safetensors(path, {key: (TensorInfo(tuple(t.shape), t.dtype), _constant(t)) for key, t in tensors.items()}, metadata)
         return
     with atomic_output(path) as temporary:
-        torch.save({"state_dict": {key: t.detach().cpu().contiguous() for key, t in tensors.items()}, "epoch": 0, "global_step": 0}, temporary)
-
-
-def iter_tensors(checkpoint: CheckpointFile, keys: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    for key in keys:
-        yield key, checkpoint.read(key)
+        torch.save({"state_dict": {key: t.detach().cpu().contiguous() for key, t in tensors.items()}, "epoch": epoch, "global_step": global_step}, temporary)
 
 
 def _constant(tensor: torch.Tensor) -> TensorSource:

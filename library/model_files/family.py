@@ -62,11 +62,21 @@ def detect_family(shapes: Mapping[str, tuple[int, ...]], source: str) -> ModelFa
     raise UserError(f"{source}: the text encoder weights are missing (no 'cond_stage_model.' or 'conditioner.' keys); the file is incomplete.")
 
 
-def check_family_flags(detected: ModelFamily, source: str, v2: bool = False, sdxl: bool = False) -> None:
-    """`--v2` / `--sdxl` confirm the detected family; a contradiction is reported instead of a failed load."""
-    wanted = ModelFamily.SDXL if sdxl else ModelFamily.SD2 if v2 else None
-    if wanted is not None and wanted != detected:
-        flag = "--sdxl" if sdxl else "--v2"
+FAMILY_FLAGS = {ModelFamily.SD1: "--v1", ModelFamily.SD2: "--v2", ModelFamily.SDXL: "--sdxl"}
+
+
+def family_from_flags(v1: bool = False, v2: bool = False, sdxl: bool = False) -> ModelFamily | None:
+    """The family that `--v1`/`--v2`/`--sdxl` ask for, or None when no flag is given."""
+    wanted = [family for family, given in ((ModelFamily.SD1, v1), (ModelFamily.SD2, v2), (ModelFamily.SDXL, sdxl)) if given]
+    if len(wanted) > 1:
+        raise UserError(f"{' and '.join(FAMILY_FLAGS[f] for f in wanted)} name different model families; give at most one.")
+    return wanted[0] if wanted else None
+
+
+def check_family(detected: ModelFamily, expected: ModelFamily | None, source: str) -> None:
+    """A family flag confirms what the weights say; a contradiction is reported instead of a failed load."""
+    if expected is not None and expected != detected:
+        flag = FAMILY_FLAGS[expected]
         raise UserError(f"{source}: {flag} was given, but the file is an {detected.label} model; remove {flag} or pick the right file.")
 
 

@@ -31,7 +31,7 @@ from library.model_files.family import (
     VAE_PREFIX,
     ModelFamily,
     TextEncoderLayout,
-    check_family_flags,
+    check_family,
     detect_family,
     detect_v_prediction,
 )
@@ -82,30 +82,31 @@ def parse_precision(name: str | None, default: torch.dtype | None = None) -> tor
 def load_stable_diffusion(
     path: str | os.PathLike,
     *,
-    v2: bool = False,
-    sdxl: bool = False,
+    family: ModelFamily | None = None,
     v_parameterization: bool = False,
     dtype: torch.dtype = torch.float32,
     tokenizer_cache_dir: str | os.PathLike | None = None,
 ) -> StableDiffusionModel:
-    """Load a single-file checkpoint or a Diffusers folder; the family is detected, `--v2`/`--sdxl` must agree."""
+    """Load a single-file checkpoint or a Diffusers folder. The family is detected; `family` (from `--v2`, `--sdxl`)
+    must agree with it. v-prediction comes from `v_parameterization`, else from the file's own marks."""
     path = Path(path)
     if not path.exists() and HUB_ID.fullmatch(str(path)) and path.suffix.lower() not in CHECKPOINT_SUFFIXES:
         path = _download_from_hub(str(path))
     if path.is_dir():
-        return _load_diffusers_folder(path, v2, sdxl, v_parameterization, dtype, tokenizer_cache_dir)
+        return _load_diffusers_folder(path, family, v_parameterization, dtype, tokenizer_cache_dir)
     checkpoint = _AliasedCheckpoint(open_checkpoint(path))
     shapes = checkpoint.shapes()
-    family = detect_family(shapes, str(path))
-    check_family_flags(family, str(path), v2=v2, sdxl=sdxl)
+    detected = detect_family(shapes, str(path))
+    check_family(detected, family, str(path))
     v_prediction, reason = detect_v_prediction(checkpoint.metadata, shapes, v_parameterization)
-    model = empty_model(family, _architecture(family, shapes, path), v_prediction, str(path), tokenizer_cache_dir)
+    model = empty_model(detected, _architecture(detected, shapes, path), v_prediction, str(path), tokenizer_cache_dir)
     model.prediction_reason = reason
     components = list(model.components())
-    _check_keys(checkpoint, components, family, path)
+    unused = _unused_keys(checkpoint, components, detected)
+    _check_keys(checkpoint, components, detected, path, unused)
     for module, links in components:
         _fill_module(module, links, checkpoint, dtype)
-    model.unused_tensors = {key: checkpoint.read(key) for key in _unused_keys(checkpoint, components, family)}
+    model.unused_tensors = {key: checkpoint.read(key) for key in unused}
     return model
 
 
@@ -160,10 +161,11 @@ class _AliasedCheckpoint:
                 continue
             name = self._LEGACY_CLIP.sub(r"cond_stage_model.transformer.text_model.\1.", key)
             self._names[name.replace("text_projection.weight.weight", "text_projection.weight")] = key
+        info = checkpoint.info()
+        self._shapes = {name: info[key].shape for name, key in self._names.items()}
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        info = self.checkpoint.info()
-        return {name: info[key].shape for name, key in self._names.items()}
+        return self._shapes
 
     def read(self, name: str) -> torch.Tensor:
         return self.checkpoint.read(self._names[name])
@@ -202,7 +204,7 @@ def _unused_keys(checkpoint: _AliasedCheckpoint, components, family: ModelFamily
     return unused
 
 
-def _check_keys(checkpoint: _AliasedCheckpoint, components, family: ModelFamily, path: Path) -> None:
+def _check_keys(checkpoint: _AliasedCheckpoint, components, family: ModelFamily, path: Path, unused: list[str]) -> None:
     shapes = checkpoint.shapes()
     missing, wrong_shape = [], []
     for module, links in components:
@@ -213,11 +215,8 @@ def _check_keys(checkpoint: _AliasedCheckpoint, components, family: ModelFamily,
                 missing.append(link.file_key)
             elif shapes[link.file_key] != expected:
                 wrong_shape.append(f"{link.file_key} {shapes[link.file_key]} instead of {expected}")
-    linked = {link.file_key for _, links in components for link in links.values()}
-    unexpected = [
-        key for key in shapes
-        if key.startswith(_component_prefixes(family)) and key not in linked and key not in _unused_keys(checkpoint, components, family)
-    ]
+    known = {link.file_key for _, links in components for link in links.values()} | set(unused)
+    unexpected = [key for key in shapes if key.startswith(_component_prefixes(family)) and key not in known]
     problems = [(missing, "missing"), (wrong_shape, "with a wrong shape"), (unexpected, "unexpected")]
     report = "; ".join(f"{len(keys)} {what} (first: {', '.join(sorted(keys)[:3])})" for keys, what in problems if keys)
     if report:
@@ -242,12 +241,12 @@ def _assign(module: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:
         owner._buffers[name] = tensor.contiguous()
 
 
-def _load_diffusers_folder(folder: Path, v2: bool, sdxl: bool, v_parameterization: bool, dtype: torch.dtype, tokenizer_cache_dir) -> StableDiffusionModel:
+def _load_diffusers_folder(folder: Path, expected: ModelFamily | None, v_parameterization: bool, dtype: torch.dtype, tokenizer_cache_dir) -> StableDiffusionModel:
     for needed in ("unet", "vae", "text_encoder"):
         if not (folder / needed / "config.json").is_file():
             raise UserError(f"{folder}: not a Diffusers model folder ({needed}/config.json is missing); give a model folder or a single .safetensors/.ckpt file.")
     family = _folder_family(folder)
-    check_family_flags(family, str(folder), v2=v2, sdxl=sdxl)
+    check_family(family, expected, str(folder))
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, local_files_only=True)
     vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype, local_files_only=True)
     text_encoders = [
@@ -290,15 +289,23 @@ def single_file_tensors(model: StableDiffusionModel, dtype: torch.dtype | None =
     return entries
 
 
-def save_stable_diffusion_checkpoint(model: StableDiffusionModel, path: str | os.PathLike, dtype: torch.dtype | None = None, title: str | None = None) -> None:
-    """Write a single-file checkpoint (`.safetensors` with modelspec metadata, or `.ckpt`), atomically."""
+def save_stable_diffusion_checkpoint(
+    model: StableDiffusionModel,
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    title: str | None = None,
+    epoch: int = 0,
+    global_step: int = 0,
+) -> None:
+    """Write a single-file checkpoint, atomically: `.safetensors` with modelspec metadata, or a `.ckpt` holding
+    `state_dict`, `epoch` and `global_step`. `dtype` casts every floating tensor (None keeps the model's)."""
     path = Path(path)
     entries = single_file_tensors(model, dtype)
     if path.suffix.lower() == ".safetensors":
-        metadata = checkpoint_modelspec(model.family, model.v_prediction, title or path.stem)
-        write_safetensors(path, entries, metadata)
+        write_safetensors(path, entries, checkpoint_modelspec(model.family, model.v_prediction, title or path.stem))
     else:
-        save_state_dict(path, {key: source().to(info.dtype) for key, (info, source) in entries.items()})
+        tensors = {key: source().to(info.dtype) for key, (info, source) in entries.items()}
+        save_state_dict(path, tensors, epoch=epoch, global_step=global_step)
 
 
 def save_diffusers_folder(model: StableDiffusionModel, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> None:

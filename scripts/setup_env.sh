@@ -1,0 +1,15 @@
+# Sourced by demo.sh and test.sh: create ./.venv if needed and install the project into it.
+# torch goes first and pinned: on this CPU-only machine the pin resolves to a local CPU build; on a CUDA machine
+# the same pin gives PyPI's CUDA build. Override with TORCH_SPEC="torch==X.Y.Z" (or a full pip spec).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+python -m pip install --quiet --upgrade "pip>=23" "setuptools>=61"
+python -c "import torch" 2>/dev/null || python -m pip install --quiet "$TORCH_SPEC"
+python -m pip install --quiet -r requirements.txt "$@"
+python -m pip install --quiet --no-deps --no-build-isolation -e .
