@@ -66,12 +66,15 @@ def test_loaded_model_computes_what_the_original_computes(family, tiny_checkpoin
     extra = {}
     if family is ModelFamily.SDXL:
         extra = {"added_cond_kwargs": {"text_embeds": torch.randn(1, 64), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}}
+    # The weights are bit-identical (tests above); outputs may differ in the last bits because the loaded weights are
+    # views of the memory-mapped file, aligned differently, and CPU kernels round by alignment.
+    close = dict(rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         for original, reloaded in zip(model.text_encoders, loaded.text_encoders):
-            torch.testing.assert_close(reloaded(tokens).last_hidden_state, original(tokens).last_hidden_state, rtol=0, atol=0)
-        torch.testing.assert_close(loaded.unet(latents, 10, context, **extra).sample, model.unet(latents, 10, context, **extra).sample, rtol=0, atol=0)
+            torch.testing.assert_close(reloaded(tokens).last_hidden_state, original(tokens).last_hidden_state, **close)
+        torch.testing.assert_close(loaded.unet(latents, 10, context, **extra).sample, model.unet(latents, 10, context, **extra).sample, **close)
         image = torch.rand(1, 3, 32, 32)
-        torch.testing.assert_close(loaded.vae.encode(image).latent_dist.mean, model.vae.encode(image).latent_dist.mean, rtol=0, atol=0)
+        torch.testing.assert_close(loaded.vae.encode(image).latent_dist.mean, model.vae.encode(image).latent_dist.mean, **close)
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.value)

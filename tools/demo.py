@@ -64,11 +64,11 @@ def main() -> None:
 
     caption = sorted(image_dir.glob("*.txt"))[0].read_text(encoding="utf-8").strip()
     first, second = render(model, caption), render(reloaded, caption)
-    same = np.array_equal(np.asarray(first), np.asarray(second))
+    difference = int(np.abs(np.asarray(first, dtype=int) - np.asarray(second, dtype=int)).max())
     image_path = output / "demo_image.png"
     first.save(image_path)
-    step(f"rendered '{caption}' -> {image_path} (random weights, so noise; single file and Diffusers folder agree: {same})")
-    if not same:
+    step(f"rendered '{caption}' -> {image_path} (random weights, so noise); single file vs Diffusers folder: largest pixel difference {difference}")
+    if difference > 2:
         raise SystemExit("the single file and the Diffusers folder gave different images")
 
 

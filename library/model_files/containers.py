@@ -8,6 +8,7 @@ model, so loading a model costs the model's memory plus one tensor. The writer s
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import pickle
 import struct
@@ -36,6 +37,9 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
 }
 SAFETENSORS_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+# The order in which the safetensors library lays out tensor data (then by name): widest first, so every tensor
+# starts aligned to its element size. Writing in the same order makes our files byte-identical to the library's.
+SAFETENSORS_DATA_ORDER = ("I64", "F64", "F32", "I32", "BF16", "F16", "I16", "F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL")
 _HEADER_LIMIT = 100 * 1024 * 1024
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 CHECKPOINT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
@@ -70,20 +74,25 @@ class CheckpointFile:
 
 
 class SafetensorsFile(CheckpointFile):
+    """Tensors are views of a private (copy-on-write) memory map: nothing is read until a tensor is used, the pages
+    are the page cache's own, and writing into a tensor never changes the file."""
+
     def __init__(self, path: Path):
         self.path = path
         self._tensors, self.metadata, self._data_start = _read_safetensors_header(path)
+        with open(path, "rb") as stream:
+            self._map = mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_COPY) if path.stat().st_size else None
 
     def info(self) -> Mapping[str, TensorInfo]:
         return {key: entry[0] for key, entry in self._tensors.items()}
 
     def read(self, key: str) -> torch.Tensor:
         info, begin, end = self._tensors[key]
-        raw = torch.empty(end - begin, dtype=torch.uint8)
-        with open(self.path, "rb") as stream:
-            stream.seek(self._data_start + begin)
-            if stream.readinto(memoryview(raw.numpy())) != end - begin:
-                raise UserError(f"{self.path}: the file ends inside tensor '{key}'; it is truncated, download or copy it again.")
+        if end == begin:
+            return torch.empty(info.shape, dtype=info.dtype)
+        raw = torch.frombuffer(self._map, dtype=torch.uint8, count=end - begin, offset=self._data_start + begin)
+        if (self._data_start + begin) % raw.new_empty((), dtype=info.dtype).element_size():
+            raw = raw.clone()  # a tensor not aligned to its element size cannot be viewed in place
         return raw.view(info.dtype).reshape(info.shape)
 
 
@@ -172,21 +181,24 @@ TensorSource = Callable[[], torch.Tensor]
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, tuple[TensorInfo, TensorSource]], metadata: Mapping[str, str] | None = None) -> None:
-    """Write tensors one at a time (each produced on demand), atomically. Peak memory is one tensor."""
-    layout, offset = {}, 0
-    for key, (info, _) in tensors.items():
-        nbytes = _numel(info.shape) * torch.empty((), dtype=info.dtype).element_size()
-        layout[key] = {"dtype": SAFETENSORS_DTYPE_NAMES[info.dtype], "shape": list(info.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    header = dict(layout)
+    """Write tensors one at a time (each produced on demand), atomically, laid out exactly as the safetensors
+    library lays them out. Peak memory is one tensor."""
+    order = sorted(tensors, key=lambda key: (SAFETENSORS_DATA_ORDER.index(SAFETENSORS_DTYPE_NAMES[tensors[key][0].dtype]), key))
+    header, offset = {}, 0
     if metadata:
-        header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}, **layout}
-    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    for key in order:
+        info = tensors[key][0]
+        nbytes = _numel(info.shape) * torch.empty((), dtype=info.dtype).element_size()
+        header[key] = {"dtype": SAFETENSORS_DTYPE_NAMES[info.dtype], "shape": list(info.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)
     with atomic_output(path) as temporary, open(temporary, "wb") as stream:
         stream.write(struct.pack("<Q", len(encoded)))
         stream.write(encoded)
-        for key, (info, source) in tensors.items():
+        for key in order:
+            info, source = tensors[key]
             tensor = source().detach().to(device="cpu", dtype=info.dtype).contiguous()
             if tuple(tensor.shape) != info.shape:
                 raise ValueError(f"tensor '{key}' has shape {tuple(tensor.shape)}, expected {info.shape}")
