@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
-python -m pip install --quiet --upgrade "pip>=23" "setuptools>=61"
+python -m pip install --quiet --upgrade "pip>=23" "setuptools>=77"
 python -c "import torch" 2>/dev/null || python -m pip install --quiet "$TORCH_SPEC"
 python -m pip install --quiet -r requirements.txt "$@"
 python -m pip install --quiet --no-deps --no-build-isolation -e .
