@@ -1,8 +1,8 @@
-"""Checkpoint containers: `.safetensors` and `.ckpt`/`.pt` files, read one tensor at a time.
+"""Checkpoint containers: `.safetensors` and `.ckpt`/`.pt` files, opened lazily.
 
-The safetensors reader parses the header itself and reads each tensor with a plain file read into freshly
-allocated memory. Unlike a memory map, nothing of the file stays resident after a tensor has been copied into the
-model, so loading a model costs the model's memory plus one tensor. The writer streams tensors the same way.
+The safetensors reader parses the header itself (so shapes are known before any tensor is read, and a truncated
+file is named as such) and hands out tensors that are views of a private memory map: loading a model costs the
+model's memory and nothing more. The writer streams tensors one at a time in the safetensors library's own layout.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Stable Diffusion models as users have them: one `.safetensors`/`.ckpt` file, or a Diffusers folder.
 
-Loading builds diffusers/transformers modules on the meta device and fills them one tensor at a time from the
-file, so memory peaks at the model plus one tensor. Saving writes the same file layout back, including the file
+Loading builds diffusers/transformers modules on the meta device and fills them from the file: tensors already in
+the wanted dtype are views of the memory-mapped file, others are converted one at a time, so memory peaks at the
+model plus one tensor. Saving writes the same file layout back, including the file
 tensors the models do not use (SD2's last text layer, text projection and logit scale).
 """
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
+import diffusers
 import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, ModelMixin, UNet2DConditionModel
@@ -224,11 +226,8 @@ def _check_keys(checkpoint: _AliasedCheckpoint, components, family: ModelFamily,
 
 
 def _fill_module(module: torch.nn.Module, links: dict[str, KeyLink], checkpoint: _AliasedCheckpoint, dtype: torch.dtype) -> None:
-    last_read: tuple[str, torch.Tensor] | None = None  # q, k and v come from one fused tensor: read it once
     for key, link in links.items():
-        if last_read is None or last_read[0] != link.file_key:
-            last_read = (link.file_key, checkpoint.read(link.file_key))
-        tensor = to_model_tensor(last_read[1], link)
+        tensor = to_model_tensor(checkpoint.read(link.file_key), link)
         _assign(module, key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
 
 
@@ -343,7 +342,7 @@ def _save_module(module: torch.nn.Module, folder: Path, dtype: torch.dtype | Non
 
 
 def _model_index(model: StableDiffusionModel, modules: dict, tokenizer_names) -> dict:
-    index = {"_class_name": PIPELINE_CLASSES[model.family], "_diffusers_version": "0.42.1"}
+    index = {"_class_name": PIPELINE_CLASSES[model.family], "_diffusers_version": diffusers.__version__}
     for name, module in modules.items():
         library = "diffusers" if name in ("unet", "vae") else "transformers"
         index[name] = [library, type(module).__name__]
