@@ -70,3 +70,17 @@ def test_legacy_sd1_text_keys_and_stray_position_ids_are_accepted(tiny_checkpoin
     save_file(legacy, tmp_path / "legacy.safetensors")
     loaded = load_stable_diffusion(tmp_path / "legacy.safetensors")
     assert torch.equal(loaded.text_encoders[0].embeddings.token_embedding.weight, model.text_encoders[0].embeddings.token_embedding.weight)
+
+
+def test_ema_copies_and_schedule_buffers_are_ignored(tiny_checkpoints, tmp_path):
+    import torch
+
+    model, single_file, _ = tiny_checkpoints[ModelFamily.SD1]
+    tensors = load_file(single_file)
+    tensors["model_ema.diffusion_modelinput_blocks00weight"] = torch.zeros_like(tensors["model.diffusion_model.input_blocks.0.0.weight"])
+    tensors["model_ema.decay"] = torch.tensor(0.9999)
+    tensors["betas"] = torch.linspace(0.00085, 0.012, 1000)
+    tensors["alphas_cumprod"] = torch.ones(1000)
+    save_file(tensors, tmp_path / "with_ema.safetensors")
+    loaded = load_stable_diffusion(tmp_path / "with_ema.safetensors")
+    assert torch.equal(loaded.unet.conv_in.weight, model.unet.conv_in.weight)
