@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
 # Install into ./.venv (with the test requirements) and run the test suite. Extra arguments go to pytest.
-source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh" -r requirements-test.txt
+source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
+install_project -r requirements-test.txt
 python -m pytest -q "$@"
