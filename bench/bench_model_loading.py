@@ -46,31 +46,18 @@ def _random(shape, generator):
 
 
 def write_reference_config(folder: Path) -> None:
-    """The local config folder diffusers needs to load a single file offline: configs, tokenizer, scheduler."""
-    from library.model_files.architecture import scheduler_config, shipped_config
+    """The local config folder diffusers needs to load a single file offline: configs, tokenizer, scheduler,
+    model_index.json, and no weights."""
     from library.model_files.family import ModelFamily
-    from library.model_files.tokenizer import shipped_tokenizer
+    from library.model_files.stable_diffusion import diffusers_model_index, diffusers_modules, empty_model, save_module_config
 
-    family = ModelFamily.SD1
-    for component in ("unet", "vae", "text_encoder"):
-        (folder / component).mkdir(parents=True, exist_ok=True)
-        (folder / component / "config.json").write_text(json.dumps(shipped_config(family, component)))
+    model = empty_model(ModelFamily.SD1)
+    for name, module in diffusers_modules(model).items():
+        save_module_config(module, folder / name)
     (folder / "scheduler").mkdir(exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config(family, False)))
-    shipped_tokenizer().save_pretrained(folder / "tokenizer")
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDPMScheduler"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "image_encoder": [None, None],
-        "requires_safety_checker": False,
-    }
-    (folder / "model_index.json").write_text(json.dumps(index))
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(model.scheduler_config()))
+    model.tokenizers[0].save_pretrained(folder / "tokenizer")
+    (folder / "model_index.json").write_text(json.dumps(diffusers_model_index(model)))
 
 
 def measure_in_this_process(loader: str, model_file: Path, config_folder: Path) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 from library.errors import run_cli
 from library.model_files.family import family_from_flags
 from library.model_files.containers import CHECKPOINT_SUFFIXES
-from library.model_files.stable_diffusion import load_stable_diffusion, parse_precision, save_diffusers_folder, save_stable_diffusion_checkpoint
+from library.model_files.stable_diffusion import TOKENIZER_FOLDERS, load_stable_diffusion, parse_precision, save_diffusers_folder, save_stable_diffusion_checkpoint
 from library.model_files.tokenizer import load_tokenizers
 
 
@@ -57,7 +57,7 @@ def main() -> None:
     )
     if args.reference_model:
         reference = Path(args.reference_model)
-        model.tokenizers = load_tokenizers(model.family, [reference / "tokenizer", reference / "tokenizer_2"])
+        model.tokenizers = load_tokenizers(model.family, [reference / name for name in TOKENIZER_FOLDERS])
     print(f"loaded {model.family.label} model from {args.model_to_load} ({'v-prediction' if model.v_prediction else 'epsilon'} prediction: {model.prediction_reason})")
     target = Path(args.model_to_save)
     if target.suffix.lower() in CHECKPOINT_SUFFIXES:

@@ -8,6 +8,7 @@ model's memory and nothing more. The writer streams tensors one at a time in the
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import pickle
@@ -81,7 +82,7 @@ class SafetensorsFile(CheckpointFile):
         self.path = path
         self._tensors, self.metadata, self._data_start = _read_safetensors_header(path)
         with open(path, "rb") as stream:
-            self._map = mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_COPY) if path.stat().st_size else None
+            self._map = mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_COPY)
 
     def info(self) -> Mapping[str, TensorInfo]:
         return {key: entry[0] for key, entry in self._tensors.items()}
@@ -91,7 +92,7 @@ class SafetensorsFile(CheckpointFile):
         if end == begin:
             return torch.empty(info.shape, dtype=info.dtype)
         raw = torch.frombuffer(self._map, dtype=torch.uint8, count=end - begin, offset=self._data_start + begin)
-        if (self._data_start + begin) % raw.new_empty((), dtype=info.dtype).element_size():
+        if (self._data_start + begin) % info.dtype.itemsize:
             raw = raw.clone()  # a tensor not aligned to its element size cannot be viewed in place
         return raw.view(info.dtype).reshape(info.shape)
 
@@ -189,7 +190,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, tuple[Tenso
         header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
     for key in order:
         info = tensors[key][0]
-        nbytes = _numel(info.shape) * torch.empty((), dtype=info.dtype).element_size()
+        nbytes = math.prod(info.shape) * info.dtype.itemsize
         header[key] = {"dtype": SAFETENSORS_DTYPE_NAMES[info.dtype], "shape": list(info.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
@@ -223,10 +224,3 @@ def save_state_dict(
 
 def _constant(tensor: torch.Tensor) -> TensorSource:
     return lambda: tensor
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count

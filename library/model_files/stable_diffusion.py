@@ -42,6 +42,7 @@ from library.model_files.tokenizer import load_tokenizers
 
 TextEncoder = CLIPTextModel | CLIPTextModelWithProjection
 PRECISIONS = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2")
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 PIPELINE_CLASSES = {ModelFamily.SD1: "StableDiffusionPipeline", ModelFamily.SD2: "StableDiffusionPipeline", ModelFamily.SDXL: "StableDiffusionXLPipeline"}
 
@@ -256,7 +257,7 @@ def _load_diffusers_folder(folder: Path, expected: ModelFamily | None, v_paramet
     folder_v = scheduler_file.is_file() and json.loads(scheduler_file.read_text()).get("prediction_type") == "v_prediction"
     v_prediction = v_parameterization or folder_v
     reason = "--v_parameterization" if v_parameterization else "the folder's scheduler config" if folder_v else "default (no --v_parameterization)"
-    tokenizer_dirs = [folder / name for name in ("tokenizer", "tokenizer_2")]
+    tokenizer_dirs = [folder / name for name in TOKENIZER_FOLDERS]
     tokenizers = load_tokenizers(family, tokenizer_dirs, cache_dir=tokenizer_cache_dir)
     model = StableDiffusionModel(family, v_prediction, unet, vae, text_encoders, tokenizers, str(folder), reason)
     for module in (unet, vae, *text_encoders):
@@ -313,40 +314,46 @@ def save_diffusers_folder(model: StableDiffusionModel, folder: str | os.PathLike
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
     try:
-        modules = {"unet": model.unet, "vae": model.vae, **dict(zip(TEXT_ENCODER_FOLDERS, model.text_encoders))}
-        for name, module in modules.items():
+        for name, module in diffusers_modules(model).items():
             _save_module(module, staging / name, dtype)
-        tokenizer_names = ("tokenizer", "tokenizer_2")[: len(model.tokenizers)]
-        for name, tokenizer in zip(tokenizer_names, model.tokenizers):
+        for name, tokenizer in zip(TOKENIZER_FOLDERS, model.tokenizers):
             tokenizer.save_pretrained(staging / name)
         (staging / "scheduler").mkdir()
         (staging / "scheduler" / "scheduler_config.json").write_text(json.dumps(model.scheduler_config(), indent=2))
-        (staging / "model_index.json").write_text(json.dumps(_model_index(model, modules, tokenizer_names), indent=2))
+        (staging / "model_index.json").write_text(json.dumps(diffusers_model_index(model), indent=2))
         _replace_folder(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def diffusers_modules(model: StableDiffusionModel) -> dict[str, torch.nn.Module]:
+    """The model's modules under their Diffusers folder names."""
+    return {"unet": model.unet, "vae": model.vae, **dict(zip(TEXT_ENCODER_FOLDERS, model.text_encoders))}
+
+
 def _save_module(module: torch.nn.Module, folder: Path, dtype: torch.dtype | None) -> None:
-    """config.json and the weights in the file name from_pretrained looks for, cast on the way out (the model in
-    memory keeps its dtype)."""
-    folder.mkdir()
-    if isinstance(module, ModelMixin):
-        module.save_config(folder)
-        weights_name = "diffusion_pytorch_model.safetensors"
-    else:
-        module.config.save_pretrained(folder)
-        weights_name = "model.safetensors"
+    """config.json and the weights, cast on the way out (the model in memory keeps its dtype)."""
+    weights_name = save_module_config(module, folder)
     tensors = {key: (TensorInfo(tuple(t.shape), _save_dtype(t, dtype)), _producer([t], Reshape.SAME)) for key, t in module.state_dict().items()}
     write_safetensors(folder / weights_name, tensors, {"format": "pt"})
 
 
-def _model_index(model: StableDiffusionModel, modules: dict, tokenizer_names) -> dict:
+def save_module_config(module: torch.nn.Module, folder: Path) -> str:
+    """Write a module's config.json into `folder`; returns the weights file name its from_pretrained looks for."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(module, ModelMixin):
+        module.save_config(folder)
+        return "diffusion_pytorch_model.safetensors"
+    module.config.save_pretrained(folder)
+    return "model.safetensors"
+
+
+def diffusers_model_index(model: StableDiffusionModel) -> dict:
+    """The `model_index.json` of a Diffusers folder holding this model."""
     index = {"_class_name": PIPELINE_CLASSES[model.family], "_diffusers_version": diffusers.__version__}
-    for name, module in modules.items():
-        library = "diffusers" if name in ("unet", "vae") else "transformers"
-        index[name] = [library, type(module).__name__]
-    for name in tokenizer_names:
+    for name, module in diffusers_modules(model).items():
+        index[name] = ["diffusers" if isinstance(module, ModelMixin) else "transformers", type(module).__name__]
+    for name in TOKENIZER_FOLDERS[: len(model.tokenizers)]:
         index[name] = ["transformers", "CLIPTokenizer"]
     index["scheduler"] = ["diffusers", "DDPMScheduler"]
     if model.family is ModelFamily.SDXL:
