@@ -16,7 +16,7 @@ import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -184,9 +184,17 @@ TensorSource = Callable[[], torch.Tensor]
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, tuple[TensorInfo, TensorSource]], metadata: Mapping[str, str] | None = None) -> None:
     """Write tensors one at a time (each produced on demand), atomically, laid out exactly as the safetensors
     library lays them out. Peak memory is one tensor."""
+    with atomic_output(path) as temporary, open(temporary, "wb") as stream:
+        for chunk in safetensors_chunks(tensors, metadata):
+            stream.write(chunk)
+
+
+def safetensors_chunks(tensors: Mapping[str, tuple[TensorInfo, TensorSource]], metadata: Mapping[str, str] | None = None) -> Iterator[memoryview | bytes]:
+    """The bytes of a safetensors file, in order: the length and header first, then each tensor's data. The metadata
+    is sorted by key, so the same tensors and metadata always give the same bytes."""
     order = sorted(tensors, key=lambda key: (SAFETENSORS_DATA_ORDER.index(SAFETENSORS_DTYPE_NAMES[tensors[key][0].dtype]), key))
     header, offset = {}, 0
-    if metadata:
+    if metadata is not None:  # as the library does, an empty dict is still written
         header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
     for key in order:
         info = tensors[key][0]
@@ -195,15 +203,13 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, tuple[Tenso
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)
-    with atomic_output(path) as temporary, open(temporary, "wb") as stream:
-        stream.write(struct.pack("<Q", len(encoded)))
-        stream.write(encoded)
-        for key in order:
-            info, source = tensors[key]
-            tensor = source().detach().to(device="cpu", dtype=info.dtype).contiguous()
-            if tuple(tensor.shape) != info.shape:
-                raise ValueError(f"tensor '{key}' has shape {tuple(tensor.shape)}, expected {info.shape}")
-            stream.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    yield struct.pack("<Q", len(encoded)) + encoded
+    for key in order:
+        info, source = tensors[key]
+        tensor = source().detach().to(device="cpu", dtype=info.dtype).contiguous()
+        if tuple(tensor.shape) != info.shape:
+            raise ValueError(f"tensor '{key}' has shape {tuple(tensor.shape)}, expected {info.shape}")
+        yield memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
 def save_state_dict(
@@ -216,10 +222,15 @@ def save_state_dict(
     """Save tensors as `.safetensors` (with metadata) or `.ckpt`/`.pt` (wrapped in `state_dict`), atomically."""
     path = Path(path)
     if path.suffix.lower() == ".safetensors":
-        write_safetensors(path, {key: (TensorInfo(tuple(t.shape), t.dtype), _constant(t)) for key, t in tensors.items()}, metadata)
+        write_safetensors(path, tensor_sources(tensors), metadata)
         return
     with atomic_output(path) as temporary:
         torch.save({"state_dict": {key: t.detach().cpu().contiguous() for key, t in tensors.items()}, "epoch": epoch, "global_step": global_step}, temporary)
+
+
+def tensor_sources(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[TensorInfo, TensorSource]]:
+    """Tensors already in memory, in the form the safetensors writer takes."""
+    return {key: (TensorInfo(tuple(t.shape), t.dtype), _constant(t)) for key, t in tensors.items()}
 
 
 def _constant(tensor: torch.Tensor) -> TensorSource:

@@ -107,9 +107,14 @@ def _unet_prefixes(config: Mapping) -> dict[str, str]:
     return prefixes
 
 
-def unet_links(model_keys: Iterable[str], config: Mapping) -> dict[str, KeyLink]:
+def unet_ldm_names(model_keys: Iterable[str], config: Mapping) -> dict[str, str]:
+    """Diffusers U-Net tensor name -> its LDM/SGM name (`input_blocks.4.1.proj_in.weight`), without the file prefix."""
     prefixes = _unet_prefixes(config)
-    return {key: KeyLink(UNET_PREFIX + _replace_prefix(key, prefixes)) for key in model_keys}
+    return {key: _replace_prefix(key, prefixes) for key in model_keys}
+
+
+def unet_links(model_keys: Iterable[str], config: Mapping) -> dict[str, KeyLink]:
+    return {key: KeyLink(UNET_PREFIX + name) for key, name in unet_ldm_names(model_keys, config).items()}
 
 
 # ---------------------------------------------------------------- VAE

@@ -1,0 +1,152 @@
+"""Which layers of a model get a LoRA module, and the name each one has in a LoRA file (specs/lora_format.md
+sections 1-2, 4.3).
+
+A layer is targeted when its class is exactly `Linear` or `Conv2d` and it lies inside a container whose class
+name is listed below. Its LoRA name is a prefix plus its path with dots turned into underscores: Hugging Face
+CLIP paths for the text encoders, diffusers paths for the SD1/SD2 U-Net and LDM (SGM) paths for the SDXL U-Net,
+which is how sd-scripts names them. The trainer, the merge and extract tools and the generator all use this table.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from library.model_files.family import ModelFamily
+from library.model_files.key_maps import unet_ldm_names
+
+TEXT_ENCODER_CONTAINERS = frozenset({"CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"})
+UNET_CONTAINERS = frozenset({"Transformer2DModel"})
+UNET_CONV_CONTAINERS = frozenset({"ResnetBlock2D", "Downsample2D", "Upsample2D"})
+TARGET_LAYER_CLASSES = frozenset({"Linear", "Conv2d"})
+
+UNET_PREFIX = "lora_unet"
+TEXT_ENCODER_PREFIX = "lora_te"
+DOWN, UP, ALPHA = "lora_down.weight", "lora_up.weight", "alpha"
+LORA_PARTS = (DOWN, UP, ALPHA)
+
+# U-Net block slots for block-wise learning rates and ranks (SD1/SD2): IN00-IN11, MID, OUT00-OUT11.
+SD_BLOCK_SLOTS = 25
+SD_MID_SLOT = 12
+
+
+class LayerKind(enum.Enum):
+    LINEAR = "Linear"
+    CONV_1X1 = "1x1 conv"
+    CONV = "3x3 conv"  # any kernel larger than 1x1; these use conv_dim / conv_alpha
+
+    @property
+    def uses_conv_rank(self) -> bool:
+        return self is LayerKind.CONV
+
+
+@dataclass(frozen=True, eq=False)
+class LoraTarget:
+    """One layer that a LoRA module can adapt."""
+
+    name: str  # e.g. lora_unet_down_blocks_0_attentions_0_proj_in
+    layer: torch.nn.Module
+    kind: LayerKind
+    block: int | None = None  # U-Net block slot (see block_slot); None for text encoders
+    alias: str | None = None  # the name other trainers give the same layer (diffusers names for the SDXL U-Net)
+
+    @property
+    def is_text_encoder(self) -> bool:
+        return self.name.startswith(TEXT_ENCODER_PREFIX)
+
+
+def module_name(key: str) -> str:
+    """The LoRA module a file key belongs to: everything before the first dot."""
+    return key.split(".", 1)[0]
+
+
+def text_encoder_prefixes(count: int) -> list[str]:
+    """`lora_te` for a single text encoder; `lora_te1`, `lora_te2`, ... when there are several (SDXL)."""
+    return [TEXT_ENCODER_PREFIX] if count == 1 else [f"{TEXT_ENCODER_PREFIX}{i}" for i in range(1, count + 1)]
+
+
+def text_encoder_targets(text_encoders: Sequence[torch.nn.Module]) -> list[LoraTarget]:
+    targets = []
+    for prefix, encoder in zip(text_encoder_prefixes(len(text_encoders)), text_encoders):
+        for path, layer in _layers_in_containers(encoder, TEXT_ENCODER_CONTAINERS):
+            # transformers 5 drops the `text_model.` level in CLIPTextModel; file names always keep it
+            path = "text_model." + path.removeprefix("text_model.")
+            targets.append(LoraTarget(_lora_name(prefix, path), layer, _layer_kind(layer)))
+    return targets
+
+
+def is_sdxl_unet(unet: torch.nn.Module) -> bool:
+    return getattr(unet.config, "addition_embed_type", None) == "text_time"
+
+
+def model_family(text_encoders: Sequence[torch.nn.Module], unet: torch.nn.Module) -> ModelFamily:
+    """SDXL from the U-Net's added time conditioning; SD2 from its OpenCLIP text encoder (plain GELU where CLIP ViT-L
+    uses quick GELU), or from the U-Net's linear projections when no text encoder is given."""
+    if is_sdxl_unet(unet):
+        return ModelFamily.SDXL
+    if text_encoders:
+        open_clip = text_encoders[0].config.hidden_act == "gelu"
+    else:
+        open_clip = bool(unet.config.use_linear_projection)
+    return ModelFamily.SD2 if open_clip else ModelFamily.SD1
+
+
+def unet_targets(unet: torch.nn.Module, with_conv_containers: bool) -> list[LoraTarget]:
+    """The U-Net's targets: layers inside transformer blocks, and with `with_conv_containers` also those inside
+    ResNet, down- and up-sampling blocks (C3Lier)."""
+    containers = UNET_CONTAINERS | UNET_CONV_CONTAINERS if with_conv_containers else UNET_CONTAINERS
+    layers = _layers_in_containers(unet, containers)
+    ldm_paths = {key.removesuffix(".weight"): name.removesuffix(".weight") for key, name in unet_ldm_names([p + ".weight" for p, _ in layers], unet.config).items()}
+    sdxl = is_sdxl_unet(unet)
+    targets = []
+    for path, layer in layers:
+        ldm_path = ldm_paths[path]
+        if sdxl:
+            name, alias = _lora_name(UNET_PREFIX, ldm_path), _lora_name(UNET_PREFIX, path)
+        else:
+            name, alias = _lora_name(UNET_PREFIX, path), None
+        targets.append(LoraTarget(name, layer, _layer_kind(layer), block_slot(ldm_path, sdxl), alias))
+    return targets
+
+
+_LDM_BLOCK = re.compile(r"^(input_blocks|middle_block|output_blocks)\.(\d+)\.")
+
+
+def block_slot(ldm_path: str, sdxl: bool) -> int:
+    """The block slot of a U-Net layer from its LDM path. SD1/SD2 has 25 slots (IN00-IN11 = 0-11, MID = 12,
+    OUT00-OUT11 = 13-24); SDXL has 23 (time embedding = 0, IN00-IN08 = 1-9, MID parts = 10-12, OUT00-OUT08 = 13-21,
+    out = 22)."""
+    match = _LDM_BLOCK.match(ldm_path)
+    if match is None:
+        raise ValueError(f"'{ldm_path}' is not inside a U-Net block")
+    group, index = match.group(1), int(match.group(2))
+    if group == "input_blocks":
+        return index + 1 if sdxl else index
+    if group == "middle_block":
+        return 10 + index if sdxl else SD_MID_SLOT
+    return 13 + index
+
+
+def _layers_in_containers(root: torch.nn.Module, containers: frozenset[str]) -> list[tuple[str, torch.nn.Module]]:
+    found: dict[str, torch.nn.Module] = {}
+    for container_path, container in root.named_modules():
+        if type(container).__name__ not in containers:
+            continue
+        for child_path, child in container.named_modules():
+            if child_path and type(child).__name__ in TARGET_LAYER_CLASSES:
+                found[f"{container_path}.{child_path}" if container_path else child_path] = child
+    return list(found.items())
+
+
+def _layer_kind(layer: torch.nn.Module) -> LayerKind:
+    if isinstance(layer, torch.nn.Conv2d):
+        return LayerKind.CONV_1X1 if tuple(layer.kernel_size) == (1, 1) else LayerKind.CONV
+    return LayerKind.LINEAR
+
+
+def _lora_name(prefix: str, path: str) -> str:
+    return f"{prefix}.{path}".replace(".", "_")
