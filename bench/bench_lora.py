@@ -36,23 +36,28 @@ def build_unet(device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
 
     config = {key: value for key, value in shipped_config(ModelFamily.SD1, "unet").items() if not key.startswith("_")}
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**config).to(device, dtype)
+    unet = UNet2DConditionModel(**config).to(device)
+    if dtype != torch.float32:
+        unet.to(dtype)
     unet.requires_grad_(False)
     return unet
 
 
-def timed(function, repeats: int, device: torch.device, warmup: int = 2) -> float:
-    """Median seconds of `function()`; CUDA work is synchronised only at the edges of each run."""
+def timed_pair(plain, with_lora, repeats: int, device: torch.device, warmup: int = 2) -> tuple[float, float]:
+    """Median seconds of each function, called alternately so that drifting machine speed affects both alike;
+    CUDA work is synchronised only at the edges of each call."""
     for _ in range(warmup):
-        function()
-    seconds = []
+        plain()
+        with_lora()
+    seconds: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        _synchronize(device)
-        started = time.perf_counter()
-        function()
-        _synchronize(device)
-        seconds.append(time.perf_counter() - started)
-    return statistics.median(seconds)
+        for function, record in zip((plain, with_lora), seconds):
+            _synchronize(device)
+            started = time.perf_counter()
+            function()
+            _synchronize(device)
+            record.append(time.perf_counter() - started)
+    return statistics.median(seconds[0]), statistics.median(seconds[1])
 
 
 def _synchronize(device: torch.device) -> None:
@@ -75,37 +80,37 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype] if device.type == "cuda" else torch.float32
     autocast = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" else contextlib.nullcontext()
-    unet = build_unet(device, dtype)
+    plain_unet, lora_unet = build_unet(device, dtype), build_unet(device, dtype)
     generator = torch.Generator(device).manual_seed(0)
     latents = torch.randn(args.batch_size, 4, args.latent_size, args.latent_size, device=device, dtype=dtype, generator=generator)
-    context = torch.randn(args.batch_size, 77, unet.config.cross_attention_dim, device=device, dtype=dtype, generator=generator)
+    context = torch.randn(args.batch_size, 77, plain_unet.config.cross_attention_dim, device=device, dtype=dtype, generator=generator)
     timesteps = torch.full((args.batch_size,), 500, device=device)
 
-    def forward():
-        with torch.no_grad(), autocast:
-            unet(latents, timesteps, context)
-
-    def step(inputs: torch.Tensor):
-        with autocast:
-            loss = unet(inputs, timesteps, context).sample.float().square().mean()
-        loss.backward()
-
-    input_with_grad = latents.detach().requires_grad_(True)
-    plain_forward = timed(forward, args.repeats, device)
-    plain_step = timed(lambda: step(input_with_grad), args.repeats, device)
-
-    network = create_network(1.0, args.network_dim, args.network_alpha, None, None, unet)
-    network.apply_to(None, unet, apply_text_encoder=False, apply_unet=True)
+    network = create_network(1.0, args.network_dim, args.network_alpha, None, None, lora_unet)
+    network.apply_to(None, lora_unet, apply_text_encoder=False, apply_unet=True)
     network.to(device)  # float32 LoRA weights; autocast runs the LoRA path in the U-Net's dtype
     network.prepare_grad_etc()
     with torch.no_grad():
         for lora in network.unet_loras:
             lora.lora_up.weight.normal_(0, 0.01)
-    lora_forward = timed(forward, args.repeats, device)
-    lora_step = timed(lambda: step(latents), args.repeats, device)
+
+    def forward(unet):
+        with torch.no_grad(), autocast:
+            unet(latents, timesteps, context)
+
+    def step(unet, inputs: torch.Tensor):
+        with autocast:
+            loss = unet(inputs, timesteps, context).sample.float().square().mean()
+        loss.backward()
+
+    # The plain step lets gradients flow to the input only: the frozen layers' input gradients, which a LoRA
+    # step computes too.
+    input_with_grad = latents.detach().requires_grad_(True)
+    plain_forward, lora_forward = timed_pair(lambda: forward(plain_unet), lambda: forward(lora_unet), args.repeats, device)
+    plain_step, lora_step = timed_pair(lambda: step(plain_unet, input_with_grad), lambda: step(lora_unet, latents), args.repeats, device)
 
     started = time.perf_counter()
-    network.merge_to(None, unet)
+    network.merge_to(None, lora_unet)
     _synchronize(device)
     merge_seconds = time.perf_counter() - started
 

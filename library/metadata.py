@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import importlib.metadata
 import json
 from typing import Mapping
 
@@ -14,6 +15,7 @@ from library.model_files.containers import safetensors_chunks, tensor_sources
 from library.model_files.family import ModelFamily
 
 MODELSPEC_VERSION = "1.0.1"
+DISTRIBUTION = "sd-lora-suite"
 GENERATIVE_MODELS_URL = "https://github.com/Stability-AI/generative-models"
 
 
@@ -50,7 +52,15 @@ def _modelspec(family: ModelFamily, v_prediction: bool, title: str, lora: bool, 
         "modelspec.resolution": resolution or default_resolution(family, v_prediction),
         "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
         "modelspec.prediction_type": "v" if v_prediction else "epsilon",
+        "modelspec.implementation_version": f"{DISTRIBUTION}/{_installed_version()}",
     }
+
+
+def _installed_version() -> str:
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 # ---------------------------------------------------------------- sd-scripts keys of a LoRA

@@ -18,6 +18,7 @@ or `network.merge_to(pipe.text_encoder, pipe.unet, weights)` to add the deltas i
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -32,6 +33,7 @@ from library.lora.files import ModuleFactors, read_lora_file, save_lora_file, sp
 from library.lora.naming import (
     ALPHA,
     DOWN,
+    TEXT_ENCODER_PREFIX,
     UP,
     LoraTarget,
     is_sdxl_unet,
@@ -40,8 +42,10 @@ from library.lora.naming import (
     text_encoder_targets,
     unet_targets,
 )
-from library.lora.network_args import LoRAArgs, parse_network_args
+from library.lora.network_args import LoRAArgs, check_probability, parse_network_args
 from library.metadata import common_value, lora_modelspec, lora_network_metadata
+
+logger = logging.getLogger(__name__)
 
 NETWORK_MODULE = "networks.lora"
 DEFAULT_DIM = 4
@@ -141,16 +145,19 @@ class LoRAModule(torch.nn.Module):
 
     @torch.no_grad()
     def merge_to(self, sd: Mapping[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
-        """Add multiplier * scale * (up @ down) into the layer's weight, from `sd` (this module's keys without the
-        name) or from the module's own factors. The delta is computed on `device` (default: where the weight is)
+        """Add multiplier * alpha / rank * (up @ down) into the layer's weight, from `sd` (this module's keys
+        without the name; no alpha means alpha = rank) or from the module's own factors. The delta is computed on `device` (default: where the weight is)
         and added in float32; the weight keeps its dtype. `dtype` is accepted for sd-scripts' signature."""
-        up, down = (sd[UP], sd[DOWN]) if sd else (self.lora_up.weight, self.lora_down.weight)
+        if sd:
+            up, down, scale = sd[UP], sd[DOWN], lora_scale(sd.get(ALPHA), sd[DOWN].shape[0])
+        else:
+            up, down, scale = self.lora_up.weight, self.lora_down.weight, self.scale
         weight = self.org_module.weight
         if device is None or torch.device(device) == weight.device:
-            merge_into(weight, up, down, self.multiplier * self.scale)
+            merge_into(weight, up, down, self.multiplier * scale)
             return
         merged = weight.to(device)
-        merge_into(merged, up, down, self.multiplier * self.scale)
+        merge_into(merged, up, down, self.multiplier * scale)
         weight.copy_(merged)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -185,6 +192,7 @@ class LoRANetwork(torch.nn.Module):
         self.v_prediction = False  # set by the trainer from --v_parameterization; goes into the saved metadata
         self._modules_dim, self._modules_alpha = modules_dim, modules_alpha
         self._dropout = dropout
+        self._aliases: dict[str, str] = {}  # other names of the modules' layers (diffusers names, SDXL U-Net)
         with_conv = args.with_conv or modules_dim is not None
         self.text_encoder_loras = self._create_modules(text_encoder_targets(text_encoders))
         self.unet_loras = self._create_modules(unet_targets(unet, with_conv))
@@ -198,6 +206,8 @@ class LoRANetwork(torch.nn.Module):
             if rank_alpha is None:
                 continue
             rank, alpha = rank_alpha
+            if target.alias:
+                self._aliases[target.alias] = target.name
             modules.append(
                 LoRAModule(
                     target.name,
@@ -229,11 +239,10 @@ class LoRANetwork(torch.nn.Module):
                 rank, alpha = args.conv_dim, args.conv_alpha
             else:
                 return None
-        elif args.block_dims and slot is not None:
-            rank = args.block_dims[slot]
-            alpha = args.block_alphas[slot] if args.block_alphas else self.alpha
         else:
-            rank, alpha = self.lora_dim, self.alpha
+            blockwise = slot is not None
+            rank = args.block_dims[slot] if blockwise and args.block_dims else self.lora_dim
+            alpha = args.block_alphas[slot] if blockwise and args.block_alphas else self.alpha
         if rank == 0 or (slot is not None and args.block_lr_weights and args.block_lr_weights[slot] == 0):
             return None
         return rank, alpha
@@ -255,15 +264,21 @@ class LoRANetwork(torch.nn.Module):
         return True
 
     def merge_to(self, text_encoder=None, unet=None, weights_sd: Mapping[str, torch.Tensor] | None = None, dtype=None, device=None) -> None:
-        """Add each module's delta into its layer's weight, from `weights_sd` (a LoRA state dict) or, when it is
-        None, from the network's own weights. Modules the state dict does not mention are left alone."""
-        modules = split_modules(weights_sd, "the weights to merge") if weights_sd is not None else None
-        for lora in self.text_encoder_loras + self.unet_loras:
-            if modules is None:
+        """Add each module's delta into its layer's weight, from `weights_sd` (a LoRA state dict, with its own
+        ranks and alphas) or, when it is None, from the network's own weights. Modules the state dict does not
+        mention are left alone; a module the network lacks, or factors of the wrong shape, are an error."""
+        loras = {lora.lora_name: lora for lora in self.text_encoder_loras + self.unet_loras}
+        if weights_sd is None:
+            for lora in loras.values():
                 lora.merge_to(None, dtype, device)
-            elif lora.lora_name in modules:
-                factors = modules[lora.lora_name]
-                lora.merge_to({DOWN: factors.down, UP: factors.up}, dtype, device)
+            return
+        modules = split_modules(_canonical_names(weights_sd, self._aliases), "the weights to merge")
+        _check_modules_fit(modules, {name: lora.org_module for name, lora in loras.items()}, "the weights to merge", {}, "this network")
+        for name, factors in modules.items():
+            sd = {DOWN: factors.down, UP: factors.up}
+            if factors.alpha is not None:
+                sd[ALPHA] = factors.alpha
+            loras[name].merge_to(sd, dtype, device)
 
     def set_multiplier(self, multiplier: float) -> None:
         self.multiplier = multiplier
@@ -281,8 +296,9 @@ class LoRANetwork(torch.nn.Module):
         lacks, are tolerated (as when resuming with other network_args), but a rank that differs is an error."""
         weights, _ = read_lora_file(file)
         fitted = self._fit_shapes(weights)
+        own_state = self.state_dict(keep_vars=True)
         for key, tensor in fitted.items():
-            own = self.state_dict(keep_vars=True).get(key)
+            own = own_state.get(key)
             if own is not None and own.shape != tensor.shape:
                 raise UserError(
                     f"{file}: '{key}' has shape {tuple(tensor.shape)} but this network's has {tuple(own.shape)}; the file"
@@ -341,8 +357,8 @@ class LoRANetwork(torch.nn.Module):
     @torch.no_grad()
     def apply_max_norm_regularization(self, max_norm_value: float, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`--scale_weight_norms`: scale up and down of every module whose ||scale * up @ down||_F exceeds the
-        maximum so that it equals it. Returns (modules scaled, mean norm, largest norm) as tensors, so that no
-        host sync happens unless they are printed. The norm comes from the rank x rank Gram matrices
+        maximum so that it equals it. Returns (modules scaled, mean norm, largest norm) after the scaling, as
+        tensors, so that no host sync happens unless they are printed. The norm comes from the rank x rank Gram matrices
         (||UD||^2 = sum((U^T U) * (D D^T))), never from the full delta."""
         loras = self.text_encoder_loras + self.unet_loras
         norms = torch.stack([_delta_norm(lora) for lora in loras])
@@ -350,7 +366,8 @@ class LoRANetwork(torch.nn.Module):
         for lora, factor in zip(loras, factors):
             lora.lora_down.weight.mul_(factor.to(lora.lora_down.weight.dtype))
             lora.lora_up.weight.mul_(factor.to(lora.lora_up.weight.dtype))
-        return (norms > max_norm_value).sum(), norms.mean(), norms.max()
+        capped = norms.clamp(max=max_norm_value)
+        return (norms > max_norm_value).sum(), capped.mean(), capped.max()
 
     # ---------------------------------------------------------------- saving
 
@@ -376,7 +393,8 @@ class LoRANetwork(torch.nn.Module):
     def save_weights(self, file: str | os.PathLike, dtype: torch.dtype | None = None, metadata: Mapping[str, str] | None = None) -> None:
         """Save the LoRA weights (cast to `dtype` when given) with the network's metadata, updated by `metadata`
         (the trainer's `ss_*` keys), and the `sshs_*` hashes; written atomically."""
-        full = {**self.metadata(Path(file).stem), **(metadata or {})}
+        metadata = dict(metadata or {})
+        full = {**self.metadata(metadata.get("ss_output_name") or Path(file).stem), **metadata}
         save_lora_file(file, self.state_dict(), full, dtype)
 
 
@@ -421,6 +439,9 @@ def create_network(
     """A new network from `--network_dim`, `--network_alpha`, `--network_dropout` and `--network_args` (the
     keyword arguments, as strings or numbers). `vae` is not adapted; it is taken for sd-scripts' signature."""
     args = parse_network_args(kwargs, is_sdxl_unet(unet))
+    if network_dim is not None and int(network_dim) < 1:
+        raise UserError(f"--network_dim {network_dim}: the rank must be at least 1.")
+    check_probability("--network_dropout", neuron_dropout)
     if neuron_dropout is not None and args.dropout is not None and neuron_dropout != args.dropout:
         raise UserError(
             f"--network_dropout {neuron_dropout} and --network_args dropout={args.dropout} disagree; give the neuron dropout once."
@@ -458,10 +479,13 @@ def create_network_from_weights(
             raise UserError("create_network_from_weights needs a file or weights_sd.")
         weights_sd, metadata = read_lora_file(file)
     text_encoders = _as_list(text_encoder)
-    targets = {target.name: target for target in text_encoder_targets(text_encoders) + unet_targets(unet, with_conv_containers=True)}
-    weights_sd = _canonical_names(weights_sd, targets)
+    targets = text_encoder_targets(text_encoders) + unet_targets(unet, with_conv_containers=True)
+    weights_sd = _canonical_names(weights_sd, {target.alias: target.name for target in targets if target.alias})
+    if not text_encoders:
+        weights_sd = _without_text_encoder_modules(weights_sd, source)
     modules = split_modules(weights_sd, source)
-    _check_modules_fit(modules, targets, source, metadata, model_family(text_encoders, unet).label)
+    layers = {target.name: target.layer for target in targets}
+    _check_modules_fit(modules, layers, source, metadata, f"this {model_family(text_encoders, unet).label} model")
     for name, factors in modules.items():
         if factors.alpha is None:  # so that a strict load_state_dict of the returned weights succeeds
             weights_sd[f"{name}.{ALPHA}"] = torch.tensor(factors.alpha_value)
@@ -476,31 +500,36 @@ def create_network_from_weights(
     return network, weights_sd
 
 
-def _canonical_names(weights: Mapping[str, torch.Tensor], targets: Mapping[str, LoraTarget]) -> dict[str, torch.Tensor]:
-    """Rename modules that use a target's alias (diffusers U-Net names in an SDXL file) to the target's name."""
-    by_alias = {target.alias: name for name, target in targets.items() if target.alias}
+def _canonical_names(weights: Mapping[str, torch.Tensor], aliases: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """Rename modules that use a layer's other name (diffusers U-Net names in an SDXL file) to sd-scripts' name."""
     renamed = {}
     for key, tensor in weights.items():
         name = module_name(key)
-        renamed[by_alias[name] + key[len(name):] if name in by_alias else key] = tensor
+        renamed[aliases[name] + key[len(name):] if name in aliases else key] = tensor
     return renamed
 
 
-def _check_modules_fit(modules: Mapping[str, ModuleFactors], targets: Mapping[str, LoraTarget], source: str, metadata: Mapping[str, str], model: str) -> None:
-    """Every module must name a layer of this model and have factors of that layer's shape."""
-    unknown = [name for name in modules if name not in targets]
+def _without_text_encoder_modules(weights: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    kept = {key: tensor for key, tensor in weights.items() if not key.startswith(TEXT_ENCODER_PREFIX)}
+    if len(kept) < len(weights):
+        logger.warning("%s: no text encoder was given, so the file's text-encoder modules are not used", source)
+    return kept
+
+
+def _check_modules_fit(modules: Mapping[str, ModuleFactors], layers: Mapping[str, torch.nn.Module], source: str, metadata: Mapping[str, str], owner: str) -> None:
+    """Every module must name one of `layers` and have factors of that layer's shape."""
+    unknown = [name for name in modules if name not in layers]
     if unknown:
         raise UserError(
-            f"{source}: {len(unknown)} of its {len(modules)} modules name layers this {model} model does not have (first:"
+            f"{source}: {len(unknown)} of its {len(modules)} modules name layers {owner} does not have (first:"
             f" '{unknown[0]}'){_trained_for(metadata)}; use the model the LoRA was trained for."
         )
     for name, factors in modules.items():
-        layer = targets[name].layer
-        weight_shape = layer.weight.shape
+        weight_shape = layers[name].weight.shape
         if factors.up.shape[0] != weight_shape[0] or factors.down[0].numel() != math.prod(weight_shape[1:]):
             raise UserError(
                 f"{source}: module '{name}' has factors for a {factors.down.shape[1]} -> {factors.up.shape[0]} layer but"
-                f" this {model} model's layer is {weight_shape[1]} -> {weight_shape[0]}{_trained_for(metadata)};"
+                f" {owner}'s layer is {weight_shape[1]} -> {weight_shape[0]}{_trained_for(metadata)};"
                 " use the model the LoRA was trained for."
             )
 

@@ -115,11 +115,24 @@ def test_dropout_arguments_reach_every_module(sd1):
         ({"up_lr_weight": "sinus"}, r"up_lr_weight=sinus is neither a number.*preset \(sine, cosine"),
         ({"conv_alhpa": "1"}, r"unknown argument 'conv_alhpa'"),
         ({"block_alphas": ",".join(["1"] * 24 + ["x"])}, r"block_alphas=x is not a number"),
+        ({"rank_dropout": "1"}, r"rank_dropout=1.0 is a dropout probability; it must be at least 0 and below 1"),
+        ({"conv_dim": "-2"}, r"conv_dim=-2 must not be negative"),
+        ({"conv_dim": "nan"}, r"conv_dim=nan is not a finite number"),
     ],
 )
 def test_each_mistake_is_one_error_naming_the_argument(sd1, network_args, message):
     with pytest.raises(UserError, match=message):
         network(sd1, **network_args)
+
+
+def test_a_rank_below_one_is_refused(sd1):
+    with pytest.raises(UserError, match="--network_dim 0: the rank must be at least 1"):
+        network(sd1, dim=0)
+
+
+def test_block_alphas_apply_without_block_dims(sd1):
+    net = network(sd1, dim=8, block_alphas=",".join(["2"] * 12 + ["4"] * 13))
+    assert {(lora.block < 12, lora.lora_dim, lora.scale) for lora in net.unet_loras} == {(True, 8, 0.25), (False, 8, 0.5)}
 
 
 def test_sdxl_refuses_block_wise_arguments():

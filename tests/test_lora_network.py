@@ -12,7 +12,6 @@ from lora_helpers import ModelProbe, assert_outputs_close, fill_randomly, text_e
 from safetensors.torch import save_file
 
 from library.errors import UserError
-from library.lora.naming import unet_targets
 from library.model_files.family import ModelFamily
 from library.model_files.stable_diffusion import empty_model
 from networks.lora import create_network, create_network_from_weights
@@ -175,6 +174,29 @@ def _layer_by_underscored_path(root, underscored):
     raise KeyError(underscored)
 
 
+def test_merging_a_state_dict_uses_its_own_alpha():
+    model, untouched = tiny_model_pair(ModelFamily.SD1)
+    network = create_network(0.5, 3, 1, None, model.text_encoders[0], model.unet)
+    fill_randomly(network)
+    weights = {key: torch.tensor(6.0) if key.endswith(".alpha") else value * 2 for key, value in network.state_dict().items()}
+    network.merge_to(model.text_encoders[0], model.unet, weights)
+    for lora in network.text_encoder_loras[:3] + network.unet_loras[-3:]:
+        name = lora.lora_name
+        original = _layer_by_underscored_path(untouched.text_encoders[0] if name.startswith("lora_te_") else untouched.unet, name.split("_", 2)[2].removeprefix("text_model_")).weight
+        expected = merged_by_hand(original, weights[f"{name}.lora_up.weight"], weights[f"{name}.lora_down.weight"], 0.5 * 6.0 / 3)
+        torch.testing.assert_close(lora.org_module.weight, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_without_a_text_encoder_only_the_unet_modules_are_built(tmp_path, caplog):
+    model, _ = tiny_model_pair(ModelFamily.SD1)
+    network = create_network(1.0, 4, 1, None, model.text_encoders[0], model.unet)
+    network.save_weights(tmp_path / "both.safetensors")
+    unet_only, weights = create_network_from_weights(1.0, tmp_path / "both.safetensors", None, None, model.unet)
+    assert unet_only.text_encoder_loras == [] and len(unet_only.unet_loras) == len(network.unet_loras)
+    assert all(key.startswith("lora_unet_") for key in weights)
+    assert "no text encoder was given" in caplog.text
+
+
 def test_resumed_weights_set_the_scale_from_the_files_alpha(tmp_path):
     model, _ = tiny_model_pair(ModelFamily.SD1)
     trained = create_network(1.0, 4, 2, None, model.text_encoders[0], model.unet)
@@ -217,14 +239,25 @@ def test_a_lycoris_file_is_refused(tmp_path):
 def test_sdxl_file_with_diffusers_unet_names_is_renamed():
     model, _ = tiny_model_pair(ModelFamily.SDXL)
     network = create_network(1.0, 4, 1, None, model.text_encoders, model.unet, conv_dim=2)
-    aliases = {target.name: target.alias for target in unet_targets(model.unet, with_conv_containers=True)}
+    fill_randomly(network)
+    ours = network.state_dict()
+    diffusers_to_sgm = {  # written out from the layouts (specs/lora_format.md sections 1.4 and 7.1)
+        "down_blocks_0_resnets_0_conv1": "input_blocks_1_0_in_layers_2",
+        "down_blocks_1_attentions_0_proj_in": "input_blocks_4_1_proj_in",
+        "down_blocks_1_resnets_0_conv_shortcut": "input_blocks_4_0_skip_connection",
+        "down_blocks_0_downsamplers_0_conv": "input_blocks_3_0_op",
+        "mid_block_attentions_0_transformer_blocks_1_attn2_to_k": "middle_block_1_transformer_blocks_1_attn2_to_k",
+        "mid_block_resnets_1_time_emb_proj": "middle_block_2_emb_layers_1",
+        "up_blocks_0_upsamplers_0_conv": "output_blocks_2_2_conv",
+        "up_blocks_1_resnets_2_conv2": "output_blocks_5_0_out_layers_3",
+    }
     diffusers_named = {}
-    for key, value in network.state_dict().items():
-        name, _, part = key.partition(".")
-        diffusers_named[f"{aliases.get(name) or name}.{part}"] = value
-    assert "lora_unet_down_blocks_1_attentions_0_proj_in.alpha" in diffusers_named
-    _, weights = create_network_from_weights(1.0, None, None, model.text_encoders, model.unet, weights_sd=diffusers_named)
-    assert sorted(weights) == sorted(network.state_dict())
+    for diffusers_name, sgm_name in diffusers_to_sgm.items():
+        for part in ("lora_down.weight", "lora_up.weight", "alpha"):
+            diffusers_named[f"lora_unet_{diffusers_name}.{part}"] = ours[f"lora_unet_{sgm_name}.{part}"]
+    rebuilt, weights = create_network_from_weights(1.0, None, None, model.text_encoders, model.unet, weights_sd=diffusers_named)
+    assert sorted(lora.lora_name for lora in rebuilt.unet_loras) == sorted(f"lora_unet_{name}" for name in diffusers_to_sgm.values())
+    assert all(torch.equal(tensor, ours[key]) for key, tensor in weights.items())
 
 
 def test_sd2_projection_factors_load_in_either_shape():
@@ -257,10 +290,12 @@ def test_set_multiplier_scales_the_change_linearly():
 
 def test_module_dropout_skips_and_rank_dropout_rescales_only_in_training():
     model, _ = tiny_model_pair(ModelFamily.SD1)
-    network = create_network(1.0, 4, 4, None, model.text_encoders[0], model.unet, module_dropout="1.0")
+    network = create_network(1.0, 4, 4, None, model.text_encoders[0], model.unet, module_dropout="0.5")
     fill_randomly(network)
     network.apply_to(model.text_encoders[0], model.unet)
     lora = network.text_encoder_loras[0]
+    assert lora.module_dropout == 0.5
+    lora.module_dropout = 1.0  # always skipped (the argument refuses 1, which would train nothing)
     x = torch.randn(2, 5, lora.org_module.in_features)
     with torch.no_grad():
         plain = F.linear(x, lora.org_module.weight, lora.org_module.bias)
@@ -289,7 +324,7 @@ def test_max_norm_regularization_caps_each_delta_norm():
     after = torch.stack([torch.linalg.norm(lora.get_weight(1.0)) for lora in loras])
     assert int(scaled) == int((before > cap).sum())
     torch.testing.assert_close(after, before.clamp(max=cap), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close((mean_norm, max_norm), (before.mean(), before.max()), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close((mean_norm, max_norm), (after.mean(), after.max()), atol=1e-4, rtol=1e-4)
 
 
 def test_apply_to_with_one_side_off_trains_and_saves_only_the_other(tmp_path):

@@ -62,10 +62,10 @@ def split_modules(weights: Mapping[str, torch.Tensor], source: str) -> dict[str,
             missing = DOWN if DOWN not in tensors else UP
             raise UserError(f"{source}: module '{name}' has no {missing}; the file is incomplete or damaged.")
         factors = ModuleFactors(tensors[DOWN], tensors[UP], tensors.get(ALPHA))
-        if factors.up.dim() < 2 or factors.up.shape[1] != factors.rank:
+        if factors.down.dim() < 2 or factors.up.dim() < 2 or factors.up.shape[1] != factors.rank:
             raise UserError(
-                f"{source}: module '{name}' has lora_down of rank {factors.rank} but lora_up of shape {tuple(factors.up.shape)};"
-                " the file is damaged."
+                f"{source}: module '{name}' has lora_down of shape {tuple(factors.down.shape)} and lora_up of shape"
+                f" {tuple(factors.up.shape)}, which do not make a rank-r pair; the file is damaged."
             )
         modules[name] = factors
     return modules

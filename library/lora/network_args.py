@@ -25,7 +25,9 @@ LR_WEIGHT_PRESETS: dict[str, Callable[[int, int], float]] = {
 BLOCK_LR_KEYS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold")
 BLOCK_RANK_KEYS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")
 LORAPLUS_KEYS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
-KNOWN_KEYS = ("conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout", *BLOCK_LR_KEYS, *BLOCK_RANK_KEYS, *LORAPLUS_KEYS)
+DROPOUT_KEYS = ("dropout", "rank_dropout", "module_dropout")
+KNOWN_KEYS = ("conv_dim", "conv_alpha", *DROPOUT_KEYS, *BLOCK_LR_KEYS, *BLOCK_RANK_KEYS, *LORAPLUS_KEYS)
+NON_NEGATIVE_KEYS = ("conv_dim", "conv_alpha", *BLOCK_RANK_KEYS, *LORAPLUS_KEYS)
 
 Number = TypeVar("Number", int, float)
 
@@ -93,11 +95,23 @@ def _number(key: str, value: object, kind: type[Number]) -> Number:
         number = float(text)
     except ValueError:
         raise UserError(f"--network_args: {key}={value} is not a number.") from None
+    if not math.isfinite(number):
+        raise UserError(f"--network_args: {key}={value} is not a finite number.")
+    if key in DROPOUT_KEYS:
+        check_probability(f"--network_args {key}", number)
+    if key in NON_NEGATIVE_KEYS and number < 0:
+        raise UserError(f"--network_args: {key}={value} must not be negative.")
     if kind is int:
         if number != int(number):
             raise UserError(f"--network_args: {key}={value} must be a whole number.")
         return int(number)
     return number
+
+
+def check_probability(label: str, value: float | None) -> None:
+    """A dropout rate: at least 0 and below 1 (at 1 nothing would be left to rescale)."""
+    if value is not None and not 0 <= value < 1:
+        raise UserError(f"{label}={value} is a dropout probability; it must be at least 0 and below 1.")
 
 
 def _number_list(key: str, value: object, kind: type[Number], count: int) -> tuple[Number, ...]:
