@@ -1,0 +1,1 @@
+"""Datasets: folders and TOML configs, captions, buckets, images and latent caches."""

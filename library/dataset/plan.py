@@ -1,0 +1,163 @@
+"""From a user's datasets to the batches of each epoch: repeats, the balance of regularization images, aspect-ratio
+buckets and per-epoch shuffling with a seed (specs/training.md sections 3.2, 3.4, 3.7, 3.8). Everything is checked
+first, and all problems are reported together before any model is loaded."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from library.dataset.buckets import BucketAssigner, BucketSettings, Placement, check_bucket_settings, normalized
+from library.dataset.config import DatasetConfig, Problems, SubsetConfig, load_dataset_config
+from library.dataset.scan import ImageRecord, ScannedSubset, scan_datasets
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: ImageRecord
+    subset: SubsetConfig
+    placement: Placement
+    repeats: int  # times per epoch, after the regularization balance
+
+    @property
+    def is_reg(self) -> bool:
+        return bool(self.subset.is_reg)
+
+    def loss_weight(self, prior_loss_weight: float) -> float:
+        """--prior_loss_weight applies to regularization samples only."""
+        return prior_loss_weight if self.is_reg else 1.0
+
+
+@dataclass(frozen=True)
+class DatasetPlan:
+    config: DatasetConfig
+    samples: tuple[Sample, ...]
+    num_train_images: int  # training images times their repeats
+    num_reg_images: int  # regularization images times their repeats, before balancing
+
+    def bucket_counts(self) -> dict[tuple[int, int], int]:
+        """Samples per bucket in one epoch (repeats included)."""
+        counts: Counter = Counter()
+        for sample in self.samples:
+            counts[sample.placement.bucket] += sample.repeats
+        return dict(sorted(counts.items()))
+
+    def epoch_batches(self, seed: int, epoch: int) -> list[list[int]]:
+        """The epoch's batches as sample indices: each sample appears `repeats` times in its bucket, buckets are
+        shuffled inside, cut into batches of batch_size (the last may be smaller), and the batches shuffled; one
+        batch never mixes buckets. The same seed and epoch always give the same batches."""
+        rng = random.Random(seed + epoch)
+        buckets: dict[tuple[int, int], list[int]] = {}
+        for index, sample in enumerate(self.samples):
+            buckets.setdefault(sample.placement.bucket, []).extend([index] * sample.repeats)
+        batch_size = self.config.batch_size
+        batches = []
+        for bucket in sorted(buckets):
+            members = buckets[bucket]
+            rng.shuffle(members)
+            batches.extend(members[start : start + batch_size] for start in range(0, len(members), batch_size))
+        rng.shuffle(batches)
+        return batches
+
+
+def prepare_datasets(
+    dataset_config: str | None,
+    cli: Mapping[str, Any],
+    train_data_dir: str | None = None,
+    reg_data_dir: str | None = None,
+    in_json: str | None = None,
+    skip_bad_images: bool = False,
+    cache_latents: bool = False,
+) -> tuple[list[DatasetPlan], list[str]]:
+    """Read the config (or legacy folders), scan every folder and check everything; one UserError lists every
+    problem. Returns the plans and the notes for the start-up summary."""
+    datasets, problems = load_dataset_config(dataset_config, cli, train_data_dir, reg_data_dir, in_json)
+    problems.raise_if_any()  # without a valid config there is nothing sensible to scan
+    datasets = [_without_skipped_subsets(dataset, problems) for dataset in datasets]
+    scanned = scan_datasets(datasets, problems, skip_bad_images)
+    settings = [_bucket_settings(dataset, problems) for dataset in datasets]
+    if cache_latents:
+        _check_caching(datasets, problems)
+    problems.raise_if_any()
+    plans = [_plan(dataset, subsets, bucket_settings, problems) for dataset, subsets, bucket_settings in zip(datasets, scanned, settings)]
+    return plans, problems.notes
+
+
+def _without_skipped_subsets(dataset: DatasetConfig, problems: Problems) -> DatasetConfig:
+    """Subsets with fewer than one repeat, and repeated folders, are left out with a note (as sd-scripts does)."""
+    kept, seen = [], set()
+    for subset in dataset.subsets:
+        identity = (subset.image_dir, subset.metadata_file)
+        if subset.num_repeats < 1:
+            problems.note(f"{subset.where}: skipped, num_repeats is {subset.num_repeats}.")
+        elif identity in seen:
+            problems.note(f"{subset.where}: skipped, the same folder is already a subset of this dataset.")
+        else:
+            seen.add(identity)
+            kept.append(subset)
+    return DatasetConfig(dataset.where, dataset.style, dataset.settings, tuple(kept))
+
+
+def _bucket_settings(dataset: DatasetConfig, problems: Problems) -> BucketSettings:
+    settings = BucketSettings(
+        resolution=dataset.resolution,
+        enable_bucket=dataset.enable_bucket,
+        min_bucket_reso=dataset.min_bucket_reso,
+        max_bucket_reso=dataset.max_bucket_reso,
+        bucket_reso_steps=dataset.bucket_reso_steps,
+        bucket_no_upscale=dataset.bucket_no_upscale,
+    )
+    for message in check_bucket_settings(settings, dataset.where):
+        problems.add(message)
+    return settings
+
+
+def _check_caching(datasets: list[DatasetConfig], problems: Problems) -> None:
+    for dataset in datasets:
+        for subset in dataset.subsets:
+            for key in ("color_aug", "random_crop"):
+                if getattr(subset, key):
+                    problems.add(
+                        f"{subset.where}: {key} changes the image every epoch, so its latents cannot be cached; turn {key}"
+                        " off or drop --cache_latents / --cache_latents_to_disk."
+                    )
+
+
+def _plan(dataset: DatasetConfig, scanned: list[ScannedSubset], settings: BucketSettings, problems: Problems) -> DatasetPlan:
+    settings, notes = normalized(settings)
+    for note in notes:
+        problems.note(f"{dataset.where}: {note}")
+    assigner = BucketAssigner(settings)
+    train = [(image, part.subset) for part in scanned if not part.subset.is_reg for image in part.images]
+    reg = [(image, part.subset) for part in scanned if part.subset.is_reg for image in part.images]
+    num_train = sum(subset.num_repeats for _, subset in train)
+    num_reg = sum(subset.num_repeats for _, subset in reg)
+    if reg and num_train < num_reg:
+        problems.note(f"{dataset.where}: {num_reg} regularization samples for {num_train} training samples; only as many as needed are used.")
+    reg_repeats = balanced_reg_repeats([subset.num_repeats for _, subset in reg], num_train)
+    samples = [Sample(image, subset, assigner.place(image.size), subset.num_repeats) for image, subset in train]
+    samples += [Sample(image, subset, assigner.place(image.size), repeats) for (image, subset), repeats in zip(reg, reg_repeats) if repeats]
+    return DatasetPlan(dataset, tuple(samples), num_train, num_reg)
+
+
+def balanced_reg_repeats(subset_repeats: list[int], num_train: int) -> list[int]:
+    """Repeats per regularization image so that an epoch has about as many regularization samples as training
+    samples: images are taken in order with their own repeats until there are enough, then the taken ones get one
+    more repeat each, round after round, until the count reaches the training count."""
+    repeats = [0] * len(subset_repeats)
+    total = 0
+    for index, own in enumerate(subset_repeats):
+        if total >= num_train:
+            break
+        repeats[index] = own
+        total += own
+    taken = [index for index, count in enumerate(repeats) if count]
+    while taken and total < num_train:
+        for index in taken:
+            if total >= num_train:
+                break
+            repeats[index] += 1
+            total += 1
+    return repeats

@@ -1,0 +1,68 @@
+"""Captions -> CLIP token ids -> text encoder hidden states, with `--max_token_length` and `--clip_skip`
+(specs/training.md section 2.3).
+
+CLIP sees 77 tokens at a time (BOS, 75 content tokens, EOS or padding). Longer captions (150 or 225 content
+tokens) are tokenised in one piece, cut into windows of 75 that each get their own BOS and end token, encoded
+window by window, and stitched back into one sequence of 75n + 2 states, as sd-scripts does.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from transformers import CLIPTokenizer
+
+from library.errors import UserError
+
+WINDOW = 77
+CONTENT = WINDOW - 2
+TOKEN_LENGTHS = {None: 77, 75: 77, 150: 152, 225: 227}
+
+
+def token_length(max_token_length: int | None) -> int:
+    """`--max_token_length` (content tokens) -> total ids per caption, BOS and end token included."""
+    if max_token_length not in TOKEN_LENGTHS:
+        raise UserError(f"--max_token_length is {max_token_length}; use 75, 150 or 225, or leave it unset.")
+    return TOKEN_LENGTHS[max_token_length]
+
+
+def tokenize(tokenizer: CLIPTokenizer, captions: Sequence[str], max_token_length: int | None) -> torch.LongTensor:
+    """Token ids of shape (B, n, 77), n = 1, 2 or 3 windows; overlong captions are cut silently."""
+    total = token_length(max_token_length)
+    ids = tokenizer(list(captions), padding="max_length", truncation=True, max_length=total, return_tensors="pt").input_ids
+    if total == WINDOW:
+        return ids.unsqueeze(1)
+    bos, last = ids[:, :1], ids[:, -1:]
+    contents = ids[:, 1:-1].split(CONTENT, dim=1)
+    windows = torch.stack([torch.cat([bos, content, last], dim=1) for content in contents], dim=1)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if pad != eos:
+        # SD2 pads with "!": a window cut inside the text must still end with EOS, and an empty window
+        # (BOS followed by padding) gets an EOS right after its BOS.
+        cut_inside_text = (windows[..., -2] != eos) & (windows[..., -2] != pad)
+        windows[..., -1] = torch.where(cut_inside_text, eos, windows[..., -1])
+        windows[..., 1] = torch.where(windows[..., 1] == pad, eos, windows[..., 1])
+    return windows
+
+
+def encode_tokens(text_encoder: torch.nn.Module, input_ids: torch.Tensor, clip_skip: int | None) -> torch.Tensor:
+    """Hidden states (B, 75n + 2, D) for token ids (B, n, 77); `clip_skip` k takes the k-th layer from the end."""
+    batch, windows, _ = input_ids.shape
+    flat_ids = input_ids.reshape(batch * windows, WINDOW).to(text_encoder.device)
+    if clip_skip is None:
+        states = text_encoder(flat_ids)[0]
+    else:
+        hidden_states = text_encoder(flat_ids, output_hidden_states=True).hidden_states
+        states = _final_layer_norm(text_encoder)(hidden_states[-clip_skip])
+    states = states.reshape(batch, windows * WINDOW, states.shape[-1])
+    if windows == 1:
+        return states
+    # BOS state of the first window, the 75 content states of every window, the end state of the last window.
+    content = [states[:, k * WINDOW + 1 : k * WINDOW + 1 + CONTENT] for k in range(windows)]
+    return torch.cat([states[:, :1], *content, states[:, -1:]], dim=1)
+
+
+def _final_layer_norm(text_encoder: torch.nn.Module) -> torch.nn.Module:
+    # transformers 5 may build CLIPTextModel without the `.text_model` wrapper
+    return getattr(text_encoder, "text_model", text_encoder).final_layer_norm
