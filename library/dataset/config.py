@@ -92,32 +92,32 @@ KIND_NAMES = {
 }
 
 
+class _ResolvedSettings:
+    """Resolved values read as attributes (`subset.flip_aug`); the names and defaults live in KEYS only."""
+
+    settings: Mapping[str, Any]
+
+    def __getattr__(self, name: str) -> Any:
+        settings = self.__dict__.get("settings")  # absent while unpickling in a data-loader worker
+        if settings is None or name not in settings:
+            raise AttributeError(name)
+        return settings[name]
+
+
 @dataclass(frozen=True)
-class SubsetConfig:
+class SubsetConfig(_ResolvedSettings):
     """One image folder (DreamBooth) or metadata file (fine-tuning) with its resolved settings."""
 
     where: str  # "dataset.toml, datasets[0].subsets[1]": used in every message about it
     settings: Mapping[str, Any]  # every subset key of KEYS, resolved
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.settings[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
 
 @dataclass(frozen=True)
-class DatasetConfig:
+class DatasetConfig(_ResolvedSettings):
     where: str
     style: str  # DREAMBOOTH or FINE_TUNING
     settings: Mapping[str, Any]  # every dataset key of KEYS, resolved
     subsets: tuple[SubsetConfig, ...] = field(default_factory=tuple)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.settings[name]
-        except KeyError:
-            raise AttributeError(name) from None
 
 
 class Problems:
