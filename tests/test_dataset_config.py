@@ -177,3 +177,12 @@ def test_caching_conflicts_are_reported_before_anything_loads(tmp_path):
 )
 def test_regularization_balance(subset_repeats, num_train, expected):
     assert balanced_reg_repeats(subset_repeats, num_train) == expected
+
+
+def test_plans_survive_pickling_into_data_loader_workers(tmp_path):
+    import pickle
+
+    write_images(tmp_path / "5_sks dog", 2)
+    (plan,), _ = prepare_datasets(None, {"resolution": "64", "flip_aug": True}, train_data_dir=str(tmp_path))
+    copy = pickle.loads(pickle.dumps(plan))
+    assert copy.samples[0].subset.flip_aug is True and copy.epoch_batches(3, 1) == plan.epoch_batches(3, 1)
