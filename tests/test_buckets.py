@@ -193,3 +193,8 @@ def test_mean_aspect_error_and_summary():
         "bucket 2: resolution (512, 512), count: 3",
         "bucket 3: resolution (704, 320), count: 5",
     ]
+
+
+def test_a_minimum_below_one_step_is_refused():
+    settings = BucketSettings(resolution=(64, 64), enable_bucket=True, min_bucket_reso=32, max_bucket_reso=128)
+    assert check_bucket_settings(settings, "here") == ["here: min_bucket_reso is 32, smaller than one bucket_reso_steps (64); set it to 64 or more."]

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import math
 import textwrap
+from collections import Counter
 
 import pytest
 from PIL import Image
@@ -186,3 +188,17 @@ def test_plans_survive_pickling_into_data_loader_workers(tmp_path):
     (plan,), _ = prepare_datasets(None, {"resolution": "64", "flip_aug": True}, train_data_dir=str(tmp_path))
     copy = pickle.loads(pickle.dumps(plan))
     assert copy.samples[0].subset.flip_aug is True and copy.epoch_batches(3, 1) == plan.epoch_batches(3, 1)
+
+
+def test_epoch_batches_keep_buckets_apart_and_follow_the_seed(tmp_path):
+    write_images(tmp_path / "3_wide", 5, size=(300, 100))
+    write_images(tmp_path / "2_tall", 4, size=(100, 300))
+    cli = {"resolution": "128", "enable_bucket": True, "min_bucket_reso": 64, "max_bucket_reso": 256, "train_batch_size": 4}
+    (plan,), _ = prepare_datasets(None, cli, train_data_dir=str(tmp_path))
+    batches = plan.epoch_batches(seed=7, epoch=1)
+    assert all(len({plan.samples[i].placement.bucket for i in batch}) == 1 for batch in batches)
+    counts = Counter(index for batch in batches for index in batch)
+    assert {plan.samples[i].repeats for i in counts} == {3, 2} and all(counts[i] == plan.samples[i].repeats for i in counts)
+    assert len(batches) == math.ceil(15 / 4) + math.ceil(8 / 4)  # 15 wide samples, 8 tall ones
+    assert plan.epoch_batches(seed=7, epoch=1) == batches and plan.epoch_batches(seed=7, epoch=2) != batches
+    assert plan.bucket_counts() == {(64, 192): 8, (192, 64): 15}  # aspect 3 and 1/3 buckets of 128x128's area

@@ -51,9 +51,14 @@ def check_bucket_settings(settings: BucketSettings, where: str) -> list[str]:
             f"{where}: bucket_reso_steps is {steps}, but sd-scripts' train_network requires it to be divisible by "
             f"{STEP_DIVISOR}; use a positive multiple of {STEP_DIVISOR} such as 64."
         )
-    if width <= 0 or height <= 0 or settings.bucket_no_upscale:
+    if width <= 0 or height <= 0 or settings.bucket_no_upscale or steps <= 0:
         return problems
     limits = normalized(settings)[0]
+    if limits.min_bucket_reso < steps:
+        problems.append(
+            f"{where}: min_bucket_reso is {settings.min_bucket_reso}, smaller than one bucket_reso_steps ({steps});"
+            f" set it to {steps} or more."
+        )
     if limits.min_bucket_reso > min(width, height):
         problems.append(
             f"{where}: min_bucket_reso is {settings.min_bucket_reso}, larger than the shorter side of resolution "
