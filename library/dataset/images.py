@@ -1,0 +1,140 @@
+"""Loading one training image as sd-scripts does (specs/training.md 3.3): decode, resize to the placement, crop to
+the bucket, color_aug, flip_aug, alpha mask, normalise to [-1, 1]; and the un-augmented pixels the latent cache
+encodes (4.1).
+
+Without bucketing the dataset planner still gives a Placement whose bucket is the fixed resolution and whose
+resized size covers it, so one path serves both modes. sd-scripts' non-bucket path instead asserts on images of the
+wrong size ("image size is small") and needs random_crop for larger ones; we resize to cover and crop, which is what
+its own latent-cache path does."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from library.dataset.buckets import Placement, crop_offsets
+from library.dataset.config import SubsetConfig
+from library.dataset.resize import resize_image
+from library.errors import UserError
+
+COLOR_AUG_PROBABILITY = 0.33
+HUE_SHIFT_LIMIT = 8  # in OpenCV hue units, 0..180 for the full circle
+OPENCV_HUE_CIRCLE, PIL_HUE_CIRCLE = 180, 255  # Pillow's HSV hue h*255 for h in [0, 1), so 255 wraps to 0
+GAMMA_RANGE = (0.95, 1.05)
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: == on tensors has no single truth value
+class ImageSample:
+    pixels: torch.Tensor  # (3, H, W) float32 in [-1, 1]
+    alpha_mask: torch.Tensor | None  # (H, W) float32 in [0, 1]
+    flipped: bool
+    crop_top_left: tuple[int, int]  # (top, left) of the bucket window in the resized image, before any flip
+    original_size: tuple[int, int]  # (width, height) of the file
+
+
+def load_image(path: str | Path, with_alpha: bool) -> Image.Image:
+    """The decoded image in RGB, or RGBA with_alpha (an image without alpha gets an opaque one).
+
+    Like sd-scripts, the EXIF orientation is not applied: pixels are used as stored, so the bucket matches the size
+    read from the file header."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGBA" if with_alpha else "RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise UserError(
+            f"{path}: cannot be decoded as an image ({error}); replace or delete it, or pass --skip_bad_images."
+        ) from None
+
+
+def prepare_image(
+    image: Image.Image,
+    placement: Placement,
+    resize_interpolation: str | None,
+    random_crop: bool,
+    rng: random.Random | None,
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Resize to placement.resized (when it differs), then crop to placement.bucket; returns (image, (top, left))."""
+    if image.size != placement.resized:
+        image = _resize(image, placement.resized, resize_interpolation)
+    left, top = crop_offsets(placement.resized, placement.bucket, random_crop, rng)
+    width, height = placement.bucket
+    return image.crop((left, top, left + width, top + height)), (top, left)
+
+
+def _resize(image: Image.Image, size: tuple[int, int], interpolation: str | None) -> Image.Image:
+    if image.mode == "RGBA":
+        # Pillow premultiplies alpha when resizing RGBA, which blackens transparent pixels; sd-scripts (OpenCV)
+        # resizes each channel on its own, so do that.
+        return Image.merge("RGBA", [resize_image(band, size, interpolation) for band in image.split()])
+    return resize_image(image, size, interpolation)
+
+
+def color_augment(array: np.ndarray, rng: random.Random) -> np.ndarray:
+    """sd-scripts' color_aug on an H x W x 3 uint8 array: with probability 0.33, a hue shift or a pixel-power gamma,
+    each half the time. The random draws are sd-scripts', in its order."""
+    if rng.random() > COLOR_AUG_PROBABILITY:
+        return array
+    if rng.random() > 0.5:
+        return shift_hue(array, rng.uniform(-HUE_SHIFT_LIMIT, HUE_SHIFT_LIMIT))
+    return apply_gamma(array, rng.uniform(*GAMMA_RANGE))
+
+
+def shift_hue(array: np.ndarray, shift: float) -> np.ndarray:
+    """Shift the hue by `shift` OpenCV hue units (180 per circle), reading the array as BGR as sd-scripts' cv2 call
+    does. An approximation of cv2's BGR<->HSV: Pillow's HSV mode (hue 0..255 per circle, so the shift is scaled by
+    255/180, and the hue truncated to an integer as cv2's uint8 store does) rounds differently, by a level or two."""
+    as_rgb = Image.fromarray(np.ascontiguousarray(array[:, :, ::-1]), "RGB")
+    hsv = np.array(as_rgb.convert("HSV"))
+    hue = hsv[:, :, 0] + shift * PIL_HUE_CIRCLE / OPENCV_HUE_CIRCLE
+    hsv[:, :, 0] = np.mod(hue, PIL_HUE_CIRCLE).astype(np.uint8)
+    return np.array(Image.fromarray(hsv, "HSV").convert("RGB"))[:, :, ::-1].copy()
+
+
+def apply_gamma(array: np.ndarray, gamma: float) -> np.ndarray:
+    """sd-scripts' "gamma": raw 0..255 values to the power gamma, clipped (a strong brightness change, a quirk)."""
+    return np.clip(array.astype(np.float64) ** gamma, 0, 255).astype(np.uint8)
+
+
+def load_sample(path: str | Path, placement: Placement, subset: SubsetConfig, rng: random.Random) -> ImageSample:
+    """One training sample without cached latents (specs/training.md 3.3), all randomness from rng."""
+    if subset.face_crop_aug_range is not None:
+        raise UserError(
+            f"{subset.where}: face_crop_aug_range is not supported yet; remove it from the dataset config "
+            "(or drop --face_crop_aug_range)."
+        )
+    flipped = bool(subset.flip_aug) and rng.random() < 0.5  # drawn first, as in sd-scripts
+    image = load_image(path, with_alpha=subset.alpha_mask)
+    original_size = image.size
+    image, crop_top_left = prepare_image(image, placement, subset.resize_interpolation, subset.random_crop, rng)
+    array = np.array(image)
+    if subset.color_aug:
+        array[:, :, :3] = color_augment(array[:, :, :3], rng)
+    if flipped:
+        array = array[:, ::-1]
+    pixels, alpha_mask = _to_tensors(array, subset.alpha_mask)
+    return ImageSample(pixels, alpha_mask, flipped, crop_top_left, original_size)
+
+
+def cache_pixels(
+    path: str | Path, placement: Placement, subset_alpha_mask: bool, resize_interpolation: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the latent cache encodes (specs/training.md 4.1): resize and center crop, no augmentation and no flip
+    (the cache flips the tensor itself for flip_aug). Returns (pixels (3, H, W), alpha mask (H, W) or None)."""
+    image = load_image(path, with_alpha=subset_alpha_mask)
+    image, _ = prepare_image(image, placement, resize_interpolation, random_crop=False, rng=None)
+    return _to_tensors(np.array(image), subset_alpha_mask)
+
+
+def _to_tensors(array: np.ndarray, with_alpha_mask: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """H x W x C uint8 -> (3, H, W) float32 in [-1, 1], and alpha/255 as (H, W) float32 when asked."""
+    pixels = torch.from_numpy(np.ascontiguousarray(array[:, :, :3].transpose(2, 0, 1))).float() / 127.5 - 1
+    if not with_alpha_mask:
+        return pixels, None
+    alpha_mask = torch.from_numpy(array[:, :, 3].astype(np.float32) / 255)  # load_image made every image RGBA
+    return pixels, alpha_mask
