@@ -202,3 +202,14 @@ def test_epoch_batches_keep_buckets_apart_and_follow_the_seed(tmp_path):
     assert len(batches) == math.ceil(15 / 4) + math.ceil(8 / 4)  # 15 wide samples, 8 tall ones
     assert plan.epoch_batches(seed=7, epoch=1) == batches and plan.epoch_batches(seed=7, epoch=2) != batches
     assert plan.bucket_counts() == {(64, 192): 8, (192, 64): 15}  # aspect 3 and 1/3 buckets of 128x128's area
+
+
+def test_caption_settings_come_from_the_resolved_subset(tmp_path):
+    from library.dataset.captions import CaptionSettings
+
+    write_images(tmp_path / "5_sks dog", 1)
+    cli = {"resolution": "64", "shuffle_caption": True, "keep_tokens": 2, "caption_tag_dropout_rate": 0.1}
+    (plan,), _ = prepare_datasets(None, cli, train_data_dir=str(tmp_path))
+    settings = CaptionSettings.of(plan.samples[0].subset)
+    assert (settings.shuffle_caption, settings.keep_tokens, settings.caption_tag_dropout_rate) == (True, 2, 0.1)
+    assert settings.caption_separator == "," and settings.token_warmup_min == 1  # schema defaults

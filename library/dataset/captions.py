@@ -11,33 +11,43 @@ import math
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterable
 
+from library.dataset.config import KEYS, SubsetConfig
 from library.errors import UserError
 
 WILDCARD_GROUP = re.compile(r"\{([^}]+)\}")
 FACE_CROP_PARTS = 4  # `name_cx_cy_w_h`: the face-crop tool appends four `_` fields to the image name
 
 
+def _default(key: str):
+    return field(default=KEYS[key].default)
+
+
 @dataclass(frozen=True)
 class CaptionSettings:
-    """The caption keys of a dataset subset, with sd-scripts' defaults."""
+    """The caption keys of a dataset subset; the defaults are the config schema's."""
 
-    shuffle_caption: bool = False
-    caption_separator: str = ","
-    keep_tokens: int = 0
-    keep_tokens_separator: str = ""
-    secondary_separator: str | None = None
-    enable_wildcard: bool = False
-    caption_prefix: str | None = None
-    caption_suffix: str | None = None
-    caption_dropout_rate: float = 0.0
-    caption_dropout_every_n_epochs: int = 0
-    caption_tag_dropout_rate: float = 0.0
-    token_warmup_min: int = 1
-    token_warmup_step: float = 0
+    shuffle_caption: bool = _default("shuffle_caption")
+    caption_separator: str = _default("caption_separator")
+    keep_tokens: int = _default("keep_tokens")
+    keep_tokens_separator: str = _default("keep_tokens_separator")
+    secondary_separator: str | None = _default("secondary_separator")
+    enable_wildcard: bool = _default("enable_wildcard")
+    caption_prefix: str | None = _default("caption_prefix")
+    caption_suffix: str | None = _default("caption_suffix")
+    caption_dropout_rate: float = _default("caption_dropout_rate")
+    caption_dropout_every_n_epochs: int = _default("caption_dropout_every_n_epochs")
+    caption_tag_dropout_rate: float = _default("caption_tag_dropout_rate")
+    token_warmup_min: int = _default("token_warmup_min")
+    token_warmup_step: float = _default("token_warmup_step")
+
+    @classmethod
+    def of(cls, subset: SubsetConfig) -> CaptionSettings:
+        """The caption settings a resolved subset config gives."""
+        return cls(**{item.name: getattr(subset, item.name) for item in fields(cls)})
 
 
 def caption_file_for(image_path: Path, caption_extension: str) -> Path | None:
