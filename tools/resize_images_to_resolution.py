@@ -15,14 +15,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from PIL import Image
-
+from library.dataset.config import IMAGE_SUFFIXES
+from library.dataset.images import load_image
 from library.dataset.resize import center_crop, resize_image
 from library.errors import UserError, run_cli
 from library.file_io import atomic_output
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -58,14 +55,6 @@ def fit_size(width: int, height: int, max_pixels: int, divisible_by: int) -> tup
     return (width, height), (width // divisible_by * divisible_by, height // divisible_by * divisible_by)
 
 
-def load_rgb(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, SyntaxError) as error:  # truncated or not an image; Pillow raises SyntaxError for some broken PNGs
-        raise UserError(f"{path}: cannot read the image ({error}); re-export it or move it out of the folder.") from error
-
-
 def copy_file(source: Path, destination: Path) -> None:
     with atomic_output(destination) as temporary:
         shutil.copyfile(source, temporary)
@@ -74,7 +63,7 @@ def copy_file(source: Path, destination: Path) -> None:
 def resize_one(path: Path, destination: Path, resolutions: list[tuple[str, int]], args: argparse.Namespace,
                associated: list[Path]) -> int:
     """Write every resolution of one image (and its associated files); returns the number of images saved."""
-    image = load_rgb(path)
+    image = load_image(path, with_alpha=False, remedy="re-export it or move it out of the folder")
     suffix, image_format = (".png", "PNG") if args.save_as_png else (".jpg", "JPEG")
     for name, max_pixels in resolutions:
         resized_size, cropped_size = fit_size(image.width, image.height, max_pixels, args.divisible_by)

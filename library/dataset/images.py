@@ -37,8 +37,9 @@ class ImageSample:
     original_size: tuple[int, int]  # (width, height) of the file
 
 
-def load_image(path: str | Path, with_alpha: bool) -> Image.Image:
-    """The decoded image in RGB, or RGBA with_alpha (an image without alpha gets an opaque one).
+def load_image(path: str | Path, with_alpha: bool, remedy: str = "replace or delete it, or pass --skip_bad_images") -> Image.Image:
+    """The decoded image in RGB, or RGBA with_alpha (an image without alpha gets an opaque one); a file that cannot
+    be decoded is a UserError that ends with `remedy`.
 
     Like sd-scripts, the EXIF orientation is not applied: pixels are used as stored, so the bucket matches the size
     read from the file header."""
@@ -47,9 +48,7 @@ def load_image(path: str | Path, with_alpha: bool) -> Image.Image:
             image.load()
             return image.convert("RGBA" if with_alpha else "RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise UserError(
-            f"{path}: cannot be decoded as an image ({error}); replace or delete it, or pass --skip_bad_images."
-        ) from None
+        raise UserError(f"{path}: cannot be decoded as an image ({error}); {remedy}.") from None
 
 
 def prepare_image(

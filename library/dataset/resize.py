@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from PIL import Image
 
+from library.dataset.buckets import crop_offsets
 from library.errors import UserError
 
 INTERPOLATIONS = {
@@ -32,5 +33,5 @@ def resize_image(image: Image.Image, size: tuple[int, int], interpolation: str |
 def center_crop(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     """Crop the centered (width, height) window; odd leftovers go to the right and bottom."""
     width, height = size
-    left, top = (image.width - width) // 2, (image.height - height) // 2
+    left, top = crop_offsets(image.size, size, random_crop=False, rng=None)
     return image.crop((left, top, left + width, top + height))
