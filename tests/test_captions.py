@@ -62,21 +62,21 @@ def test_a_byte_order_mark_is_accepted(tmp_path):
     assert read_caption(path, enable_wildcard=False) == "cat, dog"
 
 
-@pytest.mark.parametrize("data", ["猫, 犬".encode("cp932"), "café".encode("latin-1")])
-def test_a_file_that_is_not_utf8_is_named_with_the_fix(tmp_path, data):
+@pytest.mark.parametrize(
+    ("data", "enable_wildcard", "fix"),
+    [
+        ("猫, 犬".encode("cp932"), False, "save it as UTF-8"),
+        ("café".encode("latin-1"), False, "save it as UTF-8"),
+        (b"", True, "write a caption or delete the file"),
+        (b"\xef\xbb\xbf", True, "write a caption or delete the file"),
+    ],
+    ids=["cp932", "latin-1", "empty", "only-bom"],
+)
+def test_an_unusable_caption_file_is_named_with_the_fix(tmp_path, data, enable_wildcard, fix):
     path = tmp_path / "a.txt"
     path.write_bytes(data)
-    with pytest.raises(UserError, match="save it as UTF-8") as error:
-        read_caption(path, enable_wildcard=False)
-    assert str(path) in str(error.value)
-
-
-@pytest.mark.parametrize("data", [b"", b"\xef\xbb\xbf"])
-def test_an_empty_file_is_named_with_the_fix(tmp_path, data):
-    path = tmp_path / "a.txt"
-    path.write_bytes(data)
-    with pytest.raises(UserError, match="write a caption or delete the file") as error:
-        read_caption(path, enable_wildcard=True)
+    with pytest.raises(UserError, match=fix) as error:
+        read_caption(path, enable_wildcard=enable_wildcard)
     assert str(path) in str(error.value)
 
 
