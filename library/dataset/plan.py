@@ -4,6 +4,7 @@ first, and all problems are reported together before any model is loaded."""
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -43,6 +44,10 @@ class DatasetPlan:
         for sample in self.samples:
             counts[sample.placement.bucket] += sample.repeats
         return dict(sorted(counts.items()))
+
+    def batch_count(self) -> int:
+        """Batches per epoch: each bucket's samples cut into batches of batch_size, the last possibly smaller."""
+        return sum(math.ceil(count / self.config.batch_size) for count in self.bucket_counts().values())
 
     def epoch_batches(self, seed: int, epoch: int) -> list[list[int]]:
         """The epoch's batches as sample indices: each sample appears `repeats` times in its bucket, buckets are

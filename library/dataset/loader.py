@@ -1,0 +1,212 @@
+"""From dataset plans to training batches (specs/training.md 3.4-3.8): the per-epoch order of batches across all
+datasets, and one batch dict per key with latents or images, token ids, loss weights and masks.
+
+The order is decided in the main process by `EpochBatches`, a sampler that yields one `BatchKey` per batch; the key
+carries the epoch, the batch's place in it and the optimizer step, so data-loader workers (persistent or not) need
+no shared counters. Every random draw of a sample (caption shuffle and dropout, flip, crop, color) comes from a
+generator seeded by (seed, epoch, position, slot): the same seed gives the same batches for any worker count, which
+sd-scripts does not promise."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from transformers import CLIPTokenizer
+
+from library.dataset.buckets import crop_offsets
+from library.dataset.captions import CaptionSettings, process_caption
+from library.dataset.images import load_sample
+from library.dataset.latent_cache import CachedLatents
+from library.dataset.plan import DatasetPlan, Sample
+from library.errors import UserError
+from library.text_encoding import tokenize
+
+logger = logging.getLogger(__name__)
+WORKERS_WITH_CACHED_LATENTS = 2  # a cached batch is a few tensor copies; more processes only cost memory
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    dataset: int  # index into the plans
+    samples: tuple[int, ...]  # indices into that plan's samples
+    epoch: int  # 1-based, as caption_dropout_every_n_epochs counts
+    position: int  # the batch's place in the epoch
+    global_step: int  # optimizer steps done when this batch is trained, for token warmup
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    seed: int
+    max_token_length: int | None = None
+    prior_loss_weight: float = 1.0
+    max_train_steps: int = 1  # for token_warmup_step given as a fraction of the run
+    skip_bad_images: bool = False
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """The keys of one epoch: every dataset's batches (each from one bucket) shuffled together with the seed.
+    Call `set_epoch` before iterating; the length is the same for every epoch."""
+
+    def __init__(self, plans: Sequence[DatasetPlan], seed: int, gradient_accumulation_steps: int = 1):
+        self.plans = list(plans)
+        self.seed = seed
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.epoch, self.first_step = 1, 0
+
+    def set_epoch(self, epoch: int, global_step: int = 0) -> None:
+        """`epoch` counts from 1; `global_step` is the optimizer step count when the epoch starts."""
+        self.epoch, self.first_step = epoch, global_step
+
+    def keys(self) -> list[BatchKey]:
+        batches = [(index, batch) for index, plan in enumerate(self.plans) for batch in plan.epoch_batches(self.seed, self.epoch)]
+        random.Random(f"datasets/{self.seed}/{self.epoch}").shuffle(batches)
+        return [
+            BatchKey(dataset, tuple(samples), self.epoch, position, self.first_step + position // self.gradient_accumulation_steps)
+            for position, (dataset, samples) in enumerate(batches)
+        ]
+
+    def __iter__(self) -> Iterator[BatchKey]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return sum(plan.batch_count() for plan in self.plans)
+
+
+class TrainingBatches(torch.utils.data.Dataset):
+    """Builds the batch dict for a `BatchKey`. With `latents` (from `cache_latents`) the batch holds latents and no
+    images; without, images are decoded and augmented here. Keys follow sd-scripts' batch dict:
+    `latents` or `images`, `input_ids` (B, n, 77), `captions`, `loss_weights` (B), `alpha_masks` (B, H, W) or None,
+    `network_multipliers` (B), `flippeds`, and the SDXL size conditioning `original_sizes_hw`, `crop_top_lefts`,
+    `target_sizes_hw` (B, 2).
+
+    An image that cannot be decoded is a UserError naming it; with skip_bad_images it is left out of its batch with
+    a warning, and a batch left with no image at all comes back as None, which the training loop skips."""
+
+    def __init__(
+        self,
+        plans: Sequence[DatasetPlan],
+        tokenizer: CLIPTokenizer,
+        settings: BatchSettings,
+        latents: dict[Path, CachedLatents] | None = None,
+    ):
+        self.plans = list(plans)
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.latents = latents
+
+    def __getitem__(self, key: BatchKey) -> dict | None:
+        plan = self.plans[key.dataset]
+        items = []
+        for slot, index in enumerate(key.samples):
+            rng = random.Random(f"{self.settings.seed}/{key.epoch}/{key.position}/{slot}")
+            sample = plan.samples[index]
+            item = self._item(sample, rng, key)
+            if item is not None:
+                items.append(item)
+        if not items:
+            return None
+        return self._collate(items, plan)
+
+    def _item(self, sample: Sample, rng: random.Random, key: BatchKey) -> dict | None:
+        caption = process_caption(
+            sample.image.caption, CaptionSettings.of(sample.subset), rng, key.epoch, key.global_step, self.settings.max_train_steps
+        )
+        if self.latents is not None:
+            pixels_or_latents = self._cached(sample, rng)
+        else:
+            pixels_or_latents = self._loaded(sample, rng)
+            if pixels_or_latents is None:
+                return None
+        tensor, alpha_mask, flipped, crop_top_left = pixels_or_latents
+        width, height = sample.image.size
+        bucket_width, bucket_height = sample.placement.bucket
+        return {
+            "tensor": tensor,
+            "alpha_mask": alpha_mask,
+            "flipped": flipped,
+            "caption": caption,
+            "loss_weight": sample.loss_weight(self.settings.prior_loss_weight),
+            "original_size_hw": (height, width),
+            "crop_top_left": crop_top_left,
+            "target_size_hw": (bucket_height, bucket_width),
+        }
+
+    def _cached(self, sample: Sample, rng: random.Random) -> tuple:
+        entry = self.latents[sample.image.path]
+        flipped = bool(sample.subset.flip_aug) and rng.random() < 0.5
+        latents = entry.latents_flipped if flipped else entry.latents
+        alpha_mask = entry.alpha_mask
+        if flipped and alpha_mask is not None:
+            alpha_mask = alpha_mask.flip(-1)
+        left, top = crop_offsets(sample.placement.resized, sample.placement.bucket, False, None)
+        return latents, alpha_mask, flipped, (top, left)
+
+    def _loaded(self, sample: Sample, rng: random.Random) -> tuple | None:
+        try:
+            loaded = load_sample(sample.image.path, sample.placement, sample.subset, rng)
+        except UserError as error:
+            if not self.settings.skip_bad_images:
+                raise
+            logger.warning("skipped in this batch: %s", error)
+            return None
+        return loaded.pixels, loaded.alpha_mask, loaded.flipped, loaded.crop_top_left
+
+    def _collate(self, items: list[dict], plan: DatasetPlan) -> dict:
+        stacked = torch.stack([item["tensor"] for item in items])
+        captions = [item["caption"] for item in items]
+        return {
+            "latents": stacked if self.latents is not None else None,
+            "images": stacked if self.latents is None else None,
+            "captions": captions,
+            "input_ids": tokenize(self.tokenizer, captions, self.settings.max_token_length),
+            "loss_weights": torch.tensor([item["loss_weight"] for item in items], dtype=torch.float32),
+            "alpha_masks": _alpha_masks(items),
+            "network_multipliers": torch.full((len(items),), float(plan.config.network_multiplier)),
+            "flippeds": [item["flipped"] for item in items],
+            "original_sizes_hw": torch.tensor([item["original_size_hw"] for item in items]),
+            "crop_top_lefts": torch.tensor([item["crop_top_left"] for item in items]),
+            "target_sizes_hw": torch.tensor([item["target_size_hw"] for item in items]),
+        }
+
+
+def _alpha_masks(items: list[dict]) -> torch.Tensor | None:
+    """Stacked masks when any sample has one; samples without a mask count as fully opaque (all ones)."""
+    masks = [item["alpha_mask"] for item in items]
+    present = next((mask for mask in masks if mask is not None), None)
+    if present is None:
+        return None
+    return torch.stack([torch.ones_like(present) if mask is None else mask for mask in masks])
+
+
+def worker_count(requested: int | None, latents_cached: bool) -> int:
+    """`--max_data_loader_n_workers`, capped at the CPU count. Unset, it is sd-scripts' 8, or 2 when the latents
+    are cached (a cached batch needs almost no work, and every worker holds a copy of the process)."""
+    if requested is None:
+        requested = WORKERS_WITH_CACHED_LATENTS if latents_cached else 8
+    return max(0, min(requested, os.cpu_count() or 1))
+
+
+def make_data_loader(
+    batches: TrainingBatches, sampler: EpochBatches, workers: int, persistent_workers: bool, pin_memory: bool = False
+) -> torch.utils.data.DataLoader:
+    """A DataLoader that yields the sampler's batches as built by `batches`. Persistent workers need at least one
+    worker; with none the flag is ignored (sd-scripts lets PyTorch raise there)."""
+    return torch.utils.data.DataLoader(
+        batches,
+        batch_size=None,
+        sampler=sampler,
+        num_workers=workers,
+        persistent_workers=persistent_workers and workers > 0,
+        collate_fn=_as_built,
+        pin_memory=pin_memory,
+    )
+
+
+def _as_built(batch: dict | None) -> dict | None:
+    return batch
