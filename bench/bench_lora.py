@@ -16,31 +16,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).with_name("results.jsonl")
-
-
-def build_unet(device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    from diffusers import UNet2DConditionModel
-
-    from library.model_files.architecture import shipped_config
-    from library.model_files.family import ModelFamily
-
-    config = {key: value for key, value in shipped_config(ModelFamily.SD1, "unet").items() if not key.startswith("_")}
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**config).to(device)
-    if dtype != torch.float32:
-        unet.to(dtype)
-    unet.requires_grad_(False)
-    return unet
+from bench_common import build_sd15_unet, device_name, record_result, synchronize
 
 
 def timed_pair(plain, with_lora, repeats: int, device: torch.device, warmup: int = 2) -> tuple[float, float]:
@@ -52,17 +33,12 @@ def timed_pair(plain, with_lora, repeats: int, device: torch.device, warmup: int
     seconds: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
         for function, record in zip((plain, with_lora), seconds):
-            _synchronize(device)
+            synchronize(device)
             started = time.perf_counter()
             function()
-            _synchronize(device)
+            synchronize(device)
             record.append(time.perf_counter() - started)
     return statistics.median(seconds[0]), statistics.median(seconds[1])
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -80,7 +56,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype] if device.type == "cuda" else torch.float32
     autocast = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" else contextlib.nullcontext()
-    plain_unet, lora_unet = build_unet(device, dtype), build_unet(device, dtype)
+    plain_unet, lora_unet = build_sd15_unet(device, dtype), build_sd15_unet(device, dtype)
     generator = torch.Generator(device).manual_seed(0)
     latents = torch.randn(args.batch_size, 4, args.latent_size, args.latent_size, device=device, dtype=dtype, generator=generator)
     context = torch.randn(args.batch_size, 77, plain_unet.config.cross_attention_dim, device=device, dtype=dtype, generator=generator)
@@ -111,13 +87,13 @@ def main() -> None:
 
     started = time.perf_counter()
     network.merge_to(None, lora_unet)
-    _synchronize(device)
+    synchronize(device)
     merge_seconds = time.perf_counter() - started
 
     record = {
         "benchmark": "lora_overhead_sd15_unet",
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "device": device_name(device),
         "torch": torch.__version__,
         "dtype": str(dtype).removeprefix("torch."),
         "batch_size": args.batch_size,
@@ -133,9 +109,7 @@ def main() -> None:
         "step_overhead_percent": round(100 * (lora_step / plain_step - 1), 1),
         "merge_seconds": round(merge_seconds, 3),
     }
-    print(json.dumps(record))
-    with RESULTS.open("a") as stream:
-        stream.write(json.dumps(record) + "\n")
+    record_result(record)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -24,7 +23,7 @@ from pathlib import Path
 import psutil
 import torch
 
-RESULTS = Path(__file__).with_name("results.jsonl")
+from bench_common import device_name, record_result
 
 
 def write_random_sd15(path: Path) -> None:
@@ -130,9 +129,7 @@ def main() -> None:
             runs[loader].append(run_child(loader, model_file, config_folder))
     for loader, measurements in runs.items():
         record = summarise(loader, measurements, model_file)
-        print(json.dumps(record))
-        with RESULTS.open("a") as stream:
-            stream.write(json.dumps(record) + "\n")
+        record_result(record)
 
 
 def summarise(loader: str, measurements: list[dict], model_file: Path) -> dict:
@@ -142,7 +139,7 @@ def summarise(loader: str, measurements: list[dict], model_file: Path) -> dict:
         "benchmark": "load_sd15_single_file_fp16",
         "loader": loader,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "device": f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (loading runs on the CPU)",
+        "device": device_name(torch.device("cpu")) + " (loading runs on the CPU)",
         "torch": torch.__version__,
         "file_bytes": model_file.stat().st_size,
         "repeats": len(measurements),
