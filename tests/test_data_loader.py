@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from library.dataset.arguments import add_dataset_arguments, config_fallbacks, datasets_from_arguments
-from library.dataset.latent_cache import cache_latents
+from library.dataset.latent_cache import CachedLatents, cache_latents
 from library.dataset.loader import BatchSettings, EpochBatches, TrainingBatches, make_data_loader, worker_count
 from library.dataset.plan import prepare_datasets
 from library.errors import UserError
@@ -223,3 +223,12 @@ def test_unsupported_and_ignored_options_say_so(tmp_path):
     args = parse("--train_data_dir", str(tmp_path / "data"), "--resolution", "64", "--persistent_data_loader_workers", "--max_data_loader_n_workers", "0")
     _, notes = datasets_from_arguments(args)
     assert any("--persistent_data_loader_workers ignored" in note for note in notes)
+
+
+def test_an_image_left_out_when_caching_is_left_out_of_its_batches(tmp_path, tokenizer):
+    make_tiny_dataset(tmp_path, images=3, repeats=2)
+    plans, _ = prepare_datasets(None, {"resolution": "64", "caption_extension": ".txt", "train_batch_size": 6}, train_data_dir=str(tmp_path))
+    samples = plans[0].samples
+    latents = {sample.image.path: CachedLatents(torch.zeros(4, 8, 8), None, None) for sample in samples[1:]}
+    (batch,) = all_batches(plans, tokenizer, latents=latents)
+    assert batch["latents"].shape[0] == 4 and samples[0].image.caption not in batch["captions"]

@@ -44,8 +44,8 @@ def plan_for(root: Path, **options):
 TINY_VAE_SCALE = 2  # the tiny VAE has two encoder blocks, so it downsamples by 2, not 8
 
 
-def run(plans, vae, to_disk=True, batch_size=2):
-    return cache_latents(plans, vae, "cpu", torch.float32, batch_size, to_disk, progress=False)
+def run(plans, vae, to_disk=True, batch_size=2, skip_bad_images=False):
+    return cache_latents(plans, vae, "cpu", torch.float32, batch_size, to_disk, progress=False, skip_bad_images=skip_bad_images)
 
 
 def test_file_name_is_sd_scripts_name():
@@ -148,3 +148,14 @@ def test_nan_latents_name_the_image(data_root, vae, monkeypatch):
         run(plans, vae, batch_size=1)
     assert any(str(sample.image.path) in str(error.value) for sample in plans[0].samples)
     assert not list(data_root.rglob("*.npz"))
+
+
+def test_an_undecodable_image_is_named_or_left_out_and_its_batches_go_on(data_root, vae):
+    plans = plan_for(data_root, train_batch_size=4)
+    broken = plans[0].samples[1].image.path
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)  # still a PNG name, but nothing decodable
+    with pytest.raises(UserError, match=f"{broken.name}: cannot be decoded"):
+        run(plans, vae)
+    cached, encoded, _ = run(plans, vae, skip_bad_images=True)
+    assert broken not in cached and encoded == len(plans[0].samples) - 1
+    assert not cache_file_path(broken, plans[0].samples[1].image.size).exists()

@@ -59,7 +59,7 @@ def main() -> None:
         vae = vae.to(dtype=dtype)
     torch.manual_seed(seed)
     started = time.perf_counter()
-    _, encoded, reused = cache_latents(plans, vae, device, dtype, args.vae_batch_size, to_disk=True)
+    _, encoded, reused = cache_latents(plans, vae, device, dtype, args.vae_batch_size, to_disk=True, skip_bad_images=args.skip_bad_images)
     seconds = time.perf_counter() - started
     print(f"{encoded} images encoded on {device} in {dtype} ({encoded / max(seconds, 1e-9):.1f} images/s), {reused} up-to-date cache files reused")
 

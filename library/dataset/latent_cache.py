@@ -6,11 +6,12 @@ ignores; its own files, without them, are read here too."""
 
 from __future__ import annotations
 
+import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -22,7 +23,9 @@ from library.dataset.plan import DatasetPlan, Sample
 from library.errors import UserError
 from library.file_io import atomic_output
 
+logger = logging.getLogger(__name__)
 LATENT_CHANNELS = 4
+MAX_DECODE_THREADS = 8
 SD_VAE_SCALE = 8  # the real SD VAE; the tiny test VAE downsamples less, so the factor is read from the VAE
 
 
@@ -76,9 +79,12 @@ def cache_latents(
     vae_batch_size: int,
     to_disk: bool,
     progress: bool = True,
+    skip_bad_images: bool = False,
 ) -> tuple[dict[Path, CachedLatents], int, int]:
     """Encode every distinct image of the plans (the VAE must already be on `device` in `dtype`), reusing valid
-    disk caches when `to_disk`. Returns (latents by image path, images encoded, images reused from disk)."""
+    disk caches when `to_disk`. Returns (latents by image path, images encoded, images reused from disk). An image
+    that cannot be decoded is a UserError naming it; with skip_bad_images it is left out of the result with a
+    warning, and the loader leaves it out of its batches."""
     samples = _distinct_samples(plans)
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     cached: dict[Path, CachedLatents] = {}
@@ -90,13 +96,18 @@ def cache_latents(
         else:
             to_encode.append(sample)
     with tqdm(total=len(to_encode), unit="image", desc="caching latents", disable=not progress) as bar:
-        for batch in _batches(to_encode, vae_batch_size):
-            for sample, entry in zip(batch, _encode(batch, vae, device, dtype)):
+        for batch, loaded in _prefetched(_batches(to_encode, vae_batch_size), skip_bad_images):
+            bar.update(len(batch) - len(loaded))
+            batch = [sample for sample in batch if sample.image.path in loaded]
+            if not batch:
+                continue
+            for sample, entry in zip(batch, _encode(batch, [loaded[sample.image.path] for sample in batch], vae, device, dtype)):
                 cached[sample.image.path] = entry
                 if to_disk:
                     _save(cache_file_path(sample.image.path, sample.image.size), sample, entry)
             bar.update(len(batch))
-    return cached, len(to_encode), len(samples) - len(to_encode)
+    reused = len(samples) - len(to_encode)
+    return cached, len(cached) - reused, reused
 
 
 def _latent_shape(bucket: Size, vae_scale: int) -> tuple[int, int, int]:
@@ -133,10 +144,29 @@ def _batches(samples: list[Sample], batch_size: int) -> list[list[Sample]]:
     return [group[start : start + batch_size] for group in groups.values() for start in range(0, len(group), batch_size)]
 
 
-def _encode(batch: list[Sample], vae: torch.nn.Module, device, dtype: torch.dtype) -> list[CachedLatents]:
-    workers = max(1, min(os.cpu_count() or 1, len(batch)))
+def _prefetched(batches: list[list[Sample]], skip_bad_images: bool) -> Iterator[tuple[list[Sample], dict[Path, tuple]]]:
+    """Each batch with its decoded pixels by image path; threads decode the next batch while the VAE encodes this
+    one. Undecodable images are missing from the dict with skip_bad_images, else their UserError is raised."""
+    workers = max(1, min(os.cpu_count() or 1, MAX_DECODE_THREADS))
     with ThreadPoolExecutor(workers) as pool:
-        loaded = list(pool.map(lambda s: cache_pixels(s.image.path, s.placement, bool(s.subset.alpha_mask), s.subset.resize_interpolation), batch))
+        def submit(batch: list[Sample]) -> list[Future]:
+            return [pool.submit(cache_pixels, s.image.path, s.placement, bool(s.subset.alpha_mask), s.subset.resize_interpolation) for s in batch]
+
+        pending = submit(batches[0]) if batches else []
+        for index, batch in enumerate(batches):
+            loading, pending = pending, submit(batches[index + 1]) if index + 1 < len(batches) else []
+            loaded = {}
+            for sample, future in zip(batch, loading):
+                try:
+                    loaded[sample.image.path] = future.result()
+                except UserError as error:
+                    if not skip_bad_images:
+                        raise
+                    logger.warning("left out: %s", error)
+            yield batch, loaded
+
+
+def _encode(batch: list[Sample], loaded: list[tuple[torch.Tensor, torch.Tensor | None]], vae: torch.nn.Module, device, dtype: torch.dtype) -> list[CachedLatents]:
     pixels = torch.stack([p for p, _ in loaded]).to(device, dtype)
     latents = _encode_checked(vae, pixels, batch)
     flipped = _encode_checked(vae, torch.flip(pixels, dims=[3]), batch) if batch[0].subset.flip_aug else [None] * len(batch)

@@ -117,12 +117,9 @@ class TrainingBatches(torch.utils.data.Dataset):
         caption = process_caption(
             sample.image.caption, CaptionSettings.of(sample.subset), rng, key.epoch, key.global_step, self.settings.max_train_steps
         )
-        if self.latents is not None:
-            pixels_or_latents = self._cached(sample, rng)
-        else:
-            pixels_or_latents = self._loaded(sample, rng)
-            if pixels_or_latents is None:
-                return None
+        pixels_or_latents = self._cached(sample, rng) if self.latents is not None else self._loaded(sample, rng)
+        if pixels_or_latents is None:
+            return None
         tensor, alpha_mask, flipped, crop_top_left = pixels_or_latents
         width, height = sample.image.size
         bucket_width, bucket_height = sample.placement.bucket
@@ -137,8 +134,10 @@ class TrainingBatches(torch.utils.data.Dataset):
             "target_size_hw": (bucket_height, bucket_width),
         }
 
-    def _cached(self, sample: Sample, rng: random.Random) -> tuple:
-        entry = self.latents[sample.image.path]
+    def _cached(self, sample: Sample, rng: random.Random) -> tuple | None:
+        entry = self.latents.get(sample.image.path)
+        if entry is None:  # unreadable when the cache was made, and left out with skip_bad_images
+            return None
         flipped = bool(sample.subset.flip_aug) and rng.random() < 0.5
         latents = entry.latents_flipped if flipped else entry.latents
         alpha_mask = entry.alpha_mask
