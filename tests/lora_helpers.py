@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from library.model_files.family import ModelFamily
 from library.tiny_models import make_tiny_model
@@ -53,3 +54,17 @@ def tiny_model_pair(family: ModelFamily, seed: int = 0):
 def assert_outputs_close(expected: list[torch.Tensor], actual: list[torch.Tensor], atol: float = 1e-5) -> None:
     for index, (a, b) in enumerate(zip(expected, actual, strict=True)):
         torch.testing.assert_close(b, a, atol=atol, rtol=1e-5, msg=lambda m: f"output {index}: {m}")
+
+
+def diffusers_pipeline(model):
+    parts = dict(vae=model.vae, unet=model.unet, scheduler=DDIMScheduler.from_config(model.scheduler_config()))
+    if model.family is ModelFamily.SDXL:
+        encoders, tokenizers = model.text_encoders, model.tokenizers
+        return StableDiffusionXLPipeline(text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], **parts)
+    return StableDiffusionPipeline(
+        text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0], safety_checker=None, feature_extractor=None, requires_safety_checker=False, **parts
+    )
+
+
+def peft_layer_count(module: torch.nn.Module) -> int:
+    return sum(1 for layer in module.modules() if hasattr(layer, "lora_A") and len(layer.lora_A) > 0)

@@ -7,24 +7,13 @@ import logging
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import logging as diffusers_logging
-from lora_helpers import ModelProbe, assert_outputs_close, fill_randomly, text_encoder_argument, tiny_model_pair
+from lora_helpers import ModelProbe, assert_outputs_close, diffusers_pipeline, fill_randomly, peft_layer_count, text_encoder_argument, tiny_model_pair
 
 from library.model_files.family import ModelFamily
 from networks.lora import create_network, create_network_from_weights
 
 VARIANTS = {"LierLa": {}, "C3Lier": {"conv_dim": "4", "conv_alpha": "2"}}
-
-
-def diffusers_pipeline(model):
-    parts = dict(vae=model.vae, unet=model.unet, scheduler=DDIMScheduler.from_config(model.scheduler_config()))
-    if model.family is ModelFamily.SDXL:
-        encoders, tokenizers = model.text_encoders, model.tokenizers
-        return StableDiffusionXLPipeline(text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], **parts)
-    return StableDiffusionPipeline(
-        text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0], safety_checker=None, feature_extractor=None, requires_safety_checker=False, **parts
-    )
 
 
 class WarningRecorder(logging.Handler):
@@ -34,10 +23,6 @@ class WarningRecorder(logging.Handler):
 
     def emit(self, record):
         self.messages.append(record.getMessage())
-
-
-def peft_layer_count(module: torch.nn.Module) -> int:
-    return sum(1 for layer in module.modules() if hasattr(layer, "lora_A") and len(layer.lora_A) > 0)
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=str)

@@ -20,7 +20,7 @@ from library.dataset.latent_cache import cache_latents
 from library.dataset.loader import BatchSettings
 from library.errors import UserError, run_cli
 from library.model_files.family import ModelFamily, family_from_flags
-from library.model_files.stable_diffusion import load_stable_diffusion
+from library.model_files.stable_diffusion import load_stable_diffusion, place
 
 VAE_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -54,9 +54,7 @@ def main() -> None:
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float32 if args.no_half_vae or device == "cpu" else VAE_DTYPES[args.mixed_precision]
-    vae = model.vae.to(device)
-    if dtype != vae.dtype:  # diffusers warns about any dtype in .to(), even float32
-        vae = vae.to(dtype=dtype)
+    vae = place(model.vae, device, dtype)
     torch.manual_seed(seed)
     started = time.perf_counter()
     _, encoded, reused = cache_latents(plans, vae, device, dtype, args.vae_batch_size, to_disk=True, skip_bad_images=args.skip_bad_images)

@@ -80,6 +80,12 @@ def parse_precision(name: str | None, default: torch.dtype | None = None) -> tor
     return PRECISIONS[name]
 
 
+def place(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """`module.to(device, dtype)`, bypassing diffusers' override, which warns about every dtype cast (float32
+    included) and points users at a from_pretrained argument they never call."""
+    return torch.nn.Module.to(module, device=device, dtype=dtype)
+
+
 # ---------------------------------------------------------------- loading
 
 def load_stable_diffusion(

@@ -1,0 +1,97 @@
+"""The command line of train_network.py, with sd-scripts' option names, types and defaults (specs/training.md
+section 11). Options of sd-scripts that are not implemented yet are refused by argparse, never silently ignored."""
+
+from __future__ import annotations
+
+import argparse
+
+from library.dataset.arguments import add_dataset_arguments
+from library.training.optimizers import SCHEDULERS
+from library.training.saving import SAVE_FORMATS
+
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+SAVE_PRECISIONS = ("float", "fp16", "bf16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="train_network.py", description="Train a LoRA for Stable Diffusion 1.x / 2.x.")
+    _model_arguments(parser.add_argument_group("model"))
+    add_dataset_arguments(parser)
+    _training_arguments(parser.add_argument_group("training"))
+    _optimizer_arguments(parser.add_argument_group("optimizer and learning rate"))
+    _network_arguments(parser.add_argument_group("network"))
+    _saving_arguments(parser.add_argument_group("saving and logging"))
+    return parser
+
+
+def _model_arguments(group) -> None:
+    group.add_argument("--pretrained_model_name_or_path", required=True, help="base model: .safetensors/.ckpt file or Diffusers folder")
+    group.add_argument("--v2", action="store_true", help="the base model is SD 2.x (checked against the file)")
+    group.add_argument("--v_parameterization", action="store_true", help="train with the v-prediction target (SD 2.x 768-v models)")
+    group.add_argument("--tokenizer_cache_dir", help="accepted for compatibility; the tokenizer ships with this project")
+
+
+def _training_arguments(group) -> None:
+    group.add_argument("--max_train_steps", type=int, default=1600, help="optimizer steps to train (default 1600)")
+    group.add_argument("--max_train_epochs", type=int, help="train this many epochs instead (overrides --max_train_steps)")
+    group.add_argument("--seed", type=int, help="random seed (random when unset; recorded in the file)")
+    group.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in the backward pass to save memory")
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches accumulated per optimizer step")
+    group.add_argument("--mixed_precision", choices=MIXED_PRECISIONS, default="no", help="autocast precision; frozen weights are stored in it")
+    group.add_argument("--full_fp16", action="store_true", help="keep the LoRA weights in fp16 too (needs --mixed_precision fp16)")
+    group.add_argument("--full_bf16", action="store_true", help="keep the LoRA weights in bf16 too (needs --mixed_precision bf16)")
+    group.add_argument("--no_half_vae", action="store_true", help="run the VAE in float32 under mixed precision")
+    group.add_argument("--clip_skip", type=int, help="use the k-th hidden layer of CLIP from the end (2 for many anime models)")
+    group.add_argument("--xformers", action="store_true", help="xformers attention when installed on CUDA; PyTorch SDPA otherwise")
+    group.add_argument("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (the default)")
+    group.add_argument("--mem_eff_attn", action="store_true", help="accepted for compatibility; PyTorch SDPA is used")
+    group.add_argument("--noise_offset", type=float, help="offset-noise strength (e.g. 0.05)")
+    group.add_argument("--min_snr_gamma", type=float, help="Min-SNR loss weighting gamma (5 is common)")
+    group.add_argument("--min_timestep", type=int, help="lowest training timestep (default 0)")
+    group.add_argument("--max_timestep", type=int, help="training timesteps stay below this (default 1000)")
+    group.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the LoRA gradients' norm to this; 0 = no clipping")
+    group.add_argument("--lowram", action="store_true", help="accepted for compatibility")
+    group.add_argument("--highvram", action="store_true", help="accepted for compatibility")
+
+
+def _optimizer_arguments(group) -> None:
+    group.add_argument("--optimizer_type", default="", help="AdamW (default), AdamW8bit, PagedAdamW8bit, Lion, SGDNesterov, Prodigy, DAdaptation..., or module.Class")
+    group.add_argument("--use_8bit_adam", action="store_true", help="old spelling of --optimizer_type AdamW8bit")
+    group.add_argument("--use_lion_optimizer", action="store_true", help="old spelling of --optimizer_type Lion")
+    group.add_argument("--optimizer_args", nargs="*", help="optimizer arguments as key=value, e.g. weight_decay=0.01 betas=0.9,0.99")
+    group.add_argument("--learning_rate", type=float, default=2e-6, help="learning rate (default 2e-6, as sd-scripts; LoRA usually 1e-4)")
+    group.add_argument("--lr_scheduler", choices=SCHEDULERS, default="constant", help="learning-rate schedule (default constant)")
+    group.add_argument("--lr_warmup_steps", default="0", help="warmup steps: a count, a fraction below 1, or N%%")
+    group.add_argument("--lr_scheduler_num_cycles", type=int, default=1, help="restarts of cosine_with_restarts")
+    group.add_argument("--lr_scheduler_power", type=float, default=1.0, help="power of the polynomial schedule")
+
+
+def _network_arguments(group) -> None:
+    group.add_argument("--network_module", required=True, help="networks.lora, or any module with the same API")
+    group.add_argument("--network_weights", help="LoRA file to start from")
+    group.add_argument("--dim_from_weights", action="store_true", help="take the ranks and alphas from --network_weights")
+    group.add_argument("--network_dim", type=int, help="rank (networks.lora: 4 when unset)")
+    group.add_argument("--network_alpha", type=float, default=1.0, help="alpha; the LoRA output is scaled by alpha / rank (default 1)")
+    group.add_argument("--network_dropout", type=float, help="dropout of the LoRA down-projection's output")
+    group.add_argument("--network_args", nargs="*", help="network arguments as key=value, e.g. conv_dim=4 conv_alpha=1")
+    group.add_argument("--network_train_unet_only", action="store_true", help="train the U-Net's LoRA only")
+    group.add_argument("--network_train_text_encoder_only", action="store_true", help="train the text encoder's LoRA only")
+    group.add_argument("--unet_lr", type=float, help="learning rate of the U-Net LoRA (default --learning_rate)")
+    group.add_argument("--text_encoder_lr", type=float, nargs="*", help="learning rate of the text-encoder LoRA (default --learning_rate)")
+    group.add_argument("--scale_weight_norms", type=float, help="cap each LoRA delta's norm at this after every step")
+
+
+def _saving_arguments(group) -> None:
+    group.add_argument("--output_dir", required=True, help="folder for the LoRA files")
+    group.add_argument("--output_name", help="file name without extension (default: last, epoch-NNNNNN, at-stepNNNNNNNN)")
+    group.add_argument("--save_model_as", choices=SAVE_FORMATS, default="safetensors", help="file format (default safetensors)")
+    group.add_argument("--save_precision", choices=SAVE_PRECISIONS, help="dtype of the saved tensors (default: as trained)")
+    group.add_argument("--save_every_n_epochs", type=int, help="also save after every N epochs (not after the last)")
+    group.add_argument("--save_every_n_steps", type=int, help="also save after every N optimizer steps")
+    group.add_argument("--save_last_n_epochs", type=int, help="keep only the N latest epoch saves")
+    group.add_argument("--save_last_n_steps", type=int, help="keep only step saves of the last N steps")
+    group.add_argument("--no_metadata", action="store_true", help="write only the minimal metadata")
+    group.add_argument("--training_comment", help="text stored in the file's metadata")
+    group.add_argument("--logging_dir", help="write TensorBoard logs under this folder")
+    group.add_argument("--log_with", choices=("tensorboard", "wandb", "all"), help="logger (default tensorboard when --logging_dir is given)")
+    group.add_argument("--log_prefix", help="prefix of the run's log folder name")

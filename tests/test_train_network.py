@@ -1,0 +1,145 @@
+"""train_network.py end to end on the tiny SD1 model: it learns, saves sd-scripts' files with metadata that load in
+networks.lora and in diffusers, stops on a non-finite loss without saving, and notes what cannot apply on a CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lora_helpers import diffusers_pipeline, peft_layer_count
+
+from library.errors import UserError
+from library.model_files.containers import open_checkpoint
+from library.model_files.family import ModelFamily
+from library.model_files.stable_diffusion import load_stable_diffusion
+from library.text_encoding import encode_tokens, tokenize
+from library.tiny_models import make_tiny_dataset
+from library.training import diffusion
+from library.training.options import build_parser
+from library.training.trainer import train
+from networks.lora import create_network_from_weights
+
+HIGH_TIMESTEP = 990  # x_t is nearly pure noise there, so predicting the noise is learnable by a small LoRA
+
+
+def arguments(model_file, data, output, *extra):
+    return build_parser().parse_args([
+        "--pretrained_model_name_or_path", str(model_file), "--train_data_dir", str(data), "--resolution", "64",
+        "--output_dir", str(output), "--network_module", "networks.lora", "--seed", "3", "--max_data_loader_n_workers", "0",
+        *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def tiny_sd1(tiny_checkpoints):
+    return tiny_checkpoints[ModelFamily.SD1][1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    make_tiny_dataset(folder, images=4, repeats=5)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_sd1, data, tmp_path_factory):
+    output = tmp_path_factory.mktemp("output")
+    args = arguments(tiny_sd1, data, output, "--output_name", "tiny", "--learning_rate", "1e-2", "--network_dim", "8", "--network_alpha", "8",
+                     "--max_train_steps", "40", "--min_timestep", str(HIGH_TIMESTEP), "--cache_latents", "--save_every_n_steps", "20")
+    return train(args), output
+
+
+def high_timestep_loss(model, lora_file=None) -> float:
+    """The mean loss over the dataset's images at timesteps 990..999 with fixed noise, with or without the LoRA."""
+    if lora_file is not None:
+        network, weights = create_network_from_weights(1.0, lora_file, model.vae, model.text_encoders[0], model.unet)
+        network.load_state_dict(weights)
+        network.apply_to(model.text_encoders[0], model.unet)
+    images, captions = model.images, model.captions
+    generator = torch.Generator().manual_seed(0)
+    scheduler = diffusion.training_scheduler(False)
+    with torch.no_grad():
+        latents = model.vae.encode(images).latent_dist.mean * model.vae.config.scaling_factor
+        context = encode_tokens(model.text_encoders[0], tokenize(model.tokenizers[0], captions, None), None)
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.arange(HIGH_TIMESTEP, HIGH_TIMESTEP + len(captions))
+        noisy, target = diffusion.noisy_latents_and_target(scheduler, latents, noise, timesteps)
+        prediction = model.unet(noisy, timesteps, context).sample
+    return diffusion.per_sample_loss(prediction, target, torch.ones(len(captions))).mean().item()
+
+
+def load_with_images(model_file, data):
+    from library.dataset.images import cache_pixels
+    from library.dataset.plan import prepare_datasets
+
+    model = load_stable_diffusion(model_file)
+    plans, _ = prepare_datasets(None, {"resolution": "64"}, train_data_dir=str(data))
+    samples = plans[0].samples
+    model.images = torch.stack([cache_pixels(sample.image.path, sample.placement, False)[0] for sample in samples])
+    model.captions = [sample.image.caption for sample in samples]
+    return model
+
+
+@pytest.mark.slow
+def test_training_lowers_the_loss_and_saves_sd_scripts_files(trained, tiny_sd1, data):
+    final, output = trained
+    assert final == output / "tiny.safetensors"
+    assert sorted(path.name for path in output.iterdir()) == ["tiny-step00000020.safetensors", "tiny.safetensors"]
+    before = high_timestep_loss(load_with_images(tiny_sd1, data))
+    after = high_timestep_loss(load_with_images(tiny_sd1, data), final)
+    assert after < 0.8 * before
+
+    metadata = open_checkpoint(final).metadata
+    assert metadata["ss_steps"] == "40" and metadata["ss_max_train_steps"] == "40"
+    assert metadata["ss_network_module"] == "networks.lora" and metadata["ss_network_dim"] == "8" and metadata["ss_network_alpha"] == "8.0"
+    assert metadata["ss_output_name"] == "tiny" and metadata["ss_seed"] == "3" and metadata["ss_cache_latents"] == "True"
+    assert metadata["ss_num_train_images"] == "20" and metadata["ss_num_batches_per_epoch"] == "20" and metadata["ss_num_epochs"] == "2"
+    assert "shp shape" in metadata["ss_tag_frequency"] and metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert open_checkpoint(output / "tiny-step00000020.safetensors").metadata["ss_steps"] == "20"
+
+
+@pytest.mark.slow
+def test_the_trained_file_loads_completely_in_diffusers(trained, tiny_sd1):
+    final, _ = trained
+    keys = open_checkpoint(final).keys()
+    modules = {key.split(".")[0] for key in keys if key.endswith("lora_down.weight")}
+    pipeline = diffusers_pipeline(load_stable_diffusion(tiny_sd1))
+    pipeline.load_lora_weights(str(final))
+    assert peft_layer_count(pipeline.unet) == sum(name.startswith("lora_unet_") for name in modules)
+    assert peft_layer_count(pipeline.text_encoder) == sum(name.startswith("lora_te_") for name in modules) > 0
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_stops_the_run_without_saving(tiny_sd1, data, tmp_path, monkeypatch):
+    def poisoned(prediction, target, loss_weights, alpha_masks=None):
+        return torch.full((prediction.shape[0],), float("nan"))
+
+    monkeypatch.setattr(diffusion, "per_sample_loss", poisoned)
+    with pytest.raises(UserError, match="NaN or infinite at step 1; nothing was saved"):
+        train(arguments(tiny_sd1, data, tmp_path / "out", "--max_train_steps", "3", "--save_every_n_steps", "1"))
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+@pytest.mark.slow
+def test_cuda_only_options_give_a_note_on_the_cpu(tiny_sd1, data, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    final = train(arguments(tiny_sd1, data, tmp_path, "--max_train_steps", "2", "--mixed_precision", "fp16", "--xformers", "--network_train_unet_only"))
+    printed = capsys.readouterr().out
+    assert "--mixed_precision fp16 needs a CUDA GPU; training on the CPU in float32." in printed
+    assert "--xformers needs a CUDA GPU" in printed
+    assert final.name == "last.safetensors"
+    assert not any(key.startswith("lora_te_") for key in open_checkpoint(final).keys())
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--full_fp16"], "--full_fp16 needs --mixed_precision fp16"),
+        (["--network_train_unet_only", "--network_train_text_encoder_only"], "leave nothing to train"),
+        (["--lr_scheduler", "constant", "--lr_warmup_steps", "10"], "constant has no warmup"),
+    ],
+)
+def test_conflicting_options_are_one_sentence(tiny_sd1, data, tmp_path, extra, message):
+    with pytest.raises(UserError, match=message):
+        train(arguments(tiny_sd1, data, tmp_path, "--max_train_steps", "1", *extra))
