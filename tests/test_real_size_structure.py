@@ -4,7 +4,6 @@ shapes against diffusers' converters and the counts and names listed in specs/ch
 from __future__ import annotations
 
 import pytest
-import torch
 from diffusers.loaders import single_file_utils as oracle
 
 from library.model_files.architecture import architecture_from_shapes, shipped_architecture
