@@ -170,13 +170,15 @@ def test_cached_batches_hold_the_cached_latents_flipped_or_not(tmp_path, tokeniz
     assert True in flips and False in flips
 
 
-def test_an_image_broken_after_the_scan_is_named_or_left_out(tmp_path, tokenizer):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_image_broken_after_the_scan_is_named_or_left_out(tmp_path, tokenizer, workers):
     plans = plans_for(tmp_path, train_batch_size=5)
     broken = tmp_path / "train" / "3_sks dog" / "001.png"
     broken.write_bytes(b"not an image any more")
-    with pytest.raises(UserError, match="001.png: cannot be decoded"):
-        all_batches(plans, tokenizer)
-    batches = all_batches(plans, tokenizer, skip_bad_images=True)
+    with pytest.raises(UserError, match="001.png: cannot be decoded") as raised:
+        all_batches(plans, tokenizer, workers=workers)
+    assert str(raised.value).startswith(str(broken)) and "Traceback" not in str(raised.value)
+    batches = all_batches(plans, tokenizer, workers=workers, skip_bad_images=True)
     captions = [caption for batch in batches for caption in batch["captions"]]
     assert len(captions) == 30 - 3  # the broken image's three repeats are left out
     assert "a photo 1, red, blue, green" not in captions

@@ -168,6 +168,22 @@ def test_caching_conflicts_are_reported_before_anything_loads(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"train_batch_size": 0}, "batch_size is 0; use 1 or more"),
+        ({"face_crop_aug_range": [2.0, 4.0]}, "face_crop_aug_range is not supported yet"),
+        ({"validation_split": 0.1}, "validation_split is not supported yet"),
+        ({"dataset_repeats": 0}, "no images to train on"),
+    ],
+)
+def test_values_training_cannot_use_are_refused_up_front(tmp_path, options, message):
+    write_images(tmp_path / "images", 2)
+    (tmp_path / "data.toml").write_text(f"[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = '{tmp_path / 'images'}'\n", encoding="utf-8")
+    with pytest.raises(UserError, match=message):
+        prepare_datasets(str(tmp_path / "data.toml"), options)
+
+
+@pytest.mark.parametrize(
     ("subset_repeats", "num_train", "expected"),
     [
         ([1] * 300, 200, [1] * 200 + [0] * 100),  # the spec's worked example: 100 images are never used

@@ -169,14 +169,6 @@ def test_truncated_jpeg_names_the_file(tmp_path):
         load_image(tmp_path / "garbage.png", with_alpha=True)
 
 
-def test_face_crop_aug_range_is_refused(tmp_path):
-    path = tmp_path / "face.png"
-    noise_image(path, 64, 32)
-    subset = make_subset(face_crop_aug_range=(2.0, 4.0))
-    with pytest.raises(UserError, match="face_crop_aug_range is not supported yet; remove it"):
-        load_sample(path, Placement((64, 32), (64, 32)), subset, random.Random(0))
-
-
 def test_cache_pixels_center_crop_without_augmentation(tmp_path):
     path = tmp_path / "large.png"
     array = noise_image(path, 70, 35)

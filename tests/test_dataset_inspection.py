@@ -30,7 +30,8 @@ def solid_images(folder, sizes):
 def plans(tmp_path):
     solid_images(tmp_path / "train" / "2_sks thing", [(64, 64), (64, 64), (64, 64), (128, 64)])
     solid_images(tmp_path / "reg" / "1_thing", [(64, 64)] * 3)
-    options = {"resolution": "64,128", "enable_bucket": True, "min_bucket_reso": 64, "train_batch_size": 4, "caption_extension": ".txt"}
+    options = {"resolution": "64,128", "enable_bucket": True, "min_bucket_reso": 64, "train_batch_size": 4, "caption_extension": ".txt",
+               "shuffle_caption": True, "flip_aug": True}
     made, _ = prepare_datasets(None, options, train_data_dir=str(tmp_path / "train"), reg_data_dir=str(tmp_path / "reg"))
     return made
 

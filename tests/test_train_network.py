@@ -124,10 +124,12 @@ def test_a_non_finite_loss_stops_the_run_without_saving(tiny_sd1, data, tmp_path
 def test_cuda_only_options_give_a_note_on_the_cpu(tiny_sd1, data, tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    final = train(arguments(tiny_sd1, data, tmp_path, "--max_train_steps", "2", "--mixed_precision", "fp16", "--xformers", "--network_train_unet_only"))
+    final = train(arguments(tiny_sd1, data, tmp_path, "--max_train_steps", "2", "--mixed_precision", "fp16", "--xformers", "--network_train_unet_only",
+                            "--optimizer_type", "AdamW8bit"))
     printed = capsys.readouterr().out
     assert "--mixed_precision fp16 needs a CUDA GPU; training on the CPU in float32." in printed
     assert "--xformers needs a CUDA GPU" in printed
+    assert "--optimizer_type AdamW8bit needs bitsandbytes on a CUDA GPU; using AdamW on the CPU." in printed
     assert final.name == "last.safetensors"
     assert not any(key.startswith("lora_te_") for key in open_checkpoint(final).keys())
 

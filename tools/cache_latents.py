@@ -21,17 +21,13 @@ from library.dataset.loader import BatchSettings
 from library.errors import UserError, run_cli
 from library.model_files.family import ModelFamily, family_from_flags
 from library.model_files.stable_diffusion import load_stable_diffusion, place
-
-VAE_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
+from library.training.options import MIXED_PRECISION_DTYPES, add_model_arguments, check_model_arguments
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pretrained_model_name_or_path", required=True, help="the base model: .safetensors/.ckpt file or Diffusers folder")
-    parser.add_argument("--v2", action="store_true", help="the model is SD 2.x (checked against the file)")
-    parser.add_argument("--mixed_precision", choices=tuple(VAE_DTYPES), default="no", help="the VAE runs in this precision unless --no_half_vae")
-    parser.add_argument("--no_half_vae", action="store_true", help="run the VAE in float32 (avoids NaN latents with some VAEs)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    add_model_arguments(parser.add_argument_group("model"))
     parser.add_argument("--seed", type=int, help="seed of the posterior samples that are cached")
+    parser.add_argument("--skip_existing", action="store_true", help="accepted for compatibility; up-to-date files are always kept")
     parser.add_argument("--output_dir", default=".", help="where --debug_dataset writes its contact sheets (under debug_dataset/)")
     add_dataset_arguments(parser)
     return parser
@@ -39,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = build_parser().parse_args()
+    check_model_arguments(args)
     args.cache_latents_to_disk = True  # this tool's only job, so caching conflicts are checked as in training
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     plans, notes = datasets_from_arguments(args)
@@ -53,7 +50,7 @@ def main() -> None:
         print("\n".join(lines))
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float32 if args.no_half_vae or device == "cpu" else VAE_DTYPES[args.mixed_precision]
+    dtype = torch.float32 if args.no_half_vae or device == "cpu" else MIXED_PRECISION_DTYPES[args.mixed_precision]
     vae = place(model.vae, device, dtype)
     torch.manual_seed(seed)
     started = time.perf_counter()

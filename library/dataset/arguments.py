@@ -1,6 +1,6 @@
 """The dataset options of train_network.py and tools/cache_latents.py, with sd-scripts' names (specs/training.md
 section 11). Options that are fallbacks of config keys take their type and default from the config schema (KEYS);
-they parse to None when not given, so that the schema's default is the only one."""
+they parse to None (on/off flags: False) when not given, so that the schema's default is the only one."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import argparse
 from typing import Any
 
 from library.dataset.config import KEYS
+from library.dataset.loader import DEFAULT_PRIOR_LOSS_WEIGHT, DEFAULT_WORKERS, WORKERS_WITH_CACHED_LATENTS
 from library.dataset.plan import DatasetPlan, prepare_datasets
 from library.dataset.resize import INTERPOLATIONS
 from library.errors import UserError
+from library.text_encoding import TOKEN_LENGTHS
 
 CONFIG_KEY_HELP = {
     "train_batch_size": "batch size per device (config key batch_size)",
@@ -60,8 +62,8 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--caption_extention", help=argparse.SUPPRESS)  # sd-scripts' misspelled alias
     group.add_argument("--skip_bad_images", action="store_true", help="leave out images that cannot be read, with a note, instead of stopping")
     group.add_argument("--dataset_class", help=argparse.SUPPRESS)
-    group.add_argument("--max_token_length", type=int, choices=(75, 150, 225), help="caption tokens: 75 (default), 150 or 225")
-    group.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight of regularization images (default 1.0)")
+    group.add_argument("--max_token_length", type=int, choices=[n for n in TOKEN_LENGTHS if n], help="caption tokens: 75 (default), 150 or 225")
+    group.add_argument("--prior_loss_weight", type=float, default=DEFAULT_PRIOR_LOSS_WEIGHT, help="loss weight of regularization images (default %(default)s)")
     group.add_argument("--debug_dataset", action="store_true", help="print the buckets and sample captions, write a contact sheet per bucket, and exit")
 
     caching = parser.add_argument_group("latent caching and loading")
@@ -70,7 +72,9 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     caching.add_argument("--vae_batch_size", type=int, default=1, help="images per VAE batch while caching (default 1)")
     caching.add_argument("--skip_cache_check", action="store_true", help="accepted for compatibility; cache files are always checked")
     caching.add_argument(
-        "--max_data_loader_n_workers", type=int, help="data loader processes (default 8, or 2 with cached latents; at most the CPU count)"
+        "--max_data_loader_n_workers",
+        type=int,
+        help=f"data loader processes (default {DEFAULT_WORKERS}, or {WORKERS_WITH_CACHED_LATENTS} with cached latents; at most the CPU count)",
     )
     caching.add_argument("--persistent_data_loader_workers", action="store_true", help="keep the data loader processes between epochs")
 
@@ -103,7 +107,7 @@ def _float_pair(text: str) -> list[float]:
 def config_fallbacks(args: argparse.Namespace) -> dict[str, Any]:
     """The command-line values that config keys fall back to, by option name."""
     values = {key.cli: getattr(args, key.cli) for key in KEYS.values() if key.cli}
-    if args.caption_extention and not args.caption_extension:
+    if args.caption_extention:  # as in sd-scripts, the misspelled alias wins when given
         values["caption_extension"] = args.caption_extention
     return values
 

@@ -102,11 +102,6 @@ def apply_gamma(array: np.ndarray, gamma: float) -> np.ndarray:
 
 def load_sample(path: str | Path, placement: Placement, subset: SubsetConfig, rng: random.Random) -> ImageSample:
     """One training sample without cached latents (specs/training.md 3.3), all randomness from rng."""
-    if subset.face_crop_aug_range is not None:
-        raise UserError(
-            f"{subset.where}: face_crop_aug_range is not supported yet; remove it from the dataset config "
-            "(or drop --face_crop_aug_range)."
-        )
     flipped = bool(subset.flip_aug) and rng.random() < 0.5  # drawn first, as in sd-scripts
     image = load_image(path, with_alpha=subset.alpha_mask)
     original_size = image.size

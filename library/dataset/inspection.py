@@ -70,7 +70,7 @@ def debug_dataset(
         for caption, tokens in zip(batch["captions"][:CAPTIONS_SHOWN_PER_BUCKET], batch["input_ids"]):
             lines.append(f"  caption ({_token_count(tokens, tokenizer)} tokens): {caption!r}")
         sheet = Path(output_dir) / f"dataset{key.dataset}_bucket_{bucket[0]}x{bucket[1]}.png"
-        _save_sheet(contact_sheet(batch["images"], [_label(plan, index) for index in key.samples]), sheet)
+        _save_sheet(contact_sheet(batch["images"], [Path(path).name for path in batch["image_paths"]]), sheet)
         sheets.append(sheet)
         lines.append(f"  contact sheet: {sheet}")
     return lines, sheets
@@ -88,11 +88,6 @@ def _token_count(tokens, tokenizer: CLIPTokenizer) -> int:
     """Content tokens of one caption's windows (BOS, EOS and padding left out)."""
     special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
     return sum(int(token) not in special for token in tokens.flatten())
-
-
-def _label(plan: DatasetPlan, index: int) -> str:
-    sample = plan.samples[index]
-    return f"{sample.image.path.name}{' (reg)' if sample.is_reg else ''}"
 
 
 def contact_sheet(images, labels: Sequence[str]) -> Image.Image:

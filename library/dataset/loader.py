@@ -10,6 +10,7 @@ sd-scripts does not promise."""
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import random
 from dataclasses import dataclass
@@ -28,7 +29,9 @@ from library.errors import UserError
 from library.text_encoding import tokenize
 
 logger = logging.getLogger(__name__)
+DEFAULT_WORKERS = 8  # sd-scripts' --max_data_loader_n_workers
 WORKERS_WITH_CACHED_LATENTS = 2  # a cached batch is a few tensor copies; more processes only cost memory
+DEFAULT_PRIOR_LOSS_WEIGHT = 1.0
 
 
 @dataclass(frozen=True)
@@ -41,10 +44,17 @@ class BatchKey:
 
 
 @dataclass(frozen=True)
+class BatchError:
+    """A UserError met while building a batch, carried back from a worker as its message."""
+
+    message: str
+
+
+@dataclass(frozen=True)
 class BatchSettings:
     seed: int
     max_token_length: int | None = None
-    prior_loss_weight: float = 1.0
+    prior_loss_weight: float = DEFAULT_PRIOR_LOSS_WEIGHT
     max_train_steps: int = 1  # for token_warmup_step given as a fraction of the run
     skip_bad_images: bool = False
 
@@ -100,7 +110,13 @@ class TrainingBatches(torch.utils.data.Dataset):
         self.settings = settings
         self.latents = latents
 
-    def __getitem__(self, key: BatchKey) -> dict | None:
+    def __getitem__(self, key: BatchKey) -> dict | BatchError | None:
+        try:
+            return self._batch(key)
+        except UserError as error:  # in a worker process; TrainingLoader raises it again, without the worker's traceback
+            return BatchError(str(error))
+
+    def _batch(self, key: BatchKey) -> dict | None:
         plan = self.plans[key.dataset]
         items = []
         for slot, index in enumerate(key.samples):
@@ -128,6 +144,7 @@ class TrainingBatches(torch.utils.data.Dataset):
             "alpha_mask": alpha_mask,
             "flipped": flipped,
             "caption": caption,
+            "image_path": str(sample.image.path),
             "loss_weight": sample.loss_weight(self.settings.prior_loss_weight),
             "original_size_hw": (height, width),
             "crop_top_left": crop_top_left,
@@ -163,6 +180,7 @@ class TrainingBatches(torch.utils.data.Dataset):
             "latents": stacked if self.latents is not None else None,
             "images": stacked if self.latents is None else None,
             "captions": captions,
+            "image_paths": [item["image_path"] for item in items],
             "input_ids": tokenize(self.tokenizer, captions, self.settings.max_token_length),
             "loss_weights": torch.tensor([item["loss_weight"] for item in items], dtype=torch.float32),
             "alpha_masks": _alpha_masks(items),
@@ -187,16 +205,18 @@ def worker_count(requested: int | None, latents_cached: bool) -> int:
     """`--max_data_loader_n_workers`, capped at the CPU count. Unset, it is sd-scripts' 8, or 2 when the latents
     are cached (a cached batch needs almost no work, and every worker holds a copy of the process)."""
     if requested is None:
-        requested = WORKERS_WITH_CACHED_LATENTS if latents_cached else 8
+        requested = WORKERS_WITH_CACHED_LATENTS if latents_cached else DEFAULT_WORKERS
     return max(0, min(requested, os.cpu_count() or 1))
 
 
 def make_data_loader(
     batches: TrainingBatches, sampler: EpochBatches, workers: int, persistent_workers: bool, pin_memory: bool = False
-) -> torch.utils.data.DataLoader:
-    """A DataLoader that yields the sampler's batches as built by `batches`. Persistent workers need at least one
-    worker; with none the flag is ignored (sd-scripts lets PyTorch raise there)."""
-    return torch.utils.data.DataLoader(
+) -> TrainingLoader:
+    """A loader that yields the sampler's batches as built by `batches`. Persistent workers need at least one
+    worker; with none the flag is ignored (sd-scripts lets PyTorch raise there). Workers are forked where the
+    system can: a spawned worker would receive every cached latent tensor as its own shared-memory handle."""
+    context = "fork" if workers and "fork" in multiprocessing.get_all_start_methods() else None
+    loader = torch.utils.data.DataLoader(
         batches,
         batch_size=None,
         sampler=sampler,
@@ -204,8 +224,26 @@ def make_data_loader(
         persistent_workers=persistent_workers and workers > 0,
         collate_fn=_as_built,
         pin_memory=pin_memory,
+        multiprocessing_context=context,
     )
+    return TrainingLoader(loader)
 
 
-def _as_built(batch: dict | None) -> dict | None:
+class TrainingLoader:
+    """The DataLoader, raising a problem met in a worker as the one-sentence UserError it is."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict | None]:
+        for batch in self.loader:
+            if isinstance(batch, BatchError):
+                raise UserError(batch.message)
+            yield batch
+
+
+def _as_built(batch):
     return batch

@@ -80,6 +80,7 @@ def prepare_datasets(
     problem. Returns the plans and the notes for the start-up summary."""
     datasets, problems = load_dataset_config(dataset_config, cli, train_data_dir, reg_data_dir, in_json)
     problems.raise_if_any()  # without a valid config there is nothing sensible to scan
+    _check_supported(datasets, problems)
     datasets = [_without_skipped_subsets(dataset, problems) for dataset in datasets]
     scanned = scan_datasets(datasets, problems, skip_bad_images)
     settings = [_bucket_settings(dataset, problems) for dataset in datasets]
@@ -87,7 +88,25 @@ def prepare_datasets(
         _check_caching(datasets, problems)
     problems.raise_if_any()
     plans = [_plan(dataset, subsets, bucket_settings, problems) for dataset, subsets, bucket_settings in zip(datasets, scanned, settings)]
+    if not any(plan.samples for plan in plans):
+        problems.add(
+            "no images to train on: every subset was skipped or every image left out (see the notes above); check the folders,"
+            " num_repeats and --train_data_dir (the parent of the <repeats>_<name> folders)."
+        )
+    problems.raise_if_any()
     return plans, problems.notes
+
+
+def _check_supported(datasets: list[DatasetConfig], problems: Problems) -> None:
+    """Values the schema's types allow but training cannot use, reported with everything else."""
+    for dataset in datasets:
+        if dataset.batch_size < 1:
+            problems.add(f"{dataset.where}: batch_size is {dataset.batch_size}; use 1 or more.")
+        if dataset.validation_split:
+            problems.add(f"{dataset.where}: validation_split is not supported yet; remove it (or drop --validation_split).")
+        for subset in dataset.subsets:
+            if subset.face_crop_aug_range is not None:
+                problems.add(f"{subset.where}: face_crop_aug_range is not supported yet; remove it (or drop --face_crop_aug_range).")
 
 
 def _without_skipped_subsets(dataset: DatasetConfig, problems: Problems) -> DatasetConfig:

@@ -13,6 +13,7 @@ from diffusers.optimization import get_scheduler
 from library.errors import UserError
 
 ADAPTIVE_OPTIMIZERS = ("dadaptation", "dadaptadam", "dadaptadagrad", "dadaptadan", "dadaptlion", "dadaptsgd", "prodigy")
+CUDA_ONLY_OPTIMIZERS = ("adamw8bit", "pagedadamw8bit", "pagedadamw", "pagedadamw32bit", "lion8bit", "pagedlion8bit")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 

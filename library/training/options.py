@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from library.dataset.arguments import add_dataset_arguments
+from library.errors import UserError
 from library.training.optimizers import SCHEDULERS
 from library.training.saving import SAVE_FORMATS
 
-MIXED_PRECISIONS = ("no", "fp16", "bf16")
-SAVE_PRECISIONS = ("float", "fp16", "bf16")
+MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SAVE_PRECISION_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="train_network.py", description="Train a LoRA for Stable Diffusion 1.x / 2.x.")
-    _model_arguments(parser.add_argument_group("model"))
+    parser = argparse.ArgumentParser(prog="train_network.py", description="Train a LoRA for Stable Diffusion 1.x / 2.x.", allow_abbrev=False)
+    add_model_arguments(parser.add_argument_group("model"))
     add_dataset_arguments(parser)
     _training_arguments(parser.add_argument_group("training"))
     _optimizer_arguments(parser.add_argument_group("optimizer and learning rate"))
@@ -24,11 +27,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _model_arguments(group) -> None:
+def add_model_arguments(group) -> None:
+    """The base-model options, shared with tools/cache_latents.py."""
     group.add_argument("--pretrained_model_name_or_path", required=True, help="base model: .safetensors/.ckpt file or Diffusers folder")
     group.add_argument("--v2", action="store_true", help="the base model is SD 2.x (checked against the file)")
     group.add_argument("--v_parameterization", action="store_true", help="train with the v-prediction target (SD 2.x 768-v models)")
     group.add_argument("--tokenizer_cache_dir", help="accepted for compatibility; the tokenizer ships with this project")
+    group.add_argument("--vae", help="a separate VAE (not supported yet)")
+    group.add_argument("--mixed_precision", choices=tuple(MIXED_PRECISION_DTYPES), default="no", help="autocast precision; frozen weights are stored in it")
+    group.add_argument("--no_half_vae", action="store_true", help="run the VAE in float32 under mixed precision")
+    group.add_argument("--xformers", action="store_true", help="xformers attention when installed on CUDA; PyTorch SDPA otherwise")
+    group.add_argument("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (the default)")
+    group.add_argument("--mem_eff_attn", action="store_true", help="accepted for compatibility; PyTorch SDPA is used")
+
+
+def check_model_arguments(args: argparse.Namespace) -> None:
+    if args.vae:
+        raise UserError(f"--vae {args.vae}: a separate VAE is not supported yet; leave --vae out to use the model's own VAE.")
 
 
 def _training_arguments(group) -> None:
@@ -37,14 +52,9 @@ def _training_arguments(group) -> None:
     group.add_argument("--seed", type=int, help="random seed (random when unset; recorded in the file)")
     group.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in the backward pass to save memory")
     group.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches accumulated per optimizer step")
-    group.add_argument("--mixed_precision", choices=MIXED_PRECISIONS, default="no", help="autocast precision; frozen weights are stored in it")
     group.add_argument("--full_fp16", action="store_true", help="keep the LoRA weights in fp16 too (needs --mixed_precision fp16)")
     group.add_argument("--full_bf16", action="store_true", help="keep the LoRA weights in bf16 too (needs --mixed_precision bf16)")
-    group.add_argument("--no_half_vae", action="store_true", help="run the VAE in float32 under mixed precision")
     group.add_argument("--clip_skip", type=int, help="use the k-th hidden layer of CLIP from the end (2 for many anime models)")
-    group.add_argument("--xformers", action="store_true", help="xformers attention when installed on CUDA; PyTorch SDPA otherwise")
-    group.add_argument("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (the default)")
-    group.add_argument("--mem_eff_attn", action="store_true", help="accepted for compatibility; PyTorch SDPA is used")
     group.add_argument("--noise_offset", type=float, help="offset-noise strength (e.g. 0.05)")
     group.add_argument("--min_snr_gamma", type=float, help="Min-SNR loss weighting gamma (5 is common)")
     group.add_argument("--min_timestep", type=int, help="lowest training timestep (default 0)")
@@ -85,7 +95,7 @@ def _saving_arguments(group) -> None:
     group.add_argument("--output_dir", required=True, help="folder for the LoRA files")
     group.add_argument("--output_name", help="file name without extension (default: last, epoch-NNNNNN, at-stepNNNNNNNN)")
     group.add_argument("--save_model_as", choices=SAVE_FORMATS, default="safetensors", help="file format (default safetensors)")
-    group.add_argument("--save_precision", choices=SAVE_PRECISIONS, help="dtype of the saved tensors (default: as trained)")
+    group.add_argument("--save_precision", choices=tuple(SAVE_PRECISION_DTYPES), help="dtype of the saved tensors (default: as trained)")
     group.add_argument("--save_every_n_epochs", type=int, help="also save after every N epochs (not after the last)")
     group.add_argument("--save_every_n_steps", type=int, help="also save after every N optimizer steps")
     group.add_argument("--save_last_n_epochs", type=int, help="keep only the N latest epoch saves")

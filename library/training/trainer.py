@@ -29,6 +29,7 @@ from library.model_files.stable_diffusion import StableDiffusionModel, load_stab
 from library.text_encoding import encode_tokens
 from library.training import diffusion
 from library.training.optimizers import (
+    CUDA_ONLY_OPTIMIZERS,
     make_lr_scheduler,
     make_optimizer,
     optimizer_name,
@@ -36,10 +37,9 @@ from library.training.optimizers import (
     warmup_steps,
     warns_about_learning_rate,
 )
+from library.training.options import MIXED_PRECISION_DTYPES, SAVE_PRECISION_DTYPES, check_model_arguments
 from library.training.saving import epoch_file, epoch_file_to_remove, final_file, finished_metadata, step_file, step_file_to_remove, training_metadata
 
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -67,6 +67,7 @@ class Run:
 
 def train(args: argparse.Namespace) -> Path:
     """Run the whole training; returns the final LoRA file."""
+    check_model_arguments(args)
     notes = check_options(args)
     plans, dataset_notes = datasets_from_arguments(args)
     for line in notes + dataset_notes + dataset_summary_lines(plans):
@@ -105,6 +106,10 @@ def check_options(args: argparse.Namespace) -> list[str]:
         if args.xformers:
             notes.append("--xformers needs a CUDA GPU; using PyTorch's scaled-dot-product attention.")
             args.xformers = False
+        name = optimizer_name(args.optimizer_type, args.use_8bit_adam, args.use_lion_optimizer)
+        if name.lower() in CUDA_ONLY_OPTIMIZERS:
+            notes.append(f"--optimizer_type {name} needs bitsandbytes on a CUDA GPU; using AdamW on the CPU.")
+            args.optimizer_type, args.use_8bit_adam = "AdamW", False
     if args.mem_eff_attn:
         notes.append("--mem_eff_attn: PyTorch's scaled-dot-product attention is used, which is as memory-efficient.")
     args.session_id = random.randint(0, 2**32)
@@ -119,7 +124,7 @@ def prepare(args: argparse.Namespace, model: StableDiffusionModel, plans: list[D
         project_dir=args.logging_dir,
     )
     _seed_everything(args.seed)
-    weight_dtype = DTYPES[args.mixed_precision]
+    weight_dtype = MIXED_PRECISION_DTYPES[args.mixed_precision]
     latent_scale = model.vae.config.scaling_factor
     latents = _cache_latents(args, model, plans, accelerator, weight_dtype) if caches_latents(args) else None
 
@@ -384,6 +389,6 @@ def _save(run: Run, path: Path, epoch: int, step: int) -> None:
     if run.args.no_metadata:
         metadata = {}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_dtype = SAVE_DTYPES[run.args.save_precision] if run.args.save_precision else None
+    save_dtype = SAVE_PRECISION_DTYPES[run.args.save_precision] if run.args.save_precision else None
     network.save_weights(path, save_dtype, metadata)
     print(f"saved {path}")
