@@ -145,3 +145,11 @@ def test_cuda_only_options_give_a_note_on_the_cpu(tiny_sd1, data, tmp_path, caps
 def test_conflicting_options_are_one_sentence(tiny_sd1, data, tmp_path, extra, message):
     with pytest.raises(UserError, match=message):
         train(arguments(tiny_sd1, data, tmp_path, "--max_train_steps", "1", *extra))
+
+
+@pytest.mark.slow
+def test_step_saves_outside_the_kept_window_are_removed(tiny_sd1, data, tmp_path):
+    train(arguments(tiny_sd1, data, tmp_path, "--max_train_steps", "8", "--save_every_n_steps", "2", "--save_last_n_steps", "2",
+                    "--network_train_unet_only", "--cache_latents"))
+    # saving step 6 removes step (6 - 2 - 1) // 2 * 2 = 2; step 8 is the last step, saved as last.safetensors only
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["at-step00000004.safetensors", "at-step00000006.safetensors", "last.safetensors"]

@@ -364,18 +364,21 @@ def _log(run: Run, value: float, recent_losses: list[float], step: int) -> None:
 
 def _save_step(run: Run, epoch: int, step: int) -> None:
     args = run.args
-    _save(run, step_file(args.output_dir, args.output_name, step, args.save_model_as), epoch, step)
-    old = step_file_to_remove(step, args.save_every_n_steps, args.save_last_n_steps)
-    if old is not None and run.accelerator.is_main_process:
-        step_file(args.output_dir, args.output_name, old, args.save_model_as).unlink(missing_ok=True)
+    _save_and_prune(run, lambda n: step_file(args.output_dir, args.output_name, n, args.save_model_as), step,
+                    step_file_to_remove(step, args.save_every_n_steps, args.save_last_n_steps), epoch, step)
 
 
 def _save_epoch(run: Run, epoch: int, step: int) -> None:
     args = run.args
-    _save(run, epoch_file(args.output_dir, args.output_name, epoch, args.save_model_as), epoch, step)
-    old = epoch_file_to_remove(epoch, args.save_every_n_epochs, args.save_last_n_epochs)
-    if old is not None and run.accelerator.is_main_process:
-        epoch_file(args.output_dir, args.output_name, old, args.save_model_as).unlink(missing_ok=True)
+    _save_and_prune(run, lambda n: epoch_file(args.output_dir, args.output_name, n, args.save_model_as), epoch,
+                    epoch_file_to_remove(epoch, args.save_every_n_epochs, args.save_last_n_epochs), epoch, step)
+
+
+def _save_and_prune(run: Run, file_for, number: int, old_number: int | None, epoch: int, step: int) -> None:
+    """Save as file_for(number), then remove file_for(old_number), the save that fell out of the kept window."""
+    _save(run, file_for(number), epoch, step)
+    if old_number is not None and run.accelerator.is_main_process:
+        file_for(old_number).unlink(missing_ok=True)
 
 
 def _save(run: Run, path: Path, epoch: int, step: int) -> None:
