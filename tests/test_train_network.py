@@ -153,3 +153,13 @@ def test_step_saves_outside_the_kept_window_are_removed(tiny_sd1, data, tmp_path
                     "--network_train_unet_only", "--cache_latents"))
     # saving step 6 removes step (6 - 2 - 1) // 2 * 2 = 2; step 8 is the last step, saved as last.safetensors only
     assert sorted(path.name for path in tmp_path.iterdir()) == ["at-step00000004.safetensors", "at-step00000006.safetensors", "last.safetensors"]
+
+
+def test_logging_without_its_package_is_one_sentence(tiny_sd1, data, tmp_path, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "tensorboard" else real_find_spec(name, *rest))
+    with pytest.raises(UserError, match="pip install tensorboard"):
+        train(arguments(tiny_sd1, data, tmp_path / "out", "--max_train_steps", "1", "--logging_dir", str(tmp_path / "logs")))
+    assert not (tmp_path / "out").exists()

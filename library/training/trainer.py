@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import math
 import random
 import time
@@ -97,6 +98,7 @@ def check_options(args: argparse.Namespace) -> list[str]:
         raise UserError("--full_bf16 needs --mixed_precision bf16.")
     if args.network_train_unet_only and args.network_train_text_encoder_only:
         raise UserError("--network_train_unet_only and --network_train_text_encoder_only together leave nothing to train; give one.")
+    _check_logger_installed(args)
     if args.gradient_accumulation_steps < 1:
         raise UserError(f"--gradient_accumulation_steps is {args.gradient_accumulation_steps}; use 1 or more.")
     if not torch.cuda.is_available():
@@ -114,6 +116,16 @@ def check_options(args: argparse.Namespace) -> list[str]:
         notes.append("--mem_eff_attn: PyTorch's scaled-dot-product attention is used, which is as memory-efficient.")
     args.session_id = random.randint(0, 2**32)
     return notes
+
+
+def _check_logger_installed(args: argparse.Namespace) -> None:
+    """accelerate silently logs nothing when the tracker's package is missing; say so instead."""
+    if not args.logging_dir:
+        return
+    wanted = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}[args.log_with or "tensorboard"]
+    for package in wanted:
+        if importlib.util.find_spec(package) is None:
+            raise UserError(f"--logging_dir logs with {package}, which is not installed; run: pip install {package} (or drop --logging_dir).")
 
 
 def prepare(args: argparse.Namespace, model: StableDiffusionModel, plans: list[DatasetPlan]) -> Run:
