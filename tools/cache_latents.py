@@ -21,7 +21,7 @@ from library.dataset.loader import BatchSettings
 from library.errors import UserError, run_cli
 from library.model_files.family import ModelFamily, family_from_flags
 from library.model_files.stable_diffusion import load_stable_diffusion, place
-from library.training.options import MIXED_PRECISION_DTYPES, add_model_arguments, check_model_arguments
+from library.training.options import add_model_arguments, check_model_arguments, vae_dtype
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
@@ -50,7 +50,7 @@ def main() -> None:
         print("\n".join(lines))
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float32 if args.no_half_vae or device == "cpu" else MIXED_PRECISION_DTYPES[args.mixed_precision]
+    dtype = torch.float32 if device == "cpu" else vae_dtype(args)
     vae = place(model.vae, device, dtype)
     torch.manual_seed(seed)
     started = time.perf_counter()

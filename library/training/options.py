@@ -41,6 +41,11 @@ def add_model_arguments(group) -> None:
     group.add_argument("--mem_eff_attn", action="store_true", help="accepted for compatibility; PyTorch SDPA is used")
 
 
+def vae_dtype(args: argparse.Namespace) -> torch.dtype:
+    """The VAE runs in the mixed-precision dtype, or in float32 with --no_half_vae."""
+    return torch.float32 if args.no_half_vae else MIXED_PRECISION_DTYPES[args.mixed_precision]
+
+
 def check_model_arguments(args: argparse.Namespace) -> None:
     if args.vae:
         raise UserError(f"--vae {args.vae}: a separate VAE is not supported yet; leave --vae out to use the model's own VAE.")

@@ -5,6 +5,7 @@ its files."""
 from __future__ import annotations
 
 import argparse
+from collections import deque
 import importlib
 import importlib.util
 import math
@@ -38,7 +39,7 @@ from library.training.optimizers import (
     warmup_steps,
     warns_about_learning_rate,
 )
-from library.training.options import MIXED_PRECISION_DTYPES, SAVE_PRECISION_DTYPES, check_model_arguments
+from library.training.options import MIXED_PRECISION_DTYPES, SAVE_PRECISION_DTYPES, check_model_arguments, vae_dtype
 from library.training.saving import epoch_file, epoch_file_to_remove, final_file, finished_metadata, step_file, step_file_to_remove, training_metadata
 
 
@@ -61,7 +62,6 @@ class Run:
     train_unet: bool
     train_text_encoder: bool
     num_epochs: int
-    steps_per_epoch: int
     metadata: dict[str, str]
     lr_descriptions: list[str]
 
@@ -138,13 +138,13 @@ def prepare(args: argparse.Namespace, model: StableDiffusionModel, plans: list[D
     _seed_everything(args.seed)
     weight_dtype = MIXED_PRECISION_DTYPES[args.mixed_precision]
     latent_scale = model.vae.config.scaling_factor
-    latents = _cache_latents(args, model, plans, accelerator, weight_dtype) if caches_latents(args) else None
+    latents = _cache_latents(args, model, plans, accelerator) if caches_latents(args) else None
 
     train_unet = not args.network_train_text_encoder_only
     train_text_encoder = not args.network_train_unet_only
     network = _make_network(args, model, train_unet, train_text_encoder)
     _set_attention(args, model)
-    _freeze_and_place(args, model, accelerator.device, weight_dtype, latents is None, train_text_encoder)
+    _freeze_and_place(args, model, accelerator.device, weight_dtype, latents is None)
     if args.gradient_checkpointing:
         _enable_gradient_checkpointing(model, train_text_encoder)
 
@@ -159,9 +159,7 @@ def prepare(args: argparse.Namespace, model: StableDiffusionModel, plans: list[D
     optimizer, optimizer_text = make_optimizer(name, parse_key_values(args.optimizer_args, "--optimizer_args"), param_groups, args.learning_rate)
 
     sampler = EpochBatches(plans, args.seed, args.gradient_accumulation_steps)
-    steps_per_epoch = math.ceil(len(sampler) / args.gradient_accumulation_steps)
-    if len(sampler) == 0:
-        raise UserError("the datasets give no batches; check --train_data_dir (the parent of the <repeats>_<name> folders) or the dataset config.")
+    steps_per_epoch = math.ceil(len(sampler) / args.gradient_accumulation_steps)  # never 0: empty datasets are refused
     if args.max_train_epochs:
         args.max_train_steps = args.max_train_epochs * steps_per_epoch
     num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
@@ -183,7 +181,7 @@ def prepare(args: argparse.Namespace, model: StableDiffusionModel, plans: list[D
     }
     metadata = training_metadata(args, plans, counts, optimizer_text, time.time())
     return Run(args, accelerator, model, plans, network, optimizer, lr_scheduler, sampler, loader, weight_dtype, latent_scale,
-               train_unet, train_text_encoder, num_epochs, steps_per_epoch, metadata, lr_descriptions)
+               train_unet, train_text_encoder, num_epochs, metadata, lr_descriptions)
 
 
 def _seed_everything(seed: int) -> None:
@@ -192,10 +190,10 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _cache_latents(args, model: StableDiffusionModel, plans, accelerator: Accelerator, weight_dtype: torch.dtype):
-    vae_dtype = torch.float32 if args.no_half_vae else weight_dtype
-    vae = place(model.vae, accelerator.device, vae_dtype)
-    latents, _, _ = cache_latents(plans, vae, accelerator.device, vae_dtype, args.vae_batch_size, args.cache_latents_to_disk,
+def _cache_latents(args, model: StableDiffusionModel, plans, accelerator: Accelerator):
+    dtype = vae_dtype(args)
+    vae = place(model.vae, accelerator.device, dtype)
+    latents, _, _ = cache_latents(plans, vae, accelerator.device, dtype, args.vae_batch_size, args.cache_latents_to_disk,
                                   progress=accelerator.is_main_process, skip_bad_images=args.skip_bad_images)
     place(model.vae, "cpu")  # not needed any more: free the device memory
     if accelerator.device.type == "cuda":
@@ -236,14 +234,14 @@ def _set_attention(args, model: StableDiffusionModel) -> None:
         args.xformers = False
 
 
-def _freeze_and_place(args, model: StableDiffusionModel, device, weight_dtype, vae_needed: bool, train_text_encoder: bool) -> None:
+def _freeze_and_place(args, model: StableDiffusionModel, device, weight_dtype, vae_needed: bool) -> None:
     for module in (model.unet, model.vae, *model.text_encoders):
         module.requires_grad_(False)
         module.eval()
     place(model.unet, device, weight_dtype)
     place(model.text_encoders[0], device, weight_dtype)
     if vae_needed:
-        place(model.vae, device, torch.float32 if args.no_half_vae else weight_dtype)
+        place(model.vae, device, vae_dtype(args))
 
 
 def _enable_gradient_checkpointing(model: StableDiffusionModel, train_text_encoder: bool) -> None:
@@ -277,7 +275,7 @@ def train_loop(run: Run) -> Path:
     scheduler = diffusion.training_scheduler(run.model.v_prediction)
     if args.logging_dir:
         accelerator.init_trackers(f"{args.log_prefix or ''}network_train")
-    global_step, recent_losses = 0, []
+    global_step, recent_losses = 0, deque(maxlen=len(run.sampler))  # the loss average over about an epoch, as sd-scripts
     progress = tqdm(total=args.max_train_steps, desc="steps", disable=not accelerator.is_main_process)
     for epoch in range(1, run.num_epochs + 1):
         run.sampler.set_epoch(epoch, global_step)
@@ -293,7 +291,7 @@ def train_loop(run: Run) -> Path:
                 continue
             _optimizer_step(run)
             global_step += 1
-            recent_losses = (recent_losses + [value])[-len(run.sampler):]
+            recent_losses.append(value)
             progress.update(1)
             progress.set_postfix(avr_loss=f"{sum(recent_losses) / len(recent_losses):.4f}")
             _log(run, value, recent_losses, global_step)
@@ -365,7 +363,7 @@ def _non_finite_diagnosis(args, step: int) -> str:
     return f"the loss became NaN or infinite at step {step}; nothing was saved from it. Likely: {'; or '.join(causes)}."
 
 
-def _log(run: Run, value: float, recent_losses: list[float], step: int) -> None:
+def _log(run: Run, value: float, recent_losses: deque[float], step: int) -> None:
     if not run.args.logging_dir:
         return
     logs = {"loss/current": value, "loss/average": sum(recent_losses) / len(recent_losses)}
