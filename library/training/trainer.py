@@ -12,6 +12,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -64,10 +65,12 @@ class Run:
     num_epochs: int
     metadata: dict[str, str]
     lr_descriptions: list[str]
+    on_step: Callable[[int], None] | None = None
 
 
-def train(args: argparse.Namespace) -> Path:
-    """Run the whole training; returns the final LoRA file."""
+def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None) -> Path:
+    """Run the whole training; returns the final LoRA file. `on_step(global_step)` is called after every optimizer
+    step (the benchmark times steps with it)."""
     check_model_arguments(args)
     notes = check_options(args)
     plans, dataset_notes = datasets_from_arguments(args)
@@ -82,6 +85,7 @@ def train(args: argparse.Namespace) -> Path:
         print("\n".join(lines))
         return Path(args.output_dir)
     run = prepare(args, model, plans)
+    run.on_step = on_step
     for line in run_summary_lines(run):
         print(line)
     return train_loop(run)
@@ -282,6 +286,8 @@ def train_loop(run: Run) -> Path:
         run.network.train()
         epoch_losses = []
         for position, batch in enumerate(run.loader):
+            if position % args.gradient_accumulation_steps == 0:
+                _start_step(run)
             if batch is None:
                 continue
             is_sync = (position + 1) % args.gradient_accumulation_steps == 0 or position + 1 == len(run.sampler)
@@ -295,6 +301,8 @@ def train_loop(run: Run) -> Path:
             progress.update(1)
             progress.set_postfix(avr_loss=f"{sum(recent_losses) / len(recent_losses):.4f}")
             _log(run, value, recent_losses, global_step)
+            if run.on_step:
+                run.on_step(global_step)
             if args.save_every_n_steps and global_step % args.save_every_n_steps == 0 and global_step < args.max_train_steps:
                 _save_step(run, epoch, global_step)
             if global_step >= args.max_train_steps:
@@ -310,6 +318,13 @@ def train_loop(run: Run) -> Path:
     _save(run, final, epoch, global_step)
     accelerator.end_training()
     return final
+
+
+def _start_step(run: Run) -> None:
+    """A network with an `on_step_start()` method (networks.dylora draws its rank there) hears of each optimizer step."""
+    network = run.accelerator.unwrap_model(run.network)
+    if hasattr(network, "on_step_start"):
+        network.on_step_start()
 
 
 def _micro_step(run: Run, scheduler, batch: dict, step: int) -> float:
