@@ -1,0 +1,241 @@
+"""Sample prompt files: `.txt`, `.toml` and `.json` (specs/training.md section 8.2).
+
+A `.txt` file has one prompt per line; blank lines and lines starting with `#` are skipped. Options follow the
+prompt text, each after " --": `--n` negative prompt, `--w`/`--h` size, `--d` seed, `--l` CFG scale, `--s` steps,
+`--ss` sampler (`--g` and `--cn` are accepted and ignored, as train_network does). Unlike sd-scripts, the prompt
+text itself is never read as an option, and a bad value stops the run at start-up instead of being skipped.
+
+A `.toml` file has a `[prompt]` table of defaults and one `[[prompt.subset]]` table per prompt; a key in the
+subset overrides the same key in `[prompt]`. A `.json` file is a list of prompt lines (as in `.txt`) or tables.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from library.errors import UserError
+from library.sampling.samplers import check_sampler
+
+DEFAULT_SIZE = 512
+MIN_SIZE = 64
+SIZE_STEP = 8
+DEFAULT_SCALE = 7.5
+DEFAULT_STEPS = 30
+MAX_STEPS = 1000
+MAX_SEED = 2**64 - 1
+OPTION_SEPARATOR = " --"
+
+
+def round_size(pixels: int) -> int:
+    """Down to a multiple of 8, at least 64."""
+    return max(MIN_SIZE, pixels - pixels % SIZE_STEP)
+
+
+def clamp_steps(steps: int) -> int:
+    return max(1, min(MAX_STEPS, steps))
+
+
+@dataclass(frozen=True)
+class SamplePrompt:
+    """One sample image to draw. Sizes are rounded and steps clamped however the prompt is made."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    width: int = DEFAULT_SIZE
+    height: int = DEFAULT_SIZE
+    seed: int | None = None  # None: a fresh random seed for every image
+    scale: float = DEFAULT_SCALE
+    steps: int = DEFAULT_STEPS
+    sampler: str | None = None  # None: the run's default sampler (--sample_sampler)
+
+    def __post_init__(self):
+        object.__setattr__(self, "width", round_size(self.width))
+        object.__setattr__(self, "height", round_size(self.height))
+        object.__setattr__(self, "steps", clamp_steps(self.steps))
+
+
+def read_sample_prompts(path: str | Path) -> list[SamplePrompt]:
+    """Every prompt in a `.txt`, `.toml` or `.json` prompt file; any problem is one UserError naming the file."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in READERS:
+        raise UserError(f"{path}: a sample prompt file must be a .txt, .toml or .json file; rename it or convert it.")
+    if not path.is_file():
+        raise UserError(f"{path}: no such sample prompt file; check --sample_prompts.")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: the file is not UTF-8 text; save it as UTF-8.") from None
+    prompts = READERS[suffix](text, str(path))
+    if not prompts:
+        raise UserError(f"{path}: the file holds no prompt; add at least one.")
+    return prompts
+
+
+def parse_prompt_line(line: str, where: str = "sample prompt") -> SamplePrompt:
+    """One `.txt` line: the prompt text, then options each introduced by " --"."""
+    text, *options = line.strip().split(OPTION_SEPARATOR)
+    values: dict[str, Any] = {"prompt": text.strip()}
+    for option in options:
+        flag, value = (option.split(maxsplit=1) + [""])[:2]
+        flag = flag.lower()
+        if flag not in LINE_OPTIONS:
+            raise UserError(f"{where}: unknown option --{flag}; use --n, --w, --h, --d, --l, --s or --ss, and write ' --' only before an option.")
+        if not value:
+            raise UserError(f"{where}: option --{flag} has no value; write it as --{flag} VALUE.")
+        key, convert = LINE_OPTIONS[flag]
+        if key is not None:
+            values[key] = convert(value, f"{where}, --{flag}")
+    return SamplePrompt(**values)
+
+
+def _read_txt(text: str, source: str) -> list[SamplePrompt]:
+    prompts = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            prompts.append(parse_prompt_line(line, f"{source}, line {number}"))
+    return prompts
+
+
+def _read_toml(text: str, source: str) -> list[SamplePrompt]:
+    try:
+        tables = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise UserError(f"{source}: not valid TOML ({error}); fix the syntax at that place.") from None
+    for key in tables:
+        if key != "prompt":
+            raise UserError(f"{source}: unknown top-level key '{key}'; put defaults in [prompt] and each prompt in a [[prompt.subset]] table.")
+    defaults = _table(tables.get("prompt"), f"{source}, [prompt]")
+    subsets = defaults.pop("subset", [])
+    if not isinstance(subsets, list):
+        raise UserError(f"{source}: 'subset' must be an array of tables; write each prompt as a [[prompt.subset]] table.")
+    default_values = _table_values(defaults, f"{source}, [prompt]")
+    prompts = []
+    for number, subset in enumerate(subsets, start=1):
+        where = f"{source}, [[prompt.subset]] number {number}"
+        values = {**default_values, **_table_values(_table(subset, where), where)}
+        prompts.append(_prompt_from_values(values, where))
+    return prompts
+
+
+def _read_json(text: str, source: str) -> list[SamplePrompt]:
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{source}: not valid JSON ({error}); fix the syntax at that place.") from None
+    if not isinstance(items, list):
+        raise UserError(f"{source}: the file must hold a JSON list of prompt strings or objects; wrap the prompts in [ ].")
+    prompts = []
+    for number, item in enumerate(items, start=1):
+        where = f"{source}, item {number}"
+        if isinstance(item, str):
+            prompts.append(parse_prompt_line(item, where))
+        elif isinstance(item, dict):
+            prompts.append(_prompt_from_values(_table_values(item, where), where))
+        else:
+            raise UserError(f"{where}: a prompt must be a string or an object, not {json.dumps(item)}.")
+    return prompts
+
+
+READERS: dict[str, Callable[[str, str], list[SamplePrompt]]] = {".txt": _read_txt, ".toml": _read_toml, ".json": _read_json}
+
+
+def _whole_number(value: Any, where: str) -> int:
+    if isinstance(value, str) and re.fullmatch(r"[0-9]+", value):
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise UserError(f"{where}: {value!r} is not a whole number; write digits only, such as 512.")
+    return value
+
+
+def _seed(value: Any, where: str) -> int:
+    seed = _whole_number(value, where)
+    if seed > MAX_SEED:
+        raise UserError(f"{where}: {seed} is too large for a seed; use a number below 2**64.")
+    return seed
+
+
+def _number(value: Any, where: str) -> float:
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if not isinstance(number, (int, float)) or isinstance(number, bool) or not math.isfinite(number):
+        raise UserError(f"{where}: {value!r} is not a number; write a number such as 7.5.")
+    return float(number)
+
+
+def _text(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise UserError(f"{where}: {value!r} is not text; write it in quotes.")
+    return value
+
+
+def _sampler(value: Any, where: str) -> str:
+    return check_sampler(_text(value, where), where)
+
+
+def _ignored(value: Any, where: str) -> None:
+    return None
+
+
+# .txt flag -> (SamplePrompt field, value check); a None field is accepted and ignored.
+LINE_OPTIONS: dict[str, tuple[str | None, Callable[[Any, str], Any]]] = {
+    "n": ("negative_prompt", _text),
+    "w": ("width", _whole_number),
+    "h": ("height", _whole_number),
+    "d": ("seed", _seed),
+    "l": ("scale", _number),
+    "s": ("steps", _whole_number),
+    "ss": ("sampler", _sampler),
+    "g": (None, _ignored),
+    "cn": (None, _ignored),
+}
+# .toml / .json key -> (SamplePrompt field, value check)
+TABLE_KEYS: dict[str, tuple[str | None, Callable[[Any, str], Any]]] = {
+    "prompt": ("prompt", _text),
+    "negative_prompt": ("negative_prompt", _text),
+    "width": ("width", _whole_number),
+    "height": ("height", _whole_number),
+    "seed": ("seed", _seed),
+    "scale": ("scale", _number),
+    "sample_steps": ("steps", _whole_number),
+    "sample_sampler": ("sampler", _sampler),
+    "guidance_scale": (None, _ignored),
+    "controlnet_image": (None, _ignored),
+}
+
+
+def _table(value: Any, where: str) -> dict:
+    if value is None:
+        raise UserError(f"{where}: missing; add a [prompt] table with [[prompt.subset]] tables, one per prompt.")
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: must be a table of keys such as prompt = \"...\"; write each prompt as a [[prompt.subset]] table.")
+    return dict(value)
+
+
+def _table_values(table: Mapping, where: str) -> dict[str, Any]:
+    """SamplePrompt fields from `.toml`/`.json` keys, each value checked."""
+    values = {}
+    for key, value in table.items():
+        if key not in TABLE_KEYS:
+            raise UserError(f"{where}: unknown key '{key}'; use {', '.join(TABLE_KEYS)}.")
+        field_name, convert = TABLE_KEYS[key]
+        if field_name is not None:
+            values[field_name] = convert(value, f"{where}, {key}")
+    return values
+
+
+def _prompt_from_values(values: dict[str, Any], where: str) -> SamplePrompt:
+    if "prompt" not in values:
+        raise UserError(f"{where}: no 'prompt' key; add prompt = \"...\".")
+    return SamplePrompt(**values)
