@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from lora_helpers import diffusers_pipeline, peft_layer_count
+from training_helpers import training_arguments
 
 from library.errors import UserError
 from library.model_files.containers import open_checkpoint
@@ -14,19 +15,10 @@ from library.model_files.stable_diffusion import load_stable_diffusion
 from library.text_encoding import encode_tokens, tokenize
 from library.tiny_models import make_tiny_dataset
 from library.training import diffusion
-from library.training.options import build_parser
 from library.training.trainer import train
 from networks.lora import create_network_from_weights
 
 HIGH_TIMESTEP = 990  # x_t is nearly pure noise there, so predicting the noise is learnable by a small LoRA
-
-
-def arguments(model_file, data, output, *extra):
-    return build_parser().parse_args([
-        "--pretrained_model_name_or_path", str(model_file), "--train_data_dir", str(data), "--resolution", "64",
-        "--output_dir", str(output), "--network_module", "networks.lora", "--seed", "3", "--max_data_loader_n_workers", "0",
-        *extra,
-    ])
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +36,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(tiny_sd1, data, tmp_path_factory):
     output = tmp_path_factory.mktemp("output")
-    args = arguments(tiny_sd1, data, output, "--output_name", "tiny", "--learning_rate", "1e-2", "--network_dim", "8", "--network_alpha", "8",
+    args = training_arguments(tiny_sd1, data, output, "--output_name", "tiny", "--learning_rate", "1e-2", "--network_dim", "8", "--network_alpha", "8",
                      "--max_train_steps", "40", "--min_timestep", str(HIGH_TIMESTEP), "--cache_latents", "--save_every_n_steps", "20")
     return train(args), output
 
@@ -116,7 +108,7 @@ def test_a_non_finite_loss_stops_the_run_without_saving(tiny_sd1, data, tmp_path
 
     monkeypatch.setattr(diffusion, "per_sample_loss", poisoned)
     with pytest.raises(UserError, match="NaN or infinite at step 1; nothing was saved"):
-        train(arguments(tiny_sd1, data, tmp_path / "out", "--max_train_steps", "3", "--save_every_n_steps", "1"))
+        train(training_arguments(tiny_sd1, data, tmp_path / "out", "--max_train_steps", "3", "--save_every_n_steps", "1"))
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
@@ -124,7 +116,7 @@ def test_a_non_finite_loss_stops_the_run_without_saving(tiny_sd1, data, tmp_path
 def test_cuda_only_options_give_a_note_on_the_cpu(tiny_sd1, data, tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    final = train(arguments(tiny_sd1, data, tmp_path, "--max_train_steps", "2", "--mixed_precision", "fp16", "--xformers", "--network_train_unet_only",
+    final = train(training_arguments(tiny_sd1, data, tmp_path, "--max_train_steps", "2", "--mixed_precision", "fp16", "--xformers", "--network_train_unet_only",
                             "--optimizer_type", "AdamW8bit"))
     printed = capsys.readouterr().out
     assert "--mixed_precision fp16 needs a CUDA GPU; training on the CPU in float32." in printed
@@ -144,12 +136,12 @@ def test_cuda_only_options_give_a_note_on_the_cpu(tiny_sd1, data, tmp_path, caps
 )
 def test_conflicting_options_are_one_sentence(tiny_sd1, data, tmp_path, extra, message):
     with pytest.raises(UserError, match=message):
-        train(arguments(tiny_sd1, data, tmp_path, "--max_train_steps", "1", *extra))
+        train(training_arguments(tiny_sd1, data, tmp_path, "--max_train_steps", "1", *extra))
 
 
 @pytest.mark.slow
 def test_step_saves_outside_the_kept_window_are_removed(tiny_sd1, data, tmp_path):
-    train(arguments(tiny_sd1, data, tmp_path, "--max_train_steps", "8", "--save_every_n_steps", "2", "--save_last_n_steps", "2",
+    train(training_arguments(tiny_sd1, data, tmp_path, "--max_train_steps", "8", "--save_every_n_steps", "2", "--save_last_n_steps", "2",
                     "--network_train_unet_only", "--cache_latents"))
     # saving step 6 removes step (6 - 2 - 1) // 2 * 2 = 2; step 8 is the last step, saved as last.safetensors only
     assert sorted(path.name for path in tmp_path.iterdir()) == ["at-step00000004.safetensors", "at-step00000006.safetensors", "last.safetensors"]
@@ -161,5 +153,5 @@ def test_logging_without_its_package_is_one_sentence(tiny_sd1, data, tmp_path, m
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "tensorboard" else real_find_spec(name, *rest))
     with pytest.raises(UserError, match="pip install tensorboard"):
-        train(arguments(tiny_sd1, data, tmp_path / "out", "--max_train_steps", "1", "--logging_dir", str(tmp_path / "logs")))
+        train(training_arguments(tiny_sd1, data, tmp_path / "out", "--max_train_steps", "1", "--logging_dir", str(tmp_path / "logs")))
     assert not (tmp_path / "out").exists()

@@ -10,6 +10,7 @@ sd-scripts does not promise."""
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import os
 import random
@@ -61,31 +62,51 @@ class BatchSettings:
 
 class EpochBatches(torch.utils.data.Sampler):
     """The keys of one epoch: every dataset's batches (each from one bucket) shuffled together with the seed.
-    Call `set_epoch` before iterating; the length is the same for every epoch."""
+    Call `set_epoch` before iterating.
 
-    def __init__(self, plans: Sequence[DatasetPlan], seed: int, gradient_accumulation_steps: int = 1):
+    With several processes, process i takes the epoch's batches i, i + n, i + 2n, ...: the batches of one optimizer
+    step over n processes with accumulation a are the batches one process with accumulation n * a would take for that
+    step. When the count does not divide, the first batches of the epoch are used again so that every process gets
+    the same number (as accelerate does), and no process waits for another at the end of the epoch."""
+
+    def __init__(self, plans: Sequence[DatasetPlan], seed: int, gradient_accumulation_steps: int = 1, process_index: int = 0, num_processes: int = 1):
         self.plans = list(plans)
         self.seed = seed
         self.gradient_accumulation_steps = gradient_accumulation_steps
-        self.epoch, self.first_step = 1, 0
+        self.process_index, self.num_processes = process_index, num_processes
+        self.epoch, self.first_step, self.skip = 1, 0, 0
 
-    def set_epoch(self, epoch: int, global_step: int = 0) -> None:
-        """`epoch` counts from 1; `global_step` is the optimizer step count when the epoch starts."""
-        self.epoch, self.first_step = epoch, global_step
+    def set_epoch(self, epoch: int, global_step: int = 0, skip: int = 0) -> None:
+        """`epoch` counts from 1; `global_step` is the optimizer step count when the epoch starts; the first `skip`
+        batches of this process are left out (a run resumed in the middle of an epoch)."""
+        self.epoch, self.first_step, self.skip = epoch, global_step, skip
 
     def keys(self) -> list[BatchKey]:
+        """All processes' keys of the epoch, in training order."""
         batches = [(index, batch) for index, plan in enumerate(self.plans) for batch in plan.epoch_batches(self.seed, self.epoch)]
         random.Random(f"datasets/{self.seed}/{self.epoch}").shuffle(batches)
+        per_step = self.gradient_accumulation_steps * self.num_processes
         return [
-            BatchKey(dataset, tuple(samples), self.epoch, position, self.first_step + position // self.gradient_accumulation_steps)
+            BatchKey(dataset, tuple(samples), self.epoch, position, self.first_step + position // per_step)
             for position, (dataset, samples) in enumerate(batches)
         ]
 
+    def process_keys(self) -> list[BatchKey]:
+        """This process's share of the epoch, padded to `batches_per_epoch`."""
+        keys = self.keys()
+        padded = [keys[index % len(keys)] for index in range(self.batches_per_epoch * self.num_processes)]
+        return padded[self.process_index :: self.num_processes]
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches each process trains in a whole epoch."""
+        return math.ceil(sum(plan.batch_count() for plan in self.plans) / self.num_processes)
+
     def __iter__(self) -> Iterator[BatchKey]:
-        return iter(self.keys())
+        return iter(self.process_keys()[self.skip :])
 
     def __len__(self) -> int:
-        return sum(plan.batch_count() for plan in self.plans)
+        return self.batches_per_epoch - self.skip
 
 
 class TrainingBatches(torch.utils.data.Dataset):
@@ -93,7 +114,7 @@ class TrainingBatches(torch.utils.data.Dataset):
     images; without, images are decoded and augmented here. Keys follow sd-scripts' batch dict:
     `latents` or `images`, `input_ids` (B, n, 77), `captions`, `loss_weights` (B), `alpha_masks` (B, H, W) or None,
     `network_multipliers` (B), `flippeds`, and the SDXL size conditioning `original_sizes_hw`, `crop_top_lefts`,
-    `target_sizes_hw` (B, 2).
+    `target_sizes_hw` (B, 2), and `batch_seed` for the batch's noise.
 
     An image that cannot be decoded is a UserError naming it; with skip_bad_images it is left out of its batch with
     a warning, and a batch left with no image at all comes back as None, which the training loop skips."""
@@ -127,7 +148,7 @@ class TrainingBatches(torch.utils.data.Dataset):
                 items.append(item)
         if not items:
             return None
-        return self._collate(items, plan)
+        return self._collate(items, plan, key)
 
     def _item(self, sample: Sample, rng: random.Random, key: BatchKey) -> dict | None:
         caption = process_caption(
@@ -173,7 +194,7 @@ class TrainingBatches(torch.utils.data.Dataset):
             return None
         return loaded.pixels, loaded.alpha_mask, loaded.flipped, loaded.crop_top_left
 
-    def _collate(self, items: list[dict], plan: DatasetPlan) -> dict:
+    def _collate(self, items: list[dict], plan: DatasetPlan, key: BatchKey) -> dict:
         stacked = torch.stack([item["tensor"] for item in items])
         captions = [item["caption"] for item in items]
         return {
@@ -189,7 +210,15 @@ class TrainingBatches(torch.utils.data.Dataset):
             "original_sizes_hw": torch.tensor([item["original_size_hw"] for item in items]),
             "crop_top_lefts": torch.tensor([item["crop_top_left"] for item in items]),
             "target_sizes_hw": torch.tensor([item["target_size_hw"] for item in items]),
+            "batch_seed": batch_seed(self.settings.seed, key),
         }
+
+
+def batch_seed(seed: int, key: BatchKey) -> int:
+    """The seed of the batch's training noise and timesteps: it depends on the batch, not on the process or on what
+    ran before, so that n processes train as one with n times the accumulation, and a resumed run as one that never
+    stopped."""
+    return random.Random(f"noise/{seed}/{key.epoch}/{key.position}").getrandbits(63)
 
 
 def _alpha_masks(items: list[dict]) -> torch.Tensor | None:
@@ -214,7 +243,8 @@ def make_data_loader(
 ) -> TrainingLoader:
     """A loader that yields the sampler's batches as built by `batches`. Persistent workers need at least one
     worker; with none the flag is ignored (sd-scripts lets PyTorch raise there). Workers are forked where the
-    system can: a spawned worker would receive every cached latent tensor as its own shared-memory handle."""
+    system can: a spawned worker would receive every cached latent tensor as its own shared-memory handle. The
+    loader draws its worker seeds from its own generator, not from torch's global one, which a resumed run restores."""
     context = "fork" if workers and "fork" in multiprocessing.get_all_start_methods() else None
     loader = torch.utils.data.DataLoader(
         batches,
@@ -225,6 +255,7 @@ def make_data_loader(
         collate_fn=_as_built,
         pin_memory=pin_memory,
         multiprocessing_context=context,
+        generator=torch.Generator().manual_seed(sampler.seed),
     )
     return TrainingLoader(loader)
 

@@ -9,6 +9,7 @@ import torch
 
 from library.dataset.arguments import add_dataset_arguments
 from library.errors import UserError
+from library.sampling.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
 from library.training.optimizers import SCHEDULERS
 from library.training.saving import SAVE_FORMATS
 
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     _optimizer_arguments(parser.add_argument_group("optimizer and learning rate"))
     _network_arguments(parser.add_argument_group("network"))
     _saving_arguments(parser.add_argument_group("saving and logging"))
+    _sample_arguments(parser.add_argument_group("sample images"))
     return parser
 
 
@@ -105,8 +107,23 @@ def _saving_arguments(group) -> None:
     group.add_argument("--save_every_n_steps", type=int, help="also save after every N optimizer steps")
     group.add_argument("--save_last_n_epochs", type=int, help="keep only the N latest epoch saves")
     group.add_argument("--save_last_n_steps", type=int, help="keep only step saves of the last N steps")
+    group.add_argument("--save_n_epoch_ratio", type=int, help="save about N times over the run: every max(1, epochs // N) epochs")
+    group.add_argument("--save_state", action="store_true", help="with every save, also save the training state (optimizer, scheduler, RNG, step) for --resume; Ctrl-C saves one too")
+    group.add_argument("--save_state_on_train_end", action="store_true", help="save the training state once, at the end")
+    group.add_argument("--save_last_n_epochs_state", type=int, help="keep only the N latest epoch states (default --save_last_n_epochs)")
+    group.add_argument("--save_last_n_steps_state", type=int, help="keep only step states of the last N steps (default --save_last_n_steps)")
+    group.add_argument("--resume", help="a state folder from --save_state: continue that run exactly where it stopped")
+    group.add_argument("--skip_until_initial_step", action="store_true", help="accepted for compatibility: a resumed run always continues with the next batch")
     group.add_argument("--no_metadata", action="store_true", help="write only the minimal metadata")
     group.add_argument("--training_comment", help="text stored in the file's metadata")
     group.add_argument("--logging_dir", help="write TensorBoard logs under this folder")
     group.add_argument("--log_with", choices=("tensorboard", "wandb", "all"), help="logger (default tensorboard when --logging_dir is given)")
     group.add_argument("--log_prefix", help="prefix of the run's log folder name")
+
+
+def _sample_arguments(group) -> None:
+    group.add_argument("--sample_prompts", help="prompt file (.txt, .toml or .json) for sample images in output_dir/sample")
+    group.add_argument("--sample_every_n_steps", type=int, help="draw the samples every N optimizer steps")
+    group.add_argument("--sample_every_n_epochs", type=int, help="draw the samples every N epochs (wins over --sample_every_n_steps)")
+    group.add_argument("--sample_at_first", action="store_true", help="also draw the samples before the first step")
+    group.add_argument("--sample_sampler", default=DEFAULT_SAMPLER, help=f"sampler of the samples (default {DEFAULT_SAMPLER}): {', '.join(SAMPLER_NAMES)}")

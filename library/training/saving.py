@@ -30,6 +30,11 @@ def final_file(output_dir: str | Path, output_name: str | None, save_model_as: s
     return Path(output_dir) / f"{output_name or DEFAULT_NAMES['last']}.{save_model_as}"
 
 
+def state_folder(model_file: Path) -> Path:
+    """The --save_state folder saved with a model file: `<name>-000001-state`, `<name>-step00000100-state`, `<name>-state`."""
+    return model_file.with_name(f"{model_file.stem}-state")
+
+
 def epoch_file_to_remove(epoch: int, save_every_n_epochs: int, save_last_n_epochs: int | None) -> int | None:
     """With --save_last_n_epochs N, saving epoch e removes epoch e - every * N (the N latest are kept)."""
     if not save_last_n_epochs:

@@ -9,7 +9,11 @@ from collections import deque
 import importlib
 import importlib.util
 import math
+import os
 import random
+import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -17,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from tqdm import tqdm
 
 from library.dataset.arguments import caches_latents, datasets_from_arguments
@@ -41,7 +45,18 @@ from library.training.optimizers import (
     warns_about_learning_rate,
 )
 from library.training.options import MIXED_PRECISION_DTYPES, SAVE_PRECISION_DTYPES, check_model_arguments, vae_dtype
-from library.training.saving import epoch_file, epoch_file_to_remove, final_file, finished_metadata, step_file, step_file_to_remove, training_metadata
+from library.training.samples import SampleSchedule, draw_samples, sample_schedule
+from library.training.saving import (
+    epoch_file,
+    epoch_file_to_remove,
+    final_file,
+    finished_metadata,
+    state_folder,
+    step_file,
+    step_file_to_remove,
+    training_metadata,
+)
+from library.training.state import TrainState, check_same_run, read_train_state, run_fingerprint, save_state_folder
 
 
 
@@ -65,17 +80,37 @@ class Run:
     num_epochs: int
     metadata: dict[str, str]
     lr_descriptions: list[str]
+    fingerprint: dict
+    start: Progress
+    samples: SampleSchedule | None = None
     on_step: Callable[[int], None] | None = None
+
+
+@dataclass
+class Progress:
+    """Where the loop stands: what a saved state records and a resumed run starts from."""
+
+    epoch: int  # 1-based
+    step: int  # optimizer steps done
+    batches_done: int  # this process's batches of the epoch trained so far
 
 
 def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None) -> Path:
     """Run the whole training; returns the final LoRA file. `on_step(global_step)` is called after every optimizer
     step (the benchmark times steps with it)."""
     check_model_arguments(args)
+    resumed = read_train_state(args.resume) if args.resume else None
+    if resumed and args.seed is None:
+        args.seed = resumed.seed  # the data order and noise of the run being continued
     notes = check_options(args)
+    samples, sample_notes = sample_schedule(args)
     plans, dataset_notes = datasets_from_arguments(args)
-    for line in notes + dataset_notes + dataset_summary_lines(plans):
+    for line in notes + sample_notes + dataset_notes + dataset_summary_lines(plans):
         print(line)
+    num_processes = PartialState().num_processes
+    num_epochs = set_training_length(args, plans, num_processes)
+    fingerprint = run_fingerprint(args, plans, num_processes, optimizer_name(args.optimizer_type, args.use_8bit_adam, args.use_lion_optimizer))
+    start = resume_point(args, resumed, fingerprint, _batches_per_epoch(plans, num_processes)) if resumed else Progress(1, 0, 0)
     model = load_stable_diffusion(args.pretrained_model_name_or_path, family=family_from_flags(v2=args.v2), v_parameterization=args.v_parameterization)
     if model.family is ModelFamily.SDXL:
         raise UserError(f"{args.pretrained_model_name_or_path}: an SDXL model; train it with sdxl_train_network.py (not available yet).")
@@ -84,8 +119,8 @@ def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None
         lines, _ = debug_dataset(plans, model.tokenizers[0], settings, Path(args.output_dir) / "debug_dataset")
         print("\n".join(lines))
         return Path(args.output_dir)
-    run = prepare(args, model, plans)
-    run.on_step = on_step
+    run = prepare(args, model, plans, num_epochs, fingerprint, start)
+    run.samples, run.on_step = samples, on_step
     for line in run_summary_lines(run):
         print(line)
     return train_loop(run)
@@ -132,7 +167,33 @@ def _check_logger_installed(args: argparse.Namespace) -> None:
             raise UserError(f"--logging_dir logs with {package}, which is not installed; run: pip install {package} (or drop --logging_dir).")
 
 
-def prepare(args: argparse.Namespace, model: StableDiffusionModel, plans: list[DatasetPlan]) -> Run:
+def set_training_length(args: argparse.Namespace, plans: list[DatasetPlan], num_processes: int) -> int:
+    """Sets --max_train_steps from --max_train_epochs and --save_every_n_epochs from --save_n_epoch_ratio; returns the
+    number of epochs."""
+    steps_per_epoch = math.ceil(_batches_per_epoch(plans, num_processes) / args.gradient_accumulation_steps)  # never 0: empty datasets are refused
+    if args.max_train_epochs:
+        args.max_train_steps = args.max_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    if args.save_n_epoch_ratio:
+        args.save_every_n_epochs = max(1, num_epochs // args.save_n_epoch_ratio)
+    return num_epochs
+
+
+def _batches_per_epoch(plans: list[DatasetPlan], num_processes: int) -> int:
+    return EpochBatches(plans, 0, num_processes=num_processes).batches_per_epoch
+
+
+def resume_point(args: argparse.Namespace, resumed: TrainState, fingerprint: dict, batches_per_epoch: int) -> Progress:
+    """Where a resumed run goes on, after checking that it trains what the saved run trained (before anything loads)."""
+    check_same_run(args.resume, resumed.run, fingerprint)
+    if resumed.step >= args.max_train_steps:
+        raise UserError(f"--resume {args.resume}: that run already did {resumed.step} steps, and --max_train_steps is {args.max_train_steps}; raise it to train further.")
+    if resumed.batches_done >= batches_per_epoch:
+        return Progress(resumed.epoch + 1, resumed.step, 0)
+    return Progress(resumed.epoch, resumed.step, resumed.batches_done)
+
+
+def prepare(args: argparse.Namespace, model: StableDiffusionModel, plans: list[DatasetPlan], num_epochs: int, fingerprint: dict, start: Progress) -> Run:
     accelerator = Accelerator(
         gradient_accumulation_steps=1,  # accumulation is counted here, so that an epoch's last partial group also steps
         mixed_precision=args.mixed_precision,
@@ -162,30 +223,38 @@ def prepare(args: argparse.Namespace, model: StableDiffusionModel, plans: list[D
     network.to(accelerator.device, network_dtype)
     optimizer, optimizer_text = make_optimizer(name, parse_key_values(args.optimizer_args, "--optimizer_args"), param_groups, args.learning_rate)
 
-    sampler = EpochBatches(plans, args.seed, args.gradient_accumulation_steps)
-    steps_per_epoch = math.ceil(len(sampler) / args.gradient_accumulation_steps)  # never 0: empty datasets are refused
-    if args.max_train_epochs:
-        args.max_train_steps = args.max_train_epochs * steps_per_epoch
-    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    sampler = EpochBatches(plans, args.seed, args.gradient_accumulation_steps, accelerator.process_index, accelerator.num_processes)
     settings = BatchSettings(args.seed, args.max_token_length, args.prior_loss_weight, args.max_train_steps, args.skip_bad_images)
     batches = TrainingBatches(plans, model.tokenizers[0], settings, latents)
     workers = worker_count(args.max_data_loader_n_workers, latents is not None)
     loader = make_data_loader(batches, sampler, workers, args.persistent_data_loader_workers, pin_memory=accelerator.device.type == "cuda")
 
+    # accelerate steps a prepared scheduler once per process at every optimizer step, so its length counts processes
     total_scheduler_steps = args.max_train_steps * accelerator.num_processes
-    warmup = warmup_steps(args.lr_warmup_steps, total_scheduler_steps)
+    warmup = warmup_steps(args.lr_warmup_steps, args.max_train_steps) * accelerator.num_processes
     lr_scheduler = make_lr_scheduler(args.lr_scheduler, optimizer, warmup, total_scheduler_steps, args.lr_scheduler_num_cycles, args.lr_scheduler_power)
     network, optimizer, lr_scheduler = accelerator.prepare(network, optimizer, lr_scheduler)
 
+    if args.resume:
+        _load_state(args.resume, accelerator, start)
     counts = {
         "num_train_images": sum(plan.num_train_images for plan in plans),
         "num_reg_images": sum(plan.num_reg_images for plan in plans),
-        "num_batches_per_epoch": len(sampler),
+        "num_batches_per_epoch": sampler.batches_per_epoch,
         "num_epochs": num_epochs,
     }
     metadata = training_metadata(args, plans, counts, optimizer_text, time.time())
     return Run(args, accelerator, model, plans, network, optimizer, lr_scheduler, sampler, loader, weight_dtype, latent_scale,
-               train_unet, train_text_encoder, num_epochs, metadata, lr_descriptions)
+               train_unet, train_text_encoder, num_epochs, metadata, lr_descriptions, fingerprint, start)
+
+
+def _load_state(folder: str, accelerator: Accelerator, start: Progress) -> None:
+    """Load the state folder into the prepared network, optimizer, scheduler and RNGs."""
+    try:
+        accelerator.load_state(folder)
+    except (OSError, RuntimeError, ValueError, KeyError) as error:
+        raise UserError(f"--resume {folder}: the state could not be loaded ({error}); was it saved by this trainer with these settings?") from error
+    print(f"resuming {folder}: epoch {start.epoch}, step {start.step}")
 
 
 def _seed_everything(seed: int) -> None:
@@ -264,7 +333,7 @@ def run_summary_lines(run: Run) -> list[str]:
     alpha, rank = float(args.network_alpha), args.network_dim or network.lora_dim
     return [
         f"model: {run.model.source} ({run.model.family.label}, {'v' if run.model.v_prediction else 'epsilon'} prediction)",
-        f"training: {run.num_epochs} epochs of {len(run.sampler)} batches, {args.max_train_steps} optimizer steps, "
+        f"training: {run.num_epochs} epochs of {run.sampler.batches_per_epoch} batches, {args.max_train_steps} optimizer steps, "
         f"effective batch {total_batch} (batch x {args.gradient_accumulation_steps} accumulation x {run.accelerator.num_processes} processes)",
         f"network: {args.network_module}, rank {rank}, alpha {alpha:g} (scale {lora_scale(alpha, rank):g}), "
         f"{len(network.unet_loras) if run.train_unet else 0} U-Net and {len(network.text_encoder_loras) if run.train_text_encoder else 0} text-encoder modules trained",
@@ -276,71 +345,153 @@ def run_summary_lines(run: Run) -> list[str]:
 
 def train_loop(run: Run) -> Path:
     args, accelerator = run.args, run.accelerator
-    scheduler = diffusion.training_scheduler(run.model.v_prediction)
     if args.logging_dir:
         accelerator.init_trackers(f"{args.log_prefix or ''}network_train")
-    global_step, recent_losses = 0, deque(maxlen=len(run.sampler))  # the loss average over about an epoch, as sd-scripts
-    progress = tqdm(total=args.max_train_steps, desc="steps", disable=not accelerator.is_main_process)
-    for epoch in range(1, run.num_epochs + 1):
-        run.sampler.set_epoch(epoch, global_step)
-        run.network.train()
-        epoch_losses = []
-        for position, batch in enumerate(run.loader):
-            if position % args.gradient_accumulation_steps == 0:
-                _start_step(run)
-            if batch is None:
-                continue
-            is_sync = (position + 1) % args.gradient_accumulation_steps == 0 or position + 1 == len(run.sampler)
-            value = _micro_step(run, scheduler, batch, global_step + 1)
-            epoch_losses.append(value)
-            if not is_sync:
-                continue
-            _optimizer_step(run)
-            global_step += 1
-            recent_losses.append(value)
-            progress.update(1)
-            progress.set_postfix(avr_loss=f"{sum(recent_losses) / len(recent_losses):.4f}")
-            _log(run, value, recent_losses, global_step)
-            if run.on_step:
-                run.on_step(global_step)
-            if args.save_every_n_steps and global_step % args.save_every_n_steps == 0 and global_step < args.max_train_steps:
-                _save_step(run, epoch, global_step)
-            if global_step >= args.max_train_steps:
+    where = run.start
+    recent_losses = deque(maxlen=run.sampler.batches_per_epoch)  # the loss average over about an epoch, as sd-scripts
+    progress = tqdm(total=args.max_train_steps, initial=where.step, desc="steps", disable=not accelerator.is_main_process)
+    if run.samples and run.samples.at_first and where.step == 0:
+        _draw_samples(run, epoch=0)
+    with StopRequest() as stop:
+        for epoch in range(run.start.epoch, run.num_epochs + 1):
+            skip = run.start.batches_done if epoch == run.start.epoch else 0
+            where = _train_epoch(run, Progress(epoch, where.step, skip), recent_losses, progress, stop)
+            finished = where.step >= args.max_train_steps
+            if not finished and stop.agreed(accelerator):
+                _stop(run, where)
+            if not finished and args.save_every_n_epochs and epoch % args.save_every_n_epochs == 0:
+                _save_epoch(run, where)
+            if where.batches_done == run.sampler.batches_per_epoch and run.samples and run.samples.after_epoch(epoch):
+                _draw_samples(run, epoch=epoch)
+            if finished:
                 break
-        if args.logging_dir and epoch_losses:
-            accelerator.log({"loss/epoch_average": sum(epoch_losses) / len(epoch_losses)}, step=epoch)
-        if args.save_every_n_epochs and epoch % args.save_every_n_epochs == 0 and epoch < run.num_epochs:
-            _save_epoch(run, epoch, global_step)
-        if global_step >= args.max_train_steps:
-            break
     progress.close()
     final = final_file(args.output_dir, args.output_name, args.save_model_as)
-    _save(run, final, epoch, global_step)
+    _save(run, final, where)
+    if args.save_state or args.save_state_on_train_end:
+        save_state_folder(accelerator, state_folder(final), _train_state(run, where))
     accelerator.end_training()
     return final
 
 
-def _start_step(run: Run) -> None:
-    """A network with an `on_step_start()` method (networks.dylora draws its rank there) hears of each optimizer step."""
+def _train_epoch(run: Run, where: Progress, recent_losses: deque, progress: tqdm, stop: StopRequest) -> Progress:
+    """Train from `where` to the end of its epoch, or until the last step or a stop request; returns where it ended."""
+    args, accumulation = run.args, run.args.gradient_accumulation_steps
+    scheduler = diffusion.training_scheduler(run.model.v_prediction)
+    run.sampler.set_epoch(where.epoch, where.step - where.batches_done // accumulation, where.batches_done)
+    run.network.train()
+    epoch_losses, group_losses = [], []
+    for position, batch in enumerate(run.loader, start=where.batches_done):
+        if position % accumulation == 0:
+            _start_step(run, where.step)
+            group_losses = []
+        is_sync = (position + 1) % accumulation == 0 or position + 1 == run.sampler.batches_per_epoch
+        if batch is not None:
+            group_losses.append(_micro_step(run, scheduler, batch, where.step + 1))
+        if not is_sync:
+            continue
+        _optimizer_step(run)
+        where = Progress(where.epoch, where.step + 1, position + 1)
+        progress.update(1)
+        if group_losses:
+            recent_losses.append(sum(group_losses) / len(group_losses))
+            epoch_losses.extend(group_losses)
+            progress.set_postfix(avr_loss=f"{sum(recent_losses) / len(recent_losses):.4f}")
+            _log(run, recent_losses[-1], recent_losses, where.step)
+        if run.samples and run.samples.after_step(where.step):
+            _draw_samples(run, step=where.step)
+        if run.on_step:
+            run.on_step(where.step)
+        if args.save_every_n_steps and where.step % args.save_every_n_steps == 0 and where.step < args.max_train_steps:
+            _save_step(run, where)
+        if where.step >= args.max_train_steps or stop.agreed(run.accelerator):
+            return where
+    if args.logging_dir and epoch_losses:
+        run.accelerator.log({"loss/epoch_average": sum(epoch_losses) / len(epoch_losses)}, step=where.epoch)
+    return Progress(where.epoch, where.step, run.sampler.batches_per_epoch)
+
+
+def _draw_samples(run: Run, epoch: int | None = None, step: int | None = None) -> None:
+    """The main process draws the sample images; the others wait for it."""
+    accelerator = run.accelerator
+    if accelerator.is_main_process:
+        files = draw_samples(run.samples, run.model, accelerator.unwrap_model(run.network), run.args.output_dir, run.args.output_name,
+                             clip_skip=run.args.clip_skip, device=accelerator.device, dtype=run.weight_dtype, epoch=epoch, step=step)
+        print(f"sample images: {', '.join(file.name for file in files)}")
+    accelerator.wait_for_everyone()
+
+
+class StopRequest:
+    """Ctrl-C during training lets the optimizer step in progress finish, then stops the run (saving a state with
+    --save_state); a second Ctrl-C interrupts at once. With several processes they agree on the step to stop at."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+        self.pid = os.getpid()
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def _handle(self, signum, frame) -> None:
+        if os.getpid() != self.pid:  # a forked data-loader worker: the training process decides
+            return
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)
+        print("\nCtrl-C: stopping after this optimizer step (press it again to stop at once)", flush=True)
+
+    def agreed(self, accelerator: Accelerator) -> bool:
+        if accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor(float(self.requested), device=accelerator.device)
+        return bool(accelerator.reduce(flag, "max").item())
+
+
+def _stop(run: Run, where: Progress) -> None:
+    if run.args.save_state:
+        folder = state_folder(step_file(run.args.output_dir, run.args.output_name, where.step, run.args.save_model_as))
+        save_state_folder(run.accelerator, folder, _train_state(run, where))
+        print(f"stopped at step {where.step}; continue with --resume {folder}")
+    else:
+        print(f"stopped at step {where.step}; nothing was saved (with --save_state, Ctrl-C saves a state to resume from)")
+    raise KeyboardInterrupt
+
+
+def _train_state(run: Run, where: Progress) -> TrainState:
+    return TrainState(where.epoch, where.step, where.batches_done, run.args.seed, run.fingerprint)
+
+
+def _start_step(run: Run, step: int) -> None:
+    """A network with an `on_step_start()` method (networks.dylora draws its rank there) hears of each optimizer step.
+    Its random draws are seeded by the step, so that every process draws the same."""
     network = run.accelerator.unwrap_model(run.network)
     if hasattr(network, "on_step_start"):
-        network.on_step_start()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(random.Random(f"step/{run.args.seed}/{step}").getrandbits(63))
+            network.on_step_start()
 
 
 def _micro_step(run: Run, scheduler, batch: dict, step: int) -> float:
     """Forward and backward of one batch; returns its loss, checked to be finite before anything uses it."""
     args, device = run.args, run.accelerator.device
+    generator = torch.Generator(device).manual_seed(batch["batch_seed"])
     with torch.no_grad():
         if batch["latents"] is not None:
             latents = batch["latents"].to(device, non_blocking=True)
         else:
             vae = run.model.vae
-            latents = vae.encode(batch["images"].to(device, vae.dtype)).latent_dist.sample().float()
+            latents = vae.encode(batch["images"].to(device, vae.dtype)).latent_dist.sample(generator).float()
         latents = (latents * run.latent_scale).to(run.weight_dtype)
     with run.accelerator.autocast(), torch.set_grad_enabled(run.train_text_encoder):
         context = encode_tokens(run.model.text_encoders[0], batch["input_ids"].to(device), args.clip_skip)
-    noise = diffusion.make_noise(latents, args.noise_offset)
-    timesteps = diffusion.sample_timesteps(latents.shape[0], args.min_timestep, args.max_timestep, device)
+    noise = diffusion.make_noise(latents, args.noise_offset, generator)
+    timesteps = diffusion.sample_timesteps(latents.shape[0], args.min_timestep, args.max_timestep, device, generator)
     noisy, target = diffusion.noisy_latents_and_target(scheduler, latents, noise, timesteps)
     if args.gradient_checkpointing:
         noisy.requires_grad_(True)  # checkpointed segments need an input that asks for gradients
@@ -359,6 +510,8 @@ def _micro_step(run: Run, scheduler, batch: dict, step: int) -> float:
 
 def _optimizer_step(run: Run) -> None:
     args = run.args
+    if run.accelerator.num_processes > 1:
+        _average_gradients(run.accelerator.unwrap_model(run.network))
     if args.max_grad_norm:
         run.accelerator.clip_grad_norm_(run.network.parameters(), args.max_grad_norm)
     run.optimizer.step()
@@ -366,6 +519,18 @@ def _optimizer_step(run: Run) -> None:
     run.optimizer.zero_grad(set_to_none=True)
     if args.scale_weight_norms:
         run.accelerator.unwrap_model(run.network).apply_max_norm_regularization(args.scale_weight_norms, run.accelerator.device)
+
+
+def _average_gradients(network: torch.nn.Module) -> None:
+    """Average the LoRA gradients over the processes in one all-reduce. DistributedDataParallel cannot do it: the
+    network is never called through its wrapper (its modules run inside the U-Net and text encoder), so its
+    gradient hooks stay idle, as in sd-scripts, which reduces each gradient by hand."""
+    gradients = [parameter.grad for parameter in network.parameters() if parameter.grad is not None]
+    flat = torch._utils._flatten_dense_tensors(gradients)
+    torch.distributed.all_reduce(flat)
+    flat /= torch.distributed.get_world_size()
+    for gradient, averaged in zip(gradients, torch._utils._unflatten_dense_tensors(flat, gradients)):
+        gradient.copy_(averaged)
 
 
 def _non_finite_diagnosis(args, step: int) -> str:
@@ -387,33 +552,42 @@ def _log(run: Run, value: float, recent_losses: deque[float], step: int) -> None
     run.accelerator.log(logs, step=step)
 
 
-def _save_step(run: Run, epoch: int, step: int) -> None:
+def _save_step(run: Run, where: Progress) -> None:
     args = run.args
-    _save_and_prune(run, lambda n: step_file(args.output_dir, args.output_name, n, args.save_model_as), step,
-                    step_file_to_remove(step, args.save_every_n_steps, args.save_last_n_steps), epoch, step)
+    _save_and_prune(run, lambda n: step_file(args.output_dir, args.output_name, n, args.save_model_as), where.step, where,
+                    step_file_to_remove(where.step, args.save_every_n_steps, args.save_last_n_steps),
+                    step_file_to_remove(where.step, args.save_every_n_steps, args.save_last_n_steps_state or args.save_last_n_steps))
 
 
-def _save_epoch(run: Run, epoch: int, step: int) -> None:
+def _save_epoch(run: Run, where: Progress) -> None:
     args = run.args
-    _save_and_prune(run, lambda n: epoch_file(args.output_dir, args.output_name, n, args.save_model_as), epoch,
-                    epoch_file_to_remove(epoch, args.save_every_n_epochs, args.save_last_n_epochs), epoch, step)
+    _save_and_prune(run, lambda n: epoch_file(args.output_dir, args.output_name, n, args.save_model_as), where.epoch, where,
+                    epoch_file_to_remove(where.epoch, args.save_every_n_epochs, args.save_last_n_epochs),
+                    epoch_file_to_remove(where.epoch, args.save_every_n_epochs, args.save_last_n_epochs_state or args.save_last_n_epochs))
 
 
-def _save_and_prune(run: Run, file_for, number: int, old_number: int | None, epoch: int, step: int) -> None:
-    """Save as file_for(number), then remove file_for(old_number), the save that fell out of the kept window."""
-    _save(run, file_for(number), epoch, step)
-    if old_number is not None and run.accelerator.is_main_process:
+def _save_and_prune(run: Run, file_for, number: int, where: Progress, old_number: int | None, old_state_number: int | None) -> None:
+    """Save as file_for(number), with its state folder under --save_state, then remove the save (and the state) that
+    fell out of the kept window."""
+    _save(run, file_for(number), where)
+    if run.args.save_state:
+        save_state_folder(run.accelerator, state_folder(file_for(number)), _train_state(run, where))
+    if not run.accelerator.is_main_process:
+        return
+    if old_number is not None:
         file_for(old_number).unlink(missing_ok=True)
+    if run.args.save_state and old_state_number is not None:
+        shutil.rmtree(state_folder(file_for(old_state_number)), ignore_errors=True)
 
 
-def _save(run: Run, path: Path, epoch: int, step: int) -> None:
+def _save(run: Run, path: Path, where: Progress) -> None:
     run.accelerator.wait_for_everyone()
     if not run.accelerator.is_main_process:
         return
     network = run.accelerator.unwrap_model(run.network)
     if not all(torch.isfinite(parameter).all() for parameter in network.parameters()):
-        raise UserError(f"the LoRA weights hold NaN or infinite values at step {step}; {path.name} was not written. Lower the learning rate or use bf16.")
-    metadata = finished_metadata(run.metadata, epoch, step)
+        raise UserError(f"the LoRA weights hold NaN or infinite values at step {where.step}; {path.name} was not written. Lower the learning rate or use bf16.")
+    metadata = finished_metadata(run.metadata, where.epoch, where.step)
     if run.args.no_metadata:
         metadata = {}
     path.parent.mkdir(parents=True, exist_ok=True)
