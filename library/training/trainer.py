@@ -107,7 +107,7 @@ def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None
     plans, dataset_notes = datasets_from_arguments(args)
     for line in notes + sample_notes + dataset_notes + dataset_summary_lines(plans):
         print(line)
-    num_processes = PartialState().num_processes
+    num_processes = PartialState(cpu=_processes_on_cpus()).num_processes
     num_epochs = set_training_length(args, plans, num_processes)
     fingerprint = run_fingerprint(args, plans, num_processes, optimizer_name(args.optimizer_type, args.use_8bit_adam, args.use_lion_optimizer))
     start = resume_point(args, resumed, fingerprint, _batches_per_epoch(plans, num_processes)) if resumed else Progress(1, 0, 0)
@@ -167,6 +167,12 @@ def _check_logger_installed(args: argparse.Namespace) -> None:
             raise UserError(f"--logging_dir logs with {package}, which is not installed; run: pip install {package} (or drop --logging_dir).")
 
 
+def _processes_on_cpus() -> bool:
+    """Several processes (torchrun, accelerate launch) without CUDA train together on the CPU with gloo; accelerate
+    would otherwise run them as independent copies that overwrite each other's files."""
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def set_training_length(args: argparse.Namespace, plans: list[DatasetPlan], num_processes: int) -> int:
     """Sets --max_train_steps from --max_train_epochs and --save_every_n_epochs from --save_n_epoch_ratio; returns the
     number of epochs."""
@@ -195,6 +201,7 @@ def resume_point(args: argparse.Namespace, resumed: TrainState, fingerprint: dic
 
 def prepare(args: argparse.Namespace, model: StableDiffusionModel, plans: list[DatasetPlan], num_epochs: int, fingerprint: dict, start: Progress) -> Run:
     accelerator = Accelerator(
+        cpu=_processes_on_cpus(),
         gradient_accumulation_steps=1,  # accumulation is counted here, so that an epoch's last partial group also steps
         mixed_precision=args.mixed_precision,
         log_with=(args.log_with or "tensorboard") if args.logging_dir else None,
