@@ -8,13 +8,21 @@
 
 from __future__ import annotations
 
+import sys
+
 from library.errors import run_cli
+from library.training.config_file import parse_arguments, write_config_file
 from library.training.options import build_parser
 from library.training.trainer import train
 
 
 def main() -> None:
-    train(build_parser().parse_args())
+    parser = build_parser()
+    args = parse_arguments(parser, sys.argv[1:])
+    if args.output_config:
+        print(f"wrote {write_config_file(args, parser)}")
+        return
+    train(args)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import torch
 
 from library.dataset.arguments import add_dataset_arguments
 from library.errors import UserError
+from library.training.config_file import add_config_file_arguments
 from library.sampling.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
 from library.training.optimizers import SCHEDULERS
 from library.training.saving import SAVE_FORMATS
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     _network_arguments(parser.add_argument_group("network"))
     _saving_arguments(parser.add_argument_group("saving and logging"))
     _sample_arguments(parser.add_argument_group("sample images"))
+    add_config_file_arguments(parser)
     return parser
 
 
