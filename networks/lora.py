@@ -22,13 +22,14 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from library.errors import UserError
-from library.lora.factors import compose, lora_scale, merge_into
+from library.lora.adapter import LayerAdapter
+from library.lora.factors import lora_scale
 from library.lora.files import ModuleFactors, read_lora_file, save_lora_file, split_modules
 from library.lora.naming import (
     ALPHA,
@@ -52,7 +53,7 @@ DEFAULT_DIM = 4
 DEFAULT_ALPHA = 1.0
 
 
-class LoRAModule(torch.nn.Module):
+class LoRAModule(LayerAdapter):
     """A low-rank adapter for one Linear or Conv2d layer. The layer itself is not a submodule, so the network's
     state dict holds exactly `lora_down.weight`, `lora_up.weight` and `alpha` per module."""
 
@@ -68,10 +69,7 @@ class LoRAModule(torch.nn.Module):
         module_dropout: float | None = None,
         block: int | None = None,
     ):
-        super().__init__()
-        self.lora_name = lora_name
-        self.lora_dim = lora_dim
-        self.block = block
+        super().__init__(lora_name, org_module, multiplier, lora_dim, alpha, block)
         if isinstance(org_module, torch.nn.Conv2d):
             self.lora_down = torch.nn.Conv2d(org_module.in_channels, lora_dim, org_module.kernel_size, org_module.stride, org_module.padding, bias=False)
             self.lora_up = torch.nn.Conv2d(lora_dim, org_module.out_channels, 1, bias=False)
@@ -80,54 +78,27 @@ class LoRAModule(torch.nn.Module):
             self.lora_up = torch.nn.Linear(lora_dim, org_module.out_features, bias=False)
         torch.nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         torch.nn.init.zeros_(self.lora_up.weight)  # the adapter starts as the identity: delta W = 0
-        self.register_buffer(ALPHA, torch.tensor(float(alpha or lora_dim)))
         self.scale = lora_scale(alpha, lora_dim)
-        self.multiplier = multiplier
         self.dropout = dropout
         self.rank_dropout = rank_dropout
         self.module_dropout = module_dropout
-        self.enabled = True
-        object.__setattr__(self, "org_module", org_module)  # a plain attribute, not a registered submodule
-        self.org_forward = None
 
-    @property
-    def uses_conv_rank(self) -> bool:
-        """A kxk conv (k > 1), whose rank and alpha come from conv_dim / conv_alpha."""
-        return isinstance(self.lora_down, torch.nn.Conv2d) and tuple(self.lora_down.kernel_size) != (1, 1)
-
-    def apply_to(self) -> None:
-        """Route the layer's forward through this module; the layer keeps its weights."""
-        if self.org_forward is None:
-            self.org_forward = self.org_module.forward
-            self.org_module.forward = self.forward
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        return self.lora_up.weight, self.lora_down.weight, self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.org_forward(x)
         if not self.enabled or (self.training and self.module_dropout and torch.rand(()) < self.module_dropout):
             return y
         scale = self.multiplier * self.scale
-        h = self._down(x)
+        h = self.project_down(x, self.lora_down.weight)
         if self.training:
             if self.dropout:
                 h = F.dropout(h, self.dropout)
             if self.rank_dropout:
                 h = h * self._rank_mask(h)
                 scale /= 1.0 - self.rank_dropout
-        return self._add_up(y, h, scale)
-
-    # The LoRA path is written with functional calls and fused operations because at small batches the step is
-    # bound by the host's kernel launches: a Linear adds two kernels (down, then up + scale + add in one addmm),
-    # a conv three.
-    def _down(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.lora_down, torch.nn.Conv2d):
-            return F.conv2d(x, self.lora_down.weight, None, self.lora_down.stride, self.lora_down.padding)
-        return F.linear(x, self.lora_down.weight)
-
-    def _add_up(self, y: torch.Tensor, h: torch.Tensor, scale: float) -> torch.Tensor:
-        if isinstance(self.lora_up, torch.nn.Conv2d):
-            return torch.add(y, F.conv2d(h, self.lora_up.weight), alpha=scale)
-        flat = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_up.weight.t(), alpha=scale)
-        return flat.view(y.shape)
+        return self.add_up(y, h, self.lora_up.weight, scale)
 
     def _rank_mask(self, h: torch.Tensor) -> torch.Tensor:
         """Keep each rank of each sample with probability 1 - rank_dropout."""
@@ -138,28 +109,6 @@ class LoRAModule(torch.nn.Module):
             mask = mask[:, :, None, None]
         return mask.to(h.dtype)
 
-    def get_weight(self, multiplier: float | None = None) -> torch.Tensor:
-        """The weight delta multiplier * scale * (up @ down), shaped like the layer's weight (float32)."""
-        multiplier = self.multiplier if multiplier is None else multiplier
-        return compose(self.lora_up.weight, self.lora_down.weight, self.org_module.weight.shape) * (multiplier * self.scale)
-
-    @torch.no_grad()
-    def merge_to(self, sd: Mapping[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
-        """Add multiplier * alpha / rank * (up @ down) into the layer's weight, from `sd` (this module's keys
-        without the name; no alpha means alpha = rank) or from the module's own factors. The delta is computed on `device` (default: where the weight is)
-        and added in float32; the weight keeps its dtype. `dtype` is accepted for sd-scripts' signature."""
-        if sd:
-            up, down, scale = sd[UP], sd[DOWN], lora_scale(sd.get(ALPHA), sd[DOWN].shape[0])
-        else:
-            up, down, scale = self.lora_up.weight, self.lora_down.weight, self.scale
-        weight = self.org_module.weight
-        if device is None or torch.device(device) == weight.device:
-            merge_into(weight, up, down, self.multiplier * scale)
-            return
-        merged = weight.to(device)
-        merge_into(merged, up, down, self.multiplier * scale)
-        weight.copy_(merged)
-
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         # The scale follows the loaded alpha, so a resumed run trains with the scale its file will be saved with.
@@ -168,6 +117,8 @@ class LoRAModule(torch.nn.Module):
 
 class LoRANetwork(torch.nn.Module):
     """LoRA modules for the text encoder(s) and U-Net of one model, each registered under its file name."""
+
+    network_module = NETWORK_MODULE  # `ss_network_module` of the saved files
 
     def __init__(
         self,
@@ -208,20 +159,11 @@ class LoRANetwork(torch.nn.Module):
             rank, alpha = rank_alpha
             if target.alias:
                 self._aliases[target.alias] = target.name
-            modules.append(
-                LoRAModule(
-                    target.name,
-                    target.layer,
-                    self.multiplier,
-                    rank,
-                    alpha,
-                    self._dropout,
-                    self.args.rank_dropout,
-                    self.args.module_dropout,
-                    target.block,
-                )
-            )
+            modules.append(self._new_module(target, rank, alpha))
         return modules
+
+    def _new_module(self, target: LoraTarget, rank: int, alpha: float | None) -> LoRAModule:
+        return LoRAModule(target.name, target.layer, self.multiplier, rank, alpha, self._dropout, self.args.rank_dropout, self.args.module_dropout, target.block)
 
     def _rank_and_alpha(self, target: LoraTarget) -> tuple[int, float] | None:
         """The module's rank and alpha, or None when the layer gets no module: a file that lacks it, a 3x3 conv
@@ -376,9 +318,13 @@ class LoRANetwork(torch.nn.Module):
         base = [lora for lora in self.text_encoder_loras + self.unet_loras if not lora.uses_conv_rank]
         dim = common_value([str(lora.lora_dim) for lora in base], str(self.lora_dim))
         alpha = common_value([str(float(lora.alpha)) for lora in base], str(float(self.alpha or self.lora_dim)))
-        metadata = lora_network_metadata(NETWORK_MODULE, dim, alpha, self.network_args or self._conv_args(), self.family, self.v_prediction)
+        metadata = lora_network_metadata(self.network_module, dim, alpha, self._metadata_network_args(), self.family, self.v_prediction)
         metadata["ss_output_name"] = title
         return {**metadata, **lora_modelspec(self.family, self.v_prediction, title)}
+
+    def _metadata_network_args(self) -> dict[str, str]:
+        """`ss_network_args`: the arguments the network was made with, or for one built from weights its conv rank."""
+        return self.network_args or self._conv_args()
 
     def _conv_args(self) -> dict[str, str]:
         """conv_dim / conv_alpha of a network built from weights, for `ss_network_args`."""
@@ -439,8 +385,7 @@ def create_network(
     """A new network from `--network_dim`, `--network_alpha`, `--network_dropout` and `--network_args` (the
     keyword arguments, as strings or numbers). `vae` is not adapted; it is taken for sd-scripts' signature."""
     args = parse_network_args(kwargs, is_sdxl_unet(unet))
-    if network_dim is not None and int(network_dim) < 1:
-        raise UserError(f"--network_dim {network_dim}: the rank must be at least 1.")
+    lora_dim, alpha = dim_and_alpha(network_dim, network_alpha)
     check_probability("--network_dropout", neuron_dropout)
     if neuron_dropout is not None and args.dropout is not None and neuron_dropout != args.dropout:
         raise UserError(
@@ -450,12 +395,19 @@ def create_network(
         text_encoder,
         unet,
         multiplier,
-        lora_dim=DEFAULT_DIM if network_dim is None else int(network_dim),
-        alpha=DEFAULT_ALPHA if network_alpha is None else float(network_alpha),
+        lora_dim=lora_dim,
+        alpha=alpha,
         dropout=neuron_dropout if neuron_dropout is not None else args.dropout,
         args=args,
         network_args={key: str(value) for key, value in kwargs.items()},
     )
+
+
+def dim_and_alpha(network_dim: int | None, network_alpha: float | None) -> tuple[int, float]:
+    """`--network_dim` and `--network_alpha` with sd-scripts' defaults (4 and 1) for values not given."""
+    if network_dim is not None and int(network_dim) < 1:
+        raise UserError(f"--network_dim {network_dim}: the rank must be at least 1.")
+    return (DEFAULT_DIM if network_dim is None else int(network_dim)), (DEFAULT_ALPHA if network_alpha is None else float(network_alpha))
 
 
 def create_network_from_weights(
@@ -472,6 +424,38 @@ def create_network_from_weights(
     means alpha = rank). Returns the network and the state dict to load into it: SDXL files with diffusers-style
     U-Net names are renamed to sd-scripts' names, and a missing alpha is filled in. The weights are not loaded. Every module can be merged, so
     `for_inference` changes nothing; it is taken for sd-scripts' signature, as is `vae`."""
+    loaded = read_weights_for_model(file, text_encoder, unet, weights_sd)
+    network = LoRANetwork(
+        loaded.text_encoders,
+        unet,
+        multiplier,
+        args=parse_network_args(kwargs, is_sdxl_unet(unet)),
+        modules_dim=loaded.ranks(),
+        modules_alpha=loaded.alphas(),
+    )
+    return network, loaded.weights
+
+
+class WeightsForModel(NamedTuple):
+    """A LoRA state dict checked against a model, ready for `load_state_dict`."""
+
+    source: str  # the file, for messages
+    weights: dict[str, torch.Tensor]  # canonical module names, alpha filled in where the file has none
+    modules: dict[str, ModuleFactors]
+    metadata: dict[str, str]  # empty for a state dict or a torch pickle
+    text_encoders: list[torch.nn.Module]
+
+    def ranks(self) -> dict[str, int]:
+        return {name: factors.rank for name, factors in self.modules.items()}
+
+    def alphas(self) -> dict[str, float]:
+        return {name: factors.alpha_value for name, factors in self.modules.items()}
+
+
+def read_weights_for_model(file: str | os.PathLike | None, text_encoder, unet, weights_sd: Mapping[str, torch.Tensor] | None = None) -> WeightsForModel:
+    """Read a LoRA file (unless `weights_sd` is given) and check it against the model: SDXL files with
+    diffusers-style U-Net names are renamed to sd-scripts' names, text-encoder modules are dropped when there is no
+    text encoder, and every module must name a layer of the model and fit its shape."""
     source = str(file) if file is not None else "the LoRA weights"
     metadata: dict[str, str] = {}
     if weights_sd is None:
@@ -489,15 +473,7 @@ def create_network_from_weights(
     for name, factors in modules.items():
         if factors.alpha is None:  # so that a strict load_state_dict of the returned weights succeeds
             weights_sd[f"{name}.{ALPHA}"] = torch.tensor(factors.alpha_value)
-    network = LoRANetwork(
-        text_encoders,
-        unet,
-        multiplier,
-        args=parse_network_args(kwargs, is_sdxl_unet(unet)),
-        modules_dim={name: factors.rank for name, factors in modules.items()},
-        modules_alpha={name: factors.alpha_value for name, factors in modules.items()},
-    )
-    return network, weights_sd
+    return WeightsForModel(source, weights_sd, modules, metadata, text_encoders)
 
 
 def _canonical_names(weights: Mapping[str, torch.Tensor], aliases: Mapping[str, str]) -> dict[str, torch.Tensor]:

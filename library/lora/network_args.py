@@ -86,10 +86,10 @@ def parse_network_args(kwargs: Mapping[str, object], sdxl: bool) -> LoRAArgs:
 
 
 def _optional(given: Mapping[str, object], key: str, kind: type[Number]) -> Number | None:
-    return _number(key, given[key], kind) if key in given else None
+    return parse_number(key, given[key], kind) if key in given else None
 
 
-def _number(key: str, value: object, kind: type[Number]) -> Number:
+def parse_number(key: str, value: object, kind: type[Number]) -> Number:
     text = str(value).strip()
     try:
         number = float(text)
@@ -119,7 +119,7 @@ def _number_list(key: str, value: object, kind: type[Number], count: int) -> tup
     if len(items) != count:
         raise UserError(f"--network_args: {key} has {len(items)} values; it takes {count}, one per {_slot_description(count)}.")
     # An empty item counts as 0, as in sd-scripts ("1,,1" switches the middle block off).
-    return tuple(_number(key, item, kind) if item.strip() else kind(0) for item in items)
+    return tuple(parse_number(key, item, kind) if item.strip() else kind(0) for item in items)
 
 
 def _slot_description(count: int) -> str:
@@ -155,7 +155,7 @@ def _side_weights(key: str, value: object) -> tuple[float, ...]:
         return _number_list(key, text, float, BLOCKS_PER_SIDE)
     name, _, offset_text = text.partition("+")
     if name in LR_WEIGHT_PRESETS:
-        offset = _number(key, offset_text, float) if offset_text else 0.0
+        offset = parse_number(key, offset_text, float) if offset_text else 0.0
         return tuple(LR_WEIGHT_PRESETS[name](i, BLOCKS_PER_SIDE) + offset for i in range(BLOCKS_PER_SIDE))
     try:
         return (float(text),) * BLOCKS_PER_SIDE
