@@ -66,3 +66,20 @@ def encode_tokens(text_encoder: torch.nn.Module, input_ids: torch.Tensor, clip_s
 def _final_layer_norm(text_encoder: torch.nn.Module) -> torch.nn.Module:
     # transformers 5 may build CLIPTextModel without the `.text_model` wrapper
     return getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+
+
+class CaptionStates:
+    """Hidden states memoised by token ids, for a text encoder that does not train and captions that do not change
+    from one use to the next: each caption is encoded once, at its first use."""
+
+    def __init__(self):
+        self.states: dict[bytes, torch.Tensor] = {}
+
+    def encode(self, text_encoder: torch.nn.Module, input_ids: torch.Tensor, clip_skip: int | None) -> torch.Tensor:
+        keys = [row.cpu().numpy().tobytes() for row in input_ids]
+        missing = list({key: index for index, key in enumerate(keys) if key not in self.states}.values())
+        if missing:
+            with torch.no_grad():
+                encoded = encode_tokens(text_encoder, input_ids[missing], clip_skip)
+            self.states.update((keys[index], states) for index, states in zip(missing, encoded))
+        return torch.stack([self.states[key] for key in keys])

@@ -7,7 +7,7 @@ import torch
 
 from library.errors import UserError
 from library.model_files.family import ModelFamily
-from library.text_encoding import encode_tokens, token_length, tokenize
+from library.text_encoding import CaptionStates, encode_tokens, token_length, tokenize
 from library.tiny_models import make_tiny_model
 
 BOS, EOS = 49406, 49407
@@ -133,3 +133,17 @@ def test_two_windows_are_stitched_into_152_states(sd1, sd2, family, clip_skip):
     assert torch.allclose(result[:, 1:76], first[:, 1:76], atol=1e-5)
     assert torch.allclose(result[:, 76:151], second[:, 1:76], atol=1e-5)
     assert torch.allclose(result[:, 151], second[:, 76], atol=1e-5)
+
+
+def test_caption_states_encode_each_caption_once_and_equal_the_encoder(sd1):
+    tokenizer, encoder = sd1.tokenizers[0], sd1.text_encoders[0]
+    ids = tokenize(tokenizer, ["a cat", "a dog", "a cat"], None)
+    calls = []
+    original_forward = encoder.forward
+    encoder.forward = lambda input_ids, **kwargs: calls.append(input_ids.shape[0]) or original_forward(input_ids, **kwargs)
+    cache = CaptionStates()
+    first = cache.encode(encoder, ids, 2)
+    again = cache.encode(encoder, tokenize(tokenizer, ["a dog", "a bird"], None), 2)
+    assert calls == [2, 1]  # "a cat" and "a dog" once, then only "a bird"
+    torch.testing.assert_close(first, encode_tokens(encoder, ids, 2))
+    torch.testing.assert_close(again[0], first[1])

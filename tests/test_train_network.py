@@ -4,6 +4,7 @@ networks.lora and in diffusers, stops on a non-finite loss without saving, and n
 from __future__ import annotations
 
 import pytest
+from safetensors.torch import load_file
 import torch
 from lora_helpers import diffusers_pipeline, peft_layer_count
 from training_helpers import training_arguments
@@ -15,6 +16,7 @@ from library.model_files.stable_diffusion import load_stable_diffusion
 from library.text_encoding import encode_tokens, tokenize
 from library.tiny_models import make_tiny_dataset
 from library.training import diffusion
+from library.training import trainer
 from library.training.trainer import train
 from networks.lora import create_network_from_weights
 
@@ -155,3 +157,19 @@ def test_logging_without_its_package_is_one_sentence(tiny_sd1, data, tmp_path, m
     with pytest.raises(UserError, match="pip install tensorboard"):
         train(training_arguments(tiny_sd1, data, tmp_path / "out", "--max_train_steps", "1", "--logging_dir", str(tmp_path / "logs")))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_frozen_text_encoder_encodes_each_caption_once_with_the_same_result(tiny_sd1, data, tmp_path, capsys, monkeypatch):
+    options = ("--output_name", "tiny", "--max_train_steps", "6", "--network_train_unet_only", "--learning_rate", "1e-2", "--cache_latents")
+    cached = train(training_arguments(tiny_sd1, data, tmp_path / "cached", *options))
+    assert "text encoder: frozen, each caption encoded once at its first use" in capsys.readouterr().out
+    monkeypatch.setattr(trainer, "_caption_states", lambda plans, train_text_encoder: None)
+    uncached = train(training_arguments(tiny_sd1, data, tmp_path / "uncached", *options))
+    expected = load_file(uncached)
+    for key, tensor in load_file(cached).items():
+        torch.testing.assert_close(tensor, expected[key], msg=key)
+
+
+def test_captions_that_change_per_use_are_encoded_every_step(tiny_sd1, data, tmp_path, capsys):
+    train(training_arguments(tiny_sd1, data, tmp_path, "--max_train_steps", "1", "--network_train_unet_only", "--shuffle_caption"))
+    assert "captions change from use to use" in capsys.readouterr().out

@@ -44,6 +44,12 @@ class CaptionSettings:
     token_warmup_min: int = _default("token_warmup_min")
     token_warmup_step: float = _default("token_warmup_step")
 
+    @property
+    def varies_per_use(self) -> bool:
+        """Whether one image's caption can come out differently from one use to the next (dropout makes it empty,
+        which is one more caption, not a varying one)."""
+        return self.shuffle_caption or self.caption_tag_dropout_rate > 0 or self.token_warmup_step > 0 or self.enable_wildcard
+
     @classmethod
     def of(cls, subset: SubsetConfig) -> CaptionSettings:
         """The caption settings a resolved subset config gives."""

@@ -25,6 +25,7 @@ from accelerate import Accelerator, PartialState
 from tqdm import tqdm
 
 from library.dataset.arguments import caches_latents, datasets_from_arguments
+from library.dataset.captions import CaptionSettings
 from library.dataset.inspection import dataset_summary_lines, debug_dataset
 from library.dataset.latent_cache import cache_latents
 from library.dataset.loader import BatchSettings, EpochBatches, TrainingBatches, make_data_loader, worker_count
@@ -33,7 +34,7 @@ from library.errors import UserError
 from library.lora.factors import lora_scale
 from library.model_files.family import ModelFamily, family_from_flags
 from library.model_files.stable_diffusion import StableDiffusionModel, load_stable_diffusion, place
-from library.text_encoding import encode_tokens
+from library.text_encoding import CaptionStates, encode_tokens
 from library.training import diffusion
 from library.training.optimizers import (
     CUDA_ONLY_OPTIMIZERS,
@@ -82,6 +83,7 @@ class Run:
     lr_descriptions: list[str]
     fingerprint: dict
     start: Progress
+    caption_states: CaptionStates | None  # the text encoder's outputs per caption, when neither changes
     samples: SampleSchedule | None = None
     on_step: Callable[[int], None] | None = None
 
@@ -252,7 +254,12 @@ def prepare(args: argparse.Namespace, model: StableDiffusionModel, plans: list[D
     }
     metadata = training_metadata(args, plans, counts, optimizer_text, time.time())
     return Run(args, accelerator, model, plans, network, optimizer, lr_scheduler, sampler, loader, weight_dtype, latent_scale,
-               train_unet, train_text_encoder, num_epochs, metadata, lr_descriptions, fingerprint, start)
+               train_unet, train_text_encoder, num_epochs, metadata, lr_descriptions, fingerprint, start, _caption_states(plans, train_text_encoder))
+
+
+def _caption_states(plans: list[DatasetPlan], train_text_encoder: bool) -> CaptionStates | None:
+    captions_vary = any(CaptionSettings.of(subset).varies_per_use for plan in plans for subset in plan.config.subsets)
+    return None if train_text_encoder or captions_vary else CaptionStates()
 
 
 def _load_state(folder: str, accelerator: Accelerator, start: Progress) -> None:
@@ -347,7 +354,16 @@ def run_summary_lines(run: Run) -> list[str]:
         f"optimizer: {run.metadata['ss_optimizer']}, learning rates per group {', '.join(rates)}, schedule {args.lr_scheduler}",
         f"precision: {args.mixed_precision} on {run.accelerator.device}, attention: {'xformers' if args.xformers else 'PyTorch SDPA'}"
         f"{', gradient checkpointing' if args.gradient_checkpointing else ''}",
+        f"text encoder: {_text_encoder_use(run)}",
     ]
+
+
+def _text_encoder_use(run: Run) -> str:
+    if run.train_text_encoder:
+        return "trained, so its outputs are computed at every step"
+    if run.caption_states:
+        return "frozen, each caption encoded once at its first use"
+    return "frozen, but captions change from use to use (shuffle, tag dropout, wildcards or token warmup), so encoded at every step"
 
 
 def train_loop(run: Run) -> Path:
@@ -496,7 +512,10 @@ def _micro_step(run: Run, scheduler, batch: dict, step: int) -> float:
             latents = vae.encode(batch["images"].to(device, vae.dtype)).latent_dist.sample(generator).float()
         latents = (latents * run.latent_scale).to(run.weight_dtype)
     with run.accelerator.autocast(), torch.set_grad_enabled(run.train_text_encoder):
-        context = encode_tokens(run.model.text_encoders[0], batch["input_ids"].to(device), args.clip_skip)
+        if run.caption_states:
+            context = run.caption_states.encode(run.model.text_encoders[0], batch["input_ids"].to(device), args.clip_skip)
+        else:
+            context = encode_tokens(run.model.text_encoders[0], batch["input_ids"].to(device), args.clip_skip)
     noise = diffusion.make_noise(latents, args.noise_offset, generator)
     timesteps = diffusion.sample_timesteps(latents.shape[0], args.min_timestep, args.max_timestep, device, generator)
     noisy, target = diffusion.noisy_latents_and_target(scheduler, latents, noise, timesteps)
