@@ -173,3 +173,21 @@ def test_a_frozen_text_encoder_encodes_each_caption_once_with_the_same_result(ti
 def test_captions_that_change_per_use_are_encoded_every_step(tiny_sd1, data, tmp_path, capsys):
     train(training_arguments(tiny_sd1, data, tmp_path, "--max_train_steps", "1", "--network_train_unet_only", "--shuffle_caption"))
     assert "captions change from use to use" in capsys.readouterr().out
+
+
+def test_tensorboard_logs_the_losses_and_learning_rates_per_step(tiny_sd1, data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(training_arguments(tiny_sd1, data, tmp_path / "out", "--max_train_steps", "4", "--learning_rate", "1e-3", "--unet_lr", "2e-3",
+                             "--logging_dir", str(tmp_path / "logs"), "--log_prefix", "mine-"))
+    (run_folder,) = (tmp_path / "logs").iterdir()
+    assert run_folder.name.startswith("mine-") and (run_folder / "network_train").is_dir()
+    events = EventAccumulator(str(run_folder / "network_train"))
+    events.Reload()
+    scalars = {tag: [(event.step, event.value) for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    assert [step for step, _ in scalars["loss/current"]] == [1, 2, 3, 4]
+    currents = [value for _, value in scalars["loss/current"]]
+    averages = [value for _, value in scalars["loss/average"]]
+    assert averages == pytest.approx([sum(currents[: n + 1]) / (n + 1) for n in range(4)], rel=1e-5)  # within the first epoch
+    assert [value for _, value in scalars["lr/textencoder"]] == pytest.approx([1e-3] * 4)
+    assert [value for _, value in scalars["lr/unet"]] == pytest.approx([2e-3] * 4)

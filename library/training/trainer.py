@@ -207,7 +207,7 @@ def prepare(args: argparse.Namespace, model: StableDiffusionModel, plans: list[D
         gradient_accumulation_steps=1,  # accumulation is counted here, so that an epoch's last partial group also steps
         mixed_precision=args.mixed_precision,
         log_with=(args.log_with or "tensorboard") if args.logging_dir else None,
-        project_dir=args.logging_dir,
+        project_dir=_log_run_folder(args),
     )
     _seed_everything(args.seed)
     weight_dtype = MIXED_PRECISION_DTYPES[args.mixed_precision]
@@ -269,6 +269,13 @@ def _load_state(folder: str, accelerator: Accelerator, start: Progress) -> None:
     except (OSError, RuntimeError, ValueError, KeyError) as error:
         raise UserError(f"--resume {folder}: the state could not be loaded ({error}); was it saved by this trainer with these settings?") from error
     print(f"resuming {folder}: epoch {start.epoch}, step {start.step}")
+
+
+def _log_run_folder(args) -> str | None:
+    """`<logging_dir>/<log_prefix><YYYYmmddHHMMSS>`, as sd-scripts names a run's log folder."""
+    if not args.logging_dir:
+        return None
+    return str(Path(args.logging_dir) / f"{args.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}")
 
 
 def _seed_everything(seed: int) -> None:
@@ -369,7 +376,7 @@ def _text_encoder_use(run: Run) -> str:
 def train_loop(run: Run) -> Path:
     args, accelerator = run.args, run.accelerator
     if args.logging_dir:
-        accelerator.init_trackers(f"{args.log_prefix or ''}network_train")
+        accelerator.init_trackers("network_train")
     where = run.start
     recent_losses = deque(maxlen=run.sampler.batches_per_epoch)  # the loss average over about an epoch, as sd-scripts
     progress = tqdm(total=args.max_train_steps, initial=where.step, desc="steps", disable=not accelerator.is_main_process)
