@@ -116,3 +116,16 @@ def test_interrupted_save_leaves_nothing(tmp_path):
             temporary.write_bytes(b"half")
             raise RuntimeError("interrupted")
     assert target.read_bytes() == b"previous" and list(tmp_path.iterdir()) == [target]
+
+
+@pytest.mark.slow
+def test_the_demo_trains_and_writes_the_samples_side_by_side(tmp_path):
+    from PIL import Image
+
+    result = run_script("tools/demo.py", "--output_dir", str(tmp_path), "--max_train_steps", "3")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "demo_lora.safetensors").is_file()
+    assert len(list((tmp_path / "sample").glob("demo_lora_*.png"))) == 2  # before the first step and after the last
+    sheet = Image.open(tmp_path / "samples_before_after.png")
+    assert sheet.width == 3 * 3 * 64  # before, after and the dataset image, each enlarged three times
+    assert "wrote" in result.stdout
