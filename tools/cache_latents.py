@@ -19,9 +19,9 @@ from library.dataset.inspection import dataset_summary_lines, debug_dataset
 from library.dataset.latent_cache import cache_latents
 from library.dataset.loader import BatchSettings
 from library.errors import UserError, run_cli
-from library.model_files.family import ModelFamily, family_from_flags
-from library.model_files.stable_diffusion import load_stable_diffusion, place
-from library.training.options import add_model_arguments, check_model_arguments, vae_dtype
+from library.model_files.family import ModelFamily
+from library.model_files.stable_diffusion import place
+from library.training.options import add_model_arguments, load_base_model, vae_dtype
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
@@ -35,13 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = build_parser().parse_args()
-    check_model_arguments(args)
     args.cache_latents_to_disk = True  # this tool's only job, so caching conflicts are checked as in training
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     plans, notes = datasets_from_arguments(args)
     for line in notes + dataset_summary_lines(plans):
         print(line)
-    model = load_stable_diffusion(args.pretrained_model_name_or_path, family=family_from_flags(v2=args.v2))
+    model = load_base_model(args)
     if model.family is ModelFamily.SDXL:
         raise UserError(f"{args.pretrained_model_name_or_path}: an SDXL model; SDXL latent caching (_sdxl.npz files) is not supported yet.")
     if args.debug_dataset:

@@ -8,7 +8,9 @@ import argparse
 import torch
 
 from library.dataset.arguments import add_dataset_arguments
-from library.errors import UserError
+from library.model_files.family import family_from_flags
+from library.model_files.stable_diffusion import StableDiffusionModel, load_stable_diffusion
+from library.model_files.vae import load_vae_weights
 from library.training.config_file import add_config_file_arguments
 from library.sampling.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
 from library.training.optimizers import SCHEDULERS
@@ -37,7 +39,7 @@ def add_model_arguments(group) -> None:
     group.add_argument("--v2", action="store_true", help="the base model is SD 2.x (checked against the file)")
     group.add_argument("--v_parameterization", action="store_true", help="train with the v-prediction target (SD 2.x 768-v models)")
     group.add_argument("--tokenizer_cache_dir", help="accepted for compatibility; the tokenizer ships with this project")
-    group.add_argument("--vae", help="a separate VAE (not supported yet)")
+    group.add_argument("--vae", help="use this VAE's weights: a VAE file (original or Diffusers names) or a Diffusers VAE folder")
     group.add_argument("--mixed_precision", choices=tuple(MIXED_PRECISION_DTYPES), default="no", help="autocast precision; frozen weights are stored in it")
     group.add_argument("--no_half_vae", action="store_true", help="run the VAE in float32 under mixed precision")
     group.add_argument("--xformers", action="store_true", help="xformers attention when installed on CUDA; PyTorch SDPA otherwise")
@@ -50,9 +52,12 @@ def vae_dtype(args: argparse.Namespace) -> torch.dtype:
     return torch.float32 if args.no_half_vae else MIXED_PRECISION_DTYPES[args.mixed_precision]
 
 
-def check_model_arguments(args: argparse.Namespace) -> None:
+def load_base_model(args: argparse.Namespace) -> StableDiffusionModel:
+    """The base model as the model options describe it, with the weights of --vae when given."""
+    model = load_stable_diffusion(args.pretrained_model_name_or_path, family=family_from_flags(v2=args.v2), v_parameterization=args.v_parameterization)
     if args.vae:
-        raise UserError(f"--vae {args.vae}: a separate VAE is not supported yet; leave --vae out to use the model's own VAE.")
+        load_vae_weights(model.vae, args.vae)
+    return model
 
 
 def _training_arguments(group) -> None:

@@ -32,8 +32,8 @@ from library.dataset.loader import BatchSettings, EpochBatches, TrainingBatches,
 from library.dataset.plan import DatasetPlan
 from library.errors import UserError
 from library.lora.factors import lora_scale
-from library.model_files.family import ModelFamily, family_from_flags
-from library.model_files.stable_diffusion import StableDiffusionModel, load_stable_diffusion, place
+from library.model_files.family import ModelFamily
+from library.model_files.stable_diffusion import StableDiffusionModel, place
 from library.text_encoding import CaptionStates, encode_tokens
 from library.training import diffusion
 from library.training.optimizers import (
@@ -45,7 +45,7 @@ from library.training.optimizers import (
     warmup_steps,
     warns_about_learning_rate,
 )
-from library.training.options import MIXED_PRECISION_DTYPES, SAVE_PRECISION_DTYPES, check_model_arguments, vae_dtype
+from library.training.options import MIXED_PRECISION_DTYPES, SAVE_PRECISION_DTYPES, load_base_model, vae_dtype
 from library.training.samples import SampleSchedule, draw_samples, sample_schedule
 from library.training.saving import (
     epoch_file,
@@ -100,7 +100,6 @@ class Progress:
 def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None) -> Path:
     """Run the whole training; returns the final LoRA file. `on_step(global_step)` is called after every optimizer
     step (the benchmark times steps with it)."""
-    check_model_arguments(args)
     resumed = read_train_state(args.resume) if args.resume else None
     if resumed and args.seed is None:
         args.seed = resumed.seed  # the data order and noise of the run being continued
@@ -113,7 +112,7 @@ def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None
     num_epochs = set_training_length(args, plans, num_processes)
     fingerprint = run_fingerprint(args, plans, num_processes, optimizer_name(args.optimizer_type, args.use_8bit_adam, args.use_lion_optimizer))
     start = resume_point(args, resumed, fingerprint, _batches_per_epoch(plans, num_processes)) if resumed else Progress(1, 0, 0)
-    model = load_stable_diffusion(args.pretrained_model_name_or_path, family=family_from_flags(v2=args.v2), v_parameterization=args.v_parameterization)
+    model = load_base_model(args)
     if model.family is ModelFamily.SDXL:
         raise UserError(f"{args.pretrained_model_name_or_path}: an SDXL model; train it with sdxl_train_network.py (not available yet).")
     if args.debug_dataset:
@@ -353,7 +352,8 @@ def run_summary_lines(run: Run) -> list[str]:
     rates = [f"{group.get('lr')}" for group in run.optimizer.param_groups]
     alpha, rank = float(args.network_alpha), args.network_dim or network.lora_dim
     return [
-        f"model: {run.model.source} ({run.model.family.label}, {'v' if run.model.v_prediction else 'epsilon'} prediction)",
+        f"model: {run.model.source} ({run.model.family.label}, {'v' if run.model.v_prediction else 'epsilon'} prediction)"
+        f"{f', VAE from {args.vae}' if args.vae else ''}",
         f"training: {run.num_epochs} epochs of {run.sampler.batches_per_epoch} batches, {args.max_train_steps} optimizer steps, "
         f"effective batch {total_batch} (batch x {args.gradient_accumulation_steps} accumulation x {run.accelerator.num_processes} processes)",
         f"network: {args.network_module}, rank {rank}, alpha {alpha:g} (scale {lora_scale(alpha, rank):g}), "
