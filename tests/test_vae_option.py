@@ -58,7 +58,7 @@ def test_a_file_that_is_not_a_vae_or_not_this_kind_is_one_sentence(source, tmp_p
         load_vae_weights(make_tiny_model(ModelFamily.SD1).vae, not_vae)
     with pytest.raises(UserError, match="no such file"):
         load_vae_weights(make_tiny_model(ModelFamily.SD1).vae, tmp_path / "absent.safetensors")
-    narrower = AutoencoderKL(block_out_channels=[16, 32], down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
+    narrower = AutoencoderKL(block_out_channels=[32, 32], down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
     with pytest.raises(UserError, match="tensors have another shape"):
         load_vae_weights(narrower, source[1])
 
