@@ -45,8 +45,8 @@ def test_timesteps_stay_in_range_and_collapse_when_min_reaches_max():
 
 def test_noise_offset_adds_one_value_per_sample_and_channel():
     latents = torch.zeros(2, 4, 16, 16)
-    plain = diffusion.make_noise(latents, None, torch.Generator().manual_seed(5))
-    offset = diffusion.make_noise(latents, 0.1, torch.Generator().manual_seed(5))
+    plain = diffusion.make_noise(latents, diffusion.NoiseSettings(), torch.Generator().manual_seed(5))
+    offset = diffusion.make_noise(latents, diffusion.NoiseSettings(noise_offset=0.1), torch.Generator().manual_seed(5))
     difference = offset - plain
     assert torch.allclose(difference, difference[:, :, :1, :1].expand_as(difference))  # constant over H, W
     assert torch.equal(plain, torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5)))

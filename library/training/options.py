@@ -8,10 +8,12 @@ import argparse
 import torch
 
 from library.dataset.arguments import add_dataset_arguments
+from library.errors import UserError
 from library.model_files.family import family_from_flags
 from library.model_files.stable_diffusion import StableDiffusionModel, load_stable_diffusion
 from library.model_files.vae import load_vae_weights
 from library.training.config_file import add_config_file_arguments
+from library.training.diffusion import HUBER_SCHEDULES, LOSS_TYPES, THRESHOLD_LOSS_TYPES, LossSettings, NoiseSettings
 from library.sampling.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
 from library.training.optimizers import SCHEDULERS
 from library.training.saving import SAVE_FORMATS
@@ -53,11 +55,32 @@ def vae_dtype(args: argparse.Namespace) -> torch.dtype:
 
 
 def load_base_model(args: argparse.Namespace) -> StableDiffusionModel:
-    """The base model as the model options describe it, with the weights of --vae when given."""
-    model = load_stable_diffusion(args.pretrained_model_name_or_path, family=family_from_flags(v2=args.v2), v_parameterization=args.v_parameterization)
+    """The base model as the model options describe it, with the weights of --vae when given. It is loaded in the
+    dtype it will run in (float32 only when --no_half_vae keeps the VAE there), so that a bf16 run never holds a
+    float32 copy of the weights."""
+    model = load_stable_diffusion(args.pretrained_model_name_or_path, family=family_from_flags(v2=args.v2),
+                                  v_parameterization=args.v_parameterization, dtype=vae_dtype(args))
     if args.vae:
         load_vae_weights(model.vae, args.vae)
     return model
+
+
+def check_noise_and_loss_arguments(args: argparse.Namespace) -> list[str]:
+    """sd-scripts' checks of the noise and loss options (specs/training.md 1.5), one sentence each; returns notes."""
+    if args.adaptive_noise_scale is not None and args.noise_offset is None:
+        raise UserError("--adaptive_noise_scale adds to the offset of --noise_offset; give --noise_offset too (e.g. --noise_offset 0.05).")
+    if args.scale_v_pred_loss_like_noise_pred and not args.v_parameterization:
+        raise UserError("--scale_v_pred_loss_like_noise_pred rescales a v-prediction loss, so it needs --v_parameterization.")
+    if args.v_pred_like_loss and args.v_parameterization:
+        raise UserError("--v_pred_like_loss adds a v-prediction-like term to a noise-prediction loss; leave it out with --v_parameterization.")
+    if args.multires_noise_iterations is not None and args.multires_noise_iterations < 0:
+        raise UserError(f"--multires_noise_iterations is {args.multires_noise_iterations}; use 1 or more (6 to 10 is common), or 0 for none.")
+    if args.loss_type in THRESHOLD_LOSS_TYPES and args.huber_c <= 0:
+        raise UserError(f"--huber_c is {args.huber_c:g}, but the {args.loss_type} threshold must be above 0 (default {LossSettings.huber_c}).")
+    if args.zero_terminal_snr and not args.v_parameterization:
+        return ["--zero_terminal_snr without --v_parameterization: the last timestep's input is pure noise, which a noise-predicting "
+                "model can only copy, so training may go unexpectedly; the option is meant for v-prediction."]
+    return []
 
 
 def _training_arguments(group) -> None:
@@ -70,7 +93,27 @@ def _training_arguments(group) -> None:
     group.add_argument("--full_bf16", action="store_true", help="keep the LoRA weights in bf16 too (needs --mixed_precision bf16)")
     group.add_argument("--clip_skip", type=int, help="use the k-th hidden layer of CLIP from the end (2 for many anime models)")
     group.add_argument("--noise_offset", type=float, help="offset-noise strength (e.g. 0.05)")
+    group.add_argument("--noise_offset_random_strength", action="store_true", help="scale --noise_offset by U(0, 1), drawn once per batch")
+    group.add_argument("--adaptive_noise_scale", type=float, help="add this times |mean of each latent channel| to --noise_offset (needs --noise_offset)")
+    group.add_argument("--multires_noise_iterations", type=int, help="pyramid (multi-resolution) noise with this many levels (6 to 10 is common)")
+    group.add_argument("--multires_noise_discount", type=float, default=NoiseSettings.multires_noise_discount,
+                       help="weight of each coarser pyramid-noise level relative to the one before (default %(default)s)")
+    group.add_argument("--ip_noise_gamma", type=float, help="input-perturbation strength (e.g. 0.1): extra noise in the U-Net's input, not in the target")
+    group.add_argument("--ip_noise_gamma_random_strength", action="store_true", help="scale --ip_noise_gamma by U(0, 1), drawn once per batch")
+    group.add_argument("--zero_terminal_snr", action="store_true", help="rescale the noise schedule so that its last step is pure noise (for v-prediction)")
+    group.add_argument("--loss_type", choices=LOSS_TYPES, default=LossSettings.loss_type, help="element-wise loss (default %(default)s)")
+    group.add_argument("--huber_schedule", choices=HUBER_SCHEDULES, default=LossSettings.huber_schedule,
+                       help="how the huber/smooth_l1 threshold follows the timestep (default %(default)s)")
+    group.add_argument("--huber_c", type=float, default=LossSettings.huber_c, help="huber/smooth_l1 threshold (default %(default)s)")
+    group.add_argument("--huber_scale", type=float, default=LossSettings.huber_scale,
+                       help="multiplier of the threshold in the constant and exponential schedules (default %(default)s)")
+    group.add_argument("--masked_loss", action="store_true",
+                       help="accepted for compatibility: datasets with alpha_mask always mask the loss, with or without it")
     group.add_argument("--min_snr_gamma", type=float, help="Min-SNR loss weighting gamma (5 is common)")
+    group.add_argument("--scale_v_pred_loss_like_noise_pred", action="store_true",
+                       help="scale the v-prediction loss by SNR/(SNR+1), like a noise-prediction loss (needs --v_parameterization)")
+    group.add_argument("--v_pred_like_loss", type=float, help="add a v-prediction-like loss term with this weight (not with --v_parameterization)")
+    group.add_argument("--debiased_estimation_loss", action="store_true", help="weight the loss by 1/sqrt(SNR), or 1/(SNR+1) with --v_parameterization")
     group.add_argument("--min_timestep", type=int, help="lowest training timestep (default 0)")
     group.add_argument("--max_timestep", type=int, help="training timesteps stay below this (default 1000)")
     group.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the LoRA gradients' norm to this; 0 = no clipping")

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
+from diffusers import DDPMScheduler
 from tqdm import tqdm
 
 from library.dataset.arguments import caches_latents, datasets_from_arguments
@@ -45,7 +46,7 @@ from library.training.optimizers import (
     warmup_steps,
     warns_about_learning_rate,
 )
-from library.training.options import MIXED_PRECISION_DTYPES, SAVE_PRECISION_DTYPES, load_base_model, vae_dtype
+from library.training.options import MIXED_PRECISION_DTYPES, SAVE_PRECISION_DTYPES, check_noise_and_loss_arguments, load_base_model, vae_dtype
 from library.training.samples import SampleSchedule, draw_samples, sample_schedule
 from library.training.saving import (
     epoch_file,
@@ -84,6 +85,9 @@ class Run:
     fingerprint: dict
     start: Progress
     caption_states: CaptionStates | None  # the text encoder's outputs per caption, when neither changes
+    noise_scheduler: DDPMScheduler
+    noise: diffusion.NoiseSettings
+    loss: diffusion.LossSettings
     samples: SampleSchedule | None = None
     on_step: Callable[[int], None] | None = None
 
@@ -129,7 +133,7 @@ def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None
 
 def check_options(args: argparse.Namespace) -> list[str]:
     """Conflicts are refused in one sentence each; options that cannot apply on this machine give a note."""
-    notes = []
+    notes = check_noise_and_loss_arguments(args)
     if args.seed is None:
         args.seed = random.randint(0, 2**32 - 1)
     if args.full_fp16 and args.mixed_precision != "fp16":
@@ -253,7 +257,9 @@ def prepare(args: argparse.Namespace, model: StableDiffusionModel, plans: list[D
     }
     metadata = training_metadata(args, plans, counts, optimizer_text, time.time())
     return Run(args, accelerator, model, plans, network, optimizer, lr_scheduler, sampler, loader, weight_dtype, latent_scale,
-               train_unet, train_text_encoder, num_epochs, metadata, lr_descriptions, fingerprint, start, _caption_states(plans, train_text_encoder))
+               train_unet, train_text_encoder, num_epochs, metadata, lr_descriptions, fingerprint, start, _caption_states(plans, train_text_encoder),
+               diffusion.training_scheduler(model.v_prediction, args.zero_terminal_snr), diffusion.NoiseSettings.from_args(args),
+               diffusion.LossSettings.from_args(args))
 
 
 def _caption_states(plans: list[DatasetPlan], train_text_encoder: bool) -> CaptionStates | None:
@@ -407,7 +413,6 @@ def train_loop(run: Run) -> Path:
 def _train_epoch(run: Run, where: Progress, recent_losses: deque, progress: tqdm, stop: StopRequest) -> Progress:
     """Train from `where` to the end of its epoch, or until the last step or a stop request; returns where it ended."""
     args, accumulation = run.args, run.args.gradient_accumulation_steps
-    scheduler = diffusion.training_scheduler(run.model.v_prediction)
     run.sampler.set_epoch(where.epoch, where.step - where.batches_done // accumulation, where.batches_done)
     run.network.train()
     epoch_losses, group_losses = [], []
@@ -417,7 +422,7 @@ def _train_epoch(run: Run, where: Progress, recent_losses: deque, progress: tqdm
             group_losses = []
         is_sync = (position + 1) % accumulation == 0 or position + 1 == run.sampler.batches_per_epoch
         if batch is not None:
-            group_losses.append(_micro_step(run, scheduler, batch, where.step + 1))
+            group_losses.append(_micro_step(run, batch, where.step + 1))
         if not is_sync:
             continue
         _optimizer_step(run)
@@ -507,8 +512,8 @@ def _start_step(run: Run, step: int) -> None:
             network.on_step_start()
 
 
-def _micro_step(run: Run, scheduler, batch: dict, step: int) -> float:
-    """Forward and backward of one batch; returns its loss, checked to be finite before anything uses it."""
+def _micro_step(run: Run, batch: dict, step: int) -> float:
+    """Forward and backward of one batch; returns its loss, checked to be finite before the optimizer uses it."""
     args, device = run.args, run.accelerator.device
     generator = torch.Generator(device).manual_seed(batch["batch_seed"])
     with torch.no_grad():
@@ -523,21 +528,21 @@ def _micro_step(run: Run, scheduler, batch: dict, step: int) -> float:
             context = run.caption_states.encode(run.model.text_encoders[0], batch["input_ids"].to(device), args.clip_skip)
         else:
             context = encode_tokens(run.model.text_encoders[0], batch["input_ids"].to(device), args.clip_skip)
-    noise = diffusion.make_noise(latents, args.noise_offset, generator)
+    noise = diffusion.make_noise(latents, run.noise, generator)
     timesteps = diffusion.sample_timesteps(latents.shape[0], args.min_timestep, args.max_timestep, device, generator)
-    noisy, target = diffusion.noisy_latents_and_target(scheduler, latents, noise, timesteps)
+    perturbation = diffusion.input_perturbation(noise, run.noise, generator)
+    noisy, target = diffusion.noisy_latents_and_target(run.noise_scheduler, latents, noise, timesteps, perturbation)
     if args.gradient_checkpointing:
         noisy.requires_grad_(True)  # checkpointed segments need an input that asks for gradients
     with run.accelerator.autocast():
         prediction = run.model.unet(noisy, timesteps, context.to(run.weight_dtype)).sample
-    loss = diffusion.per_sample_loss(prediction, target, batch["loss_weights"], batch["alpha_masks"])
-    if args.min_snr_gamma:
-        loss = loss * diffusion.min_snr_weight(diffusion.snr(scheduler, timesteps), args.min_snr_gamma, run.model.v_prediction)
-    loss = loss.mean()
-    value = loss.detach().item()  # one sync per batch, as sd-scripts; it also keeps the CPU from running ahead
+    threshold = run.loss.threshold(timesteps, run.noise_scheduler)
+    loss = diffusion.per_sample_loss(prediction, target, batch["loss_weights"], batch["alpha_masks"], run.loss.loss_type, threshold)
+    loss = diffusion.snr_weighted_loss(loss, diffusion.snr(run.noise_scheduler, timesteps), run.loss, run.model.v_prediction).mean()
+    run.accelerator.backward(loss / args.gradient_accumulation_steps)
+    value = loss.detach().item()  # read once the backward is queued, so the device does not wait for the host
     if not math.isfinite(value):
         raise UserError(_non_finite_diagnosis(args, step))
-    run.accelerator.backward(loss / args.gradient_accumulation_steps)
     return value
 
 
