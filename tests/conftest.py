@@ -54,3 +54,21 @@ def tiny_checkpoints(tmp_path_factory):
         save_diffusers_folder(model, folder / f"tiny-{family.value}")
         made[family] = (model, single_file, folder / f"tiny-{family.value}")
     return made
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1(tiny_checkpoints):
+    """The tiny SD1 model as a single .safetensors file."""
+    from library.model_files.family import ModelFamily
+
+    return tiny_checkpoints[ModelFamily.SD1][1]
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """A DreamBooth folder of 4 captioned images x 5 repeats: 20 batches of one per epoch."""
+    from library.tiny_models import make_tiny_dataset
+
+    folder = tmp_path_factory.mktemp("data")
+    make_tiny_dataset(folder, images=4, repeats=5)
+    return folder

@@ -9,6 +9,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from conftest import OFFLINE_ENVIRONMENT, ROOT
 
@@ -43,3 +46,48 @@ def test_dataset_guide_commands(tmp_path):
     assert shown.returncode == 0, shown.stderr
     assert "bucket 0: resolution (64, 64), count: 60" in shown.stdout and "bucket 1: resolution (64, 128), count: 20" in shown.stdout
     assert sorted(path.name for path in (tmp_path / "tiny" / "debug_dataset").iterdir()) == ["dataset0_bucket_64x128.png", "dataset0_bucket_64x64.png"]
+
+
+def run_line(command: str, cwd) -> subprocess.CompletedProcess:
+    """A "Try it" line: `python ...` as `run_as_user` runs it, anything else (such as `echo ... > file`) with bash."""
+    if command.startswith("python "):
+        return run_as_user(command, cwd)
+    return subprocess.run(["bash", "-c", command], cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.slow
+def test_training_guide_commands(tmp_path):
+    (tmp_path / "tools").symlink_to(ROOT / "tools")
+    (tmp_path / "train_network.py").symlink_to(ROOT / "train_network.py")
+    commands = try_it_commands("training.md")
+    assert len(commands) == 6
+    for command in commands[:2]:  # the tiny model and dataset, the prompt file
+        finished = run_line(command, tmp_path)
+        assert finished.returncode == 0, finished.stderr
+
+    trained = run_line(commands[2], tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    out = tmp_path / "tiny" / "out"
+    assert "network: networks.lora, rank 4, alpha 1 (scale 0.25)" in trained.stdout
+    assert "text encoder: frozen, each caption encoded once at its first use" in trained.stdout
+    assert sorted(path.name for path in out.iterdir()) == ["demo-state", "demo-step00000010-state", "demo-step00000010.safetensors", "demo.safetensors", "sample"]
+    assert (out / "demo-step00000010-state" / "train_state.json").is_file()
+    samples = sorted(path.name for path in (out / "sample").iterdir())
+    assert [name.split("_")[1] for name in samples] == ["000010", "000020", "e000000"] and all(name.endswith("_1.png") for name in samples)
+
+    resumed = run_line(commands[3], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming tiny/out/demo-step00000010-state: epoch 1, step 10" in resumed.stdout
+    again, first = load_file(tmp_path / "tiny" / "resumed" / "demo.safetensors"), load_file(out / "demo.safetensors")
+    assert again.keys() == first.keys()
+    for key in first:
+        torch.testing.assert_close(again[key], first[key], rtol=1e-5, atol=1e-7, msg=key)
+
+    write_config = run_line(commands[4], tmp_path)
+    assert write_config.returncode == 0, write_config.stderr
+    assert "learning_rate = 0.001" in (tmp_path / "tiny" / "run.toml").read_text()
+    assert not (tmp_path / "tiny" / "from_config").exists()
+    from_config = run_line(commands[5], tmp_path)
+    assert from_config.returncode == 0, from_config.stderr
+    with safe_open(tmp_path / "tiny" / "from_config" / "demo.safetensors", "pt") as file:
+        assert file.metadata()["ss_steps"] == "5"

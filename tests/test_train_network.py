@@ -11,10 +11,8 @@ from training_helpers import training_arguments
 
 from library.errors import UserError
 from library.model_files.containers import open_checkpoint
-from library.model_files.family import ModelFamily
 from library.model_files.stable_diffusion import load_stable_diffusion
 from library.text_encoding import encode_tokens, tokenize
-from library.tiny_models import make_tiny_dataset
 from library.training import diffusion
 from library.training import trainer
 from library.training.trainer import train
@@ -24,21 +22,9 @@ HIGH_TIMESTEP = 990  # x_t is nearly pure noise there, so predicting the noise i
 
 
 @pytest.fixture(scope="module")
-def tiny_sd1(tiny_checkpoints):
-    return tiny_checkpoints[ModelFamily.SD1][1]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    make_tiny_dataset(folder, images=4, repeats=5)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_sd1, data, tmp_path_factory):
+def trained(tiny_sd1, tiny_dataset, tmp_path_factory):
     output = tmp_path_factory.mktemp("output")
-    args = training_arguments(tiny_sd1, data, output, "--output_name", "tiny", "--learning_rate", "1e-2", "--network_dim", "8", "--network_alpha", "8",
+    args = training_arguments(tiny_sd1, tiny_dataset, output, "--output_name", "tiny", "--learning_rate", "1e-2", "--network_dim", "8", "--network_alpha", "8",
                      "--max_train_steps", "40", "--min_timestep", str(HIGH_TIMESTEP), "--cache_latents", "--save_every_n_steps", "20")
     return train(args), output
 
@@ -75,12 +61,12 @@ def load_with_images(model_file, data):
 
 
 @pytest.mark.slow
-def test_training_lowers_the_loss_and_saves_sd_scripts_files(trained, tiny_sd1, data):
+def test_training_lowers_the_loss_and_saves_sd_scripts_files(trained, tiny_sd1, tiny_dataset):
     final, output = trained
     assert final == output / "tiny.safetensors"
     assert sorted(path.name for path in output.iterdir()) == ["tiny-step00000020.safetensors", "tiny.safetensors"]
-    before = high_timestep_loss(load_with_images(tiny_sd1, data))
-    after = high_timestep_loss(load_with_images(tiny_sd1, data), final)
+    before = high_timestep_loss(load_with_images(tiny_sd1, tiny_dataset))
+    after = high_timestep_loss(load_with_images(tiny_sd1, tiny_dataset), final)
     assert after < 0.8 * before
 
     metadata = open_checkpoint(final).metadata
@@ -104,21 +90,21 @@ def test_the_trained_file_loads_completely_in_diffusers(trained, tiny_sd1):
 
 
 @pytest.mark.slow
-def test_a_non_finite_loss_stops_the_run_without_saving(tiny_sd1, data, tmp_path, monkeypatch):
+def test_a_non_finite_loss_stops_the_run_without_saving(tiny_sd1, tiny_dataset, tmp_path, monkeypatch):
     def poisoned(prediction, *args, **kwargs):
         return prediction.mean(dim=(1, 2, 3)) * float("nan")
 
     monkeypatch.setattr(diffusion, "per_sample_loss", poisoned)
     with pytest.raises(UserError, match="NaN or infinite at step 1; nothing was saved"):
-        train(training_arguments(tiny_sd1, data, tmp_path / "out", "--max_train_steps", "3", "--save_every_n_steps", "1"))
+        train(training_arguments(tiny_sd1, tiny_dataset, tmp_path / "out", "--max_train_steps", "3", "--save_every_n_steps", "1"))
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
 @pytest.mark.slow
-def test_cuda_only_options_give_a_note_on_the_cpu(tiny_sd1, data, tmp_path, capsys):
+def test_cuda_only_options_give_a_note_on_the_cpu(tiny_sd1, tiny_dataset, tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    final = train(training_arguments(tiny_sd1, data, tmp_path, "--max_train_steps", "2", "--mixed_precision", "fp16", "--xformers", "--network_train_unet_only",
+    final = train(training_arguments(tiny_sd1, tiny_dataset, tmp_path, "--max_train_steps", "2", "--mixed_precision", "fp16", "--xformers", "--network_train_unet_only",
                             "--optimizer_type", "AdamW8bit"))
     printed = capsys.readouterr().out
     assert "--mixed_precision fp16 needs a CUDA GPU; training on the CPU in float32." in printed
@@ -136,49 +122,49 @@ def test_cuda_only_options_give_a_note_on_the_cpu(tiny_sd1, data, tmp_path, caps
         (["--lr_scheduler", "constant", "--lr_warmup_steps", "10"], "constant has no warmup"),
     ],
 )
-def test_conflicting_options_are_one_sentence(tiny_sd1, data, tmp_path, extra, message):
+def test_conflicting_options_are_one_sentence(tiny_sd1, tiny_dataset, tmp_path, extra, message):
     with pytest.raises(UserError, match=message):
-        train(training_arguments(tiny_sd1, data, tmp_path, "--max_train_steps", "1", *extra))
+        train(training_arguments(tiny_sd1, tiny_dataset, tmp_path, "--max_train_steps", "1", *extra))
 
 
 @pytest.mark.slow
-def test_step_saves_outside_the_kept_window_are_removed(tiny_sd1, data, tmp_path):
-    train(training_arguments(tiny_sd1, data, tmp_path, "--max_train_steps", "8", "--save_every_n_steps", "2", "--save_last_n_steps", "2",
+def test_step_saves_outside_the_kept_window_are_removed(tiny_sd1, tiny_dataset, tmp_path):
+    train(training_arguments(tiny_sd1, tiny_dataset, tmp_path, "--max_train_steps", "8", "--save_every_n_steps", "2", "--save_last_n_steps", "2",
                     "--network_train_unet_only", "--cache_latents"))
     # saving step 6 removes step (6 - 2 - 1) // 2 * 2 = 2; step 8 is the last step, saved as last.safetensors only
     assert sorted(path.name for path in tmp_path.iterdir()) == ["at-step00000004.safetensors", "at-step00000006.safetensors", "last.safetensors"]
 
 
-def test_logging_without_its_package_is_one_sentence(tiny_sd1, data, tmp_path, monkeypatch):
+def test_logging_without_its_package_is_one_sentence(tiny_sd1, tiny_dataset, tmp_path, monkeypatch):
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "tensorboard" else real_find_spec(name, *rest))
     with pytest.raises(UserError, match="pip install tensorboard"):
-        train(training_arguments(tiny_sd1, data, tmp_path / "out", "--max_train_steps", "1", "--logging_dir", str(tmp_path / "logs")))
+        train(training_arguments(tiny_sd1, tiny_dataset, tmp_path / "out", "--max_train_steps", "1", "--logging_dir", str(tmp_path / "logs")))
     assert not (tmp_path / "out").exists()
 
 
-def test_a_frozen_text_encoder_encodes_each_caption_once_with_the_same_result(tiny_sd1, data, tmp_path, capsys, monkeypatch):
+def test_a_frozen_text_encoder_encodes_each_caption_once_with_the_same_result(tiny_sd1, tiny_dataset, tmp_path, capsys, monkeypatch):
     options = ("--output_name", "tiny", "--max_train_steps", "6", "--network_train_unet_only", "--learning_rate", "1e-2", "--cache_latents")
-    cached = train(training_arguments(tiny_sd1, data, tmp_path / "cached", *options))
+    cached = train(training_arguments(tiny_sd1, tiny_dataset, tmp_path / "cached", *options))
     assert "text encoder: frozen, each caption encoded once at its first use" in capsys.readouterr().out
     monkeypatch.setattr(trainer, "_caption_states", lambda plans, train_text_encoder: None)
-    uncached = train(training_arguments(tiny_sd1, data, tmp_path / "uncached", *options))
+    uncached = train(training_arguments(tiny_sd1, tiny_dataset, tmp_path / "uncached", *options))
     expected = load_file(uncached)
     for key, tensor in load_file(cached).items():
         torch.testing.assert_close(tensor, expected[key], msg=key)
 
 
-def test_captions_that_change_per_use_are_encoded_every_step(tiny_sd1, data, tmp_path, capsys):
-    train(training_arguments(tiny_sd1, data, tmp_path, "--max_train_steps", "1", "--network_train_unet_only", "--shuffle_caption"))
+def test_captions_that_change_per_use_are_encoded_every_step(tiny_sd1, tiny_dataset, tmp_path, capsys):
+    train(training_arguments(tiny_sd1, tiny_dataset, tmp_path, "--max_train_steps", "1", "--network_train_unet_only", "--shuffle_caption"))
     assert "captions change from use to use" in capsys.readouterr().out
 
 
-def test_tensorboard_logs_the_losses_and_learning_rates_per_step(tiny_sd1, data, tmp_path):
+def test_tensorboard_logs_the_losses_and_learning_rates_per_step(tiny_sd1, tiny_dataset, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    train(training_arguments(tiny_sd1, data, tmp_path / "out", "--max_train_steps", "4", "--learning_rate", "1e-3", "--unet_lr", "2e-3",
+    train(training_arguments(tiny_sd1, tiny_dataset, tmp_path / "out", "--max_train_steps", "4", "--learning_rate", "1e-3", "--unet_lr", "2e-3",
                              "--logging_dir", str(tmp_path / "logs"), "--log_prefix", "mine-"))
     (run_folder,) = (tmp_path / "logs").iterdir()
     assert run_folder.name.startswith("mine-") and (run_folder / "network_train").is_dir()

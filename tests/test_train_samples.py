@@ -12,7 +12,6 @@ from PIL import Image
 from training_helpers import training_arguments
 
 from library.errors import UserError
-from library.model_files.family import ModelFamily
 from library.model_files.stable_diffusion import load_stable_diffusion
 from library.sampling import SamplePrompt, generate_image
 from library.tiny_models import make_tiny_dataset
@@ -20,11 +19,6 @@ from library.training.trainer import train
 from networks.lora import create_network_from_weights
 
 PROMPTS = "a shape\na red shape --n blurry --d 5 --w 64 --h 64 --s 3\n"
-
-
-@pytest.fixture(scope="module")
-def tiny_sd1(tiny_checkpoints):
-    return tiny_checkpoints[ModelFamily.SD1][1]
 
 
 @pytest.fixture(scope="module")

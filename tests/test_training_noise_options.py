@@ -13,9 +13,7 @@ from training_helpers import training_arguments
 
 from library.errors import UserError
 from library.model_files.containers import open_checkpoint
-from library.model_files.family import ModelFamily
 from library.model_files.stable_diffusion import load_stable_diffusion
-from library.tiny_models import make_tiny_dataset
 from library.training import diffusion
 from library.training.diffusion import LossSettings, NoiseSettings
 from library.training.trainer import check_options, train
@@ -231,26 +229,14 @@ def test_option_defaults_are_sd_scripts_defaults():
 # training runs
 
 
-@pytest.fixture(scope="module")
-def tiny_sd1(tiny_checkpoints):
-    return tiny_checkpoints[ModelFamily.SD1][1]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    make_tiny_dataset(folder, images=4, repeats=5)
-    return folder
-
-
 SHORT_RUN = ("--max_train_steps", "3", "--learning_rate", "1e-3", "--network_train_unet_only", "--cache_latents")
 
 
-def test_training_with_the_new_options_gives_a_loadable_file_and_records_them(tiny_sd1, data, tmp_path):
+def test_training_with_the_new_options_gives_a_loadable_file_and_records_them(tiny_sd1, tiny_dataset, tmp_path):
     v_options = ("--v_parameterization", "--zero_terminal_snr", "--noise_offset", "0.05", "--noise_offset_random_strength", "--adaptive_noise_scale", "0.01",
                  "--multires_noise_iterations", "4", "--ip_noise_gamma", "0.1", "--ip_noise_gamma_random_strength", "--loss_type", "huber",
                  "--min_snr_gamma", "5", "--scale_v_pred_loss_like_noise_pred", "--debiased_estimation_loss", "--masked_loss")
-    final = train(training_arguments(tiny_sd1, data, tmp_path / "v", *SHORT_RUN, *v_options))
+    final = train(training_arguments(tiny_sd1, tiny_dataset, tmp_path / "v", *SHORT_RUN, *v_options))
     model = load_stable_diffusion(tiny_sd1)
     network, weights = create_network_from_weights(1.0, final, model.vae, model.text_encoders[0], model.unet)
     network.load_state_dict(weights)
@@ -264,16 +250,16 @@ def test_training_with_the_new_options_gives_a_loadable_file_and_records_them(ti
     # epsilon prediction at the last timesteps, where zero terminal SNR takes SNR to 0: the weights' floor keeps it finite
     eps_options = ("--zero_terminal_snr", "--min_timestep", "995", "--loss_type", "smooth_l1", "--huber_schedule", "exponential", "--huber_scale", "2",
                    "--v_pred_like_loss", "0.1", "--debiased_estimation_loss", "--min_snr_gamma", "5")
-    final = train(training_arguments(tiny_sd1, data, tmp_path / "eps", *SHORT_RUN, *eps_options))
+    final = train(training_arguments(tiny_sd1, tiny_dataset, tmp_path / "eps", *SHORT_RUN, *eps_options))
     assert all(torch.isfinite(tensor).all() for tensor in load_file(final).values())
 
 
-def test_new_options_at_their_defaults_change_nothing(tiny_sd1, data, tmp_path):
+def test_new_options_at_their_defaults_change_nothing(tiny_sd1, tiny_dataset, tmp_path):
     existing = ("--noise_offset", "0.05", "--min_snr_gamma", "5")
-    plain = load_file(train(training_arguments(tiny_sd1, data, tmp_path / "plain", *SHORT_RUN, *existing)))
+    plain = load_file(train(training_arguments(tiny_sd1, tiny_dataset, tmp_path / "plain", *SHORT_RUN, *existing)))
     defaults = ("--loss_type", "l2", "--huber_schedule", "snr", "--huber_c", "0.1", "--huber_scale", "1.0", "--multires_noise_discount", "0.3",
                 "--multires_noise_iterations", "0", "--masked_loss")
-    explicit = load_file(train(training_arguments(tiny_sd1, data, tmp_path / "explicit", *SHORT_RUN, *existing, *defaults)))
+    explicit = load_file(train(training_arguments(tiny_sd1, tiny_dataset, tmp_path / "explicit", *SHORT_RUN, *existing, *defaults)))
     assert plain.keys() == explicit.keys() and all(torch.equal(plain[key], explicit[key]) for key in plain)
-    changed = load_file(train(training_arguments(tiny_sd1, data, tmp_path / "changed", *SHORT_RUN, *existing, "--ip_noise_gamma", "0.1")))
+    changed = load_file(train(training_arguments(tiny_sd1, tiny_dataset, tmp_path / "changed", *SHORT_RUN, *existing, "--ip_noise_gamma", "0.1")))
     assert not all(torch.equal(plain[key], changed[key]) for key in plain)  # and the options do reach the training step
