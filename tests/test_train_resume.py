@@ -4,6 +4,7 @@ with the same LoRA as a run that never stopped, and a resume with other settings
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import os
 import signal
 
@@ -102,3 +103,18 @@ def test_a_resume_past_the_last_step_or_from_elsewhere_is_one_sentence(uninterru
     (foreign / "train_state.json").write_text(json.dumps({"current_epoch": 1, "current_step": 10}))
     with pytest.raises(UserError, match="--network_weights"):
         train(training_arguments(tiny_sd1, tiny_dataset, tmp_path, *run(), "--resume", str(foreign)))
+
+
+def test_the_same_folder_given_relative_or_absolute_is_the_same_run(tiny_dataset, monkeypatch):
+    from library.dataset.plan import prepare_datasets
+    from library.training.state import first_difference, run_fingerprint
+    from library.training.options import build_parser
+
+    def fingerprint(folder):
+        plans, _ = prepare_datasets(None, {"resolution": "64"}, train_data_dir=str(folder))
+        args = build_parser().parse_args(["--pretrained_model_name_or_path", "m", "--output_dir", "o", "--network_module", "networks.lora"])
+        return run_fingerprint(args, plans, 1, "AdamW")
+
+    absolute = fingerprint(tiny_dataset)
+    monkeypatch.chdir(tiny_dataset.parent)
+    assert first_difference(absolute, fingerprint(Path(tiny_dataset.name))) is None

@@ -18,6 +18,7 @@ from library.dataset.plan import DatasetPlan
 from library.errors import UserError
 
 TRAIN_STATE_FILE = "train_state.json"
+PATH_KEYS = ("image_dir", "metadata_file", "conditioning_data_dir")
 
 
 @dataclass(frozen=True)
@@ -52,12 +53,17 @@ def run_fingerprint(args: Any, plans: Sequence[DatasetPlan], num_processes: int,
 
 
 def _dataset_fingerprint(plan: DatasetPlan) -> dict[str, Any]:
-    paths = "\n".join(sorted(str(sample.image.path) for sample in plan.samples))
+    paths = "\n".join(sorted(str(Path(sample.image.path).resolve()) for sample in plan.samples))
     return {
         "settings": dict(plan.config.settings),
-        "subsets": [dict(subset.settings) for subset in plan.config.subsets],
+        "subsets": [_with_absolute_paths(subset.settings) for subset in plan.config.subsets],
         "images": f"{len(plan.samples)} images, list {hashlib.sha256(paths.encode()).hexdigest()[:12]}",
     }
+
+
+def _with_absolute_paths(settings) -> dict[str, Any]:
+    """A folder given relative to another working directory is the same folder."""
+    return {key: str(Path(value).resolve()) if key in PATH_KEYS and value else value for key, value in settings.items()}
 
 
 def write_train_state(folder: Path, state: TrainState) -> None:

@@ -164,6 +164,8 @@ def check_options(args: argparse.Namespace) -> list[str]:
 
 def _check_logger_installed(args: argparse.Namespace) -> None:
     """accelerate silently logs nothing when the tracker's package is missing; say so instead."""
+    if args.log_with and not args.logging_dir:
+        raise UserError(f"--log_with {args.log_with} writes its logs under --logging_dir; give --logging_dir too (e.g. --logging_dir logs).")
     if not args.logging_dir:
         return
     wanted = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}[args.log_with or "tensorboard"]
@@ -384,7 +386,7 @@ def train_loop(run: Run) -> Path:
     if args.logging_dir:
         accelerator.init_trackers("network_train")
     where = run.start
-    recent_losses = deque(maxlen=run.sampler.batches_per_epoch)  # the loss average over about an epoch, as sd-scripts
+    recent_losses = deque(maxlen=math.ceil(run.sampler.batches_per_epoch / args.gradient_accumulation_steps))  # about an epoch, as sd-scripts
     progress = tqdm(total=args.max_train_steps, initial=where.step, desc="steps", disable=not accelerator.is_main_process)
     if run.samples and run.samples.at_first and where.step == 0:
         _draw_samples(run, epoch=0)
@@ -397,7 +399,7 @@ def train_loop(run: Run) -> Path:
                 _stop(run, where)
             if not finished and args.save_every_n_epochs and epoch % args.save_every_n_epochs == 0:
                 _save_epoch(run, where)
-            if where.batches_done == run.sampler.batches_per_epoch and run.samples and run.samples.after_epoch(epoch):
+            if (where.batches_done == run.sampler.batches_per_epoch or finished) and run.samples and run.samples.after_epoch(epoch):
                 _draw_samples(run, epoch=epoch)
             if finished:
                 break
