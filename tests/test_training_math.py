@@ -106,6 +106,19 @@ def test_optimizer_choice_and_its_errors():
         make_optimizer("AdamW", {"momentum": 0.9}, [{"params": [parameter], "lr": 0.1}], 0.1)
 
 
+def test_adafactor_is_transformers_with_sd_scripts_relative_step_handling():
+    from transformers.optimization import Adafactor, AdafactorSchedule
+
+    parameter = torch.nn.Parameter(torch.zeros(2))
+    optimizer, _ = make_optimizer("AdaFactor", {}, [{"params": [parameter], "lr": 0.1}], 0.1)
+    assert isinstance(optimizer, Adafactor) and optimizer.defaults["relative_step"] and optimizer.defaults["lr"] is None
+    assert "lr" not in optimizer.param_groups[0] or optimizer.param_groups[0]["lr"] is None  # Adafactor finds its own step size
+    assert isinstance(make_lr_scheduler("cosine", optimizer, 0, 100, 1, 1.0, initial_lr=0.1), AdafactorSchedule)
+    fixed, _ = make_optimizer("Adafactor", {"relative_step": False, "scale_parameter": False}, [{"params": [parameter], "lr": 0.1}], 0.1)
+    assert fixed.param_groups[0]["lr"] == 0.1
+    assert not isinstance(make_lr_scheduler("constant", fixed, 0, 100, 1, 1.0), AdafactorSchedule)
+
+
 def test_schedules_follow_their_formulas():
     def rates(name, warmup, total=100, **options):
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)

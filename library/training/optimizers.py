@@ -54,8 +54,28 @@ def _adamw(params, lr, **kwargs):
     return torch.optim.AdamW(params, lr=lr, **kwargs)
 
 
+def _adafactor(params, lr, **kwargs):
+    """transformers' Adafactor, as sd-scripts builds it: with relative_step (the default, forced by warmup_init) it
+    finds its own step size, so no learning rate is passed and the groups' rates are dropped."""
+    kwargs.setdefault("relative_step", True)
+    if kwargs.get("warmup_init"):
+        kwargs["relative_step"] = True
+    adafactor = _import("transformers.optimization", "transformers").Adafactor
+    if not kwargs["relative_step"]:
+        return adafactor(params, lr=lr, **kwargs)
+    for group in params:
+        group.pop("lr", None)
+    return adafactor(params, lr=None, **kwargs)
+
+
+def uses_relative_step(optimizer: torch.optim.Optimizer) -> bool:
+    """Adafactor finding its own step size, which sd-scripts pairs with transformers' AdafactorSchedule."""
+    return type(optimizer).__name__ == "Adafactor" and bool(optimizer.defaults.get("relative_step"))
+
+
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adamw": _adamw,
+    "adafactor": _adafactor,
     "adamw8bit": lambda params, lr, **kw: _bitsandbytes("AdamW8bit")(params, lr=lr, **kw),
     "pagedadamw8bit": lambda params, lr, **kw: _bitsandbytes("PagedAdamW8bit")(params, lr=lr, **kw),
     "pagedadamw": lambda params, lr, **kw: _bitsandbytes("PagedAdamW")(params, lr=lr, **kw),
@@ -139,7 +159,11 @@ def warmup_steps(value: str | int | float | None, total_steps: int) -> int:
         raise UserError(f"--lr_warmup_steps {value}: use a whole step count, a fraction below 1 (0.1) or a percentage (10%).") from None
 
 
-def make_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, warmup: int, total_steps: int, num_cycles: int, power: float):
+def make_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, warmup: int, total_steps: int, num_cycles: int, power: float, initial_lr: float = 0.0):
+    """The schedule; Adafactor with relative_step gets transformers' AdafactorSchedule whatever `name` says, as in
+    sd-scripts (it only reports the step size Adafactor chose, starting from `initial_lr`)."""
+    if uses_relative_step(optimizer):
+        return _import("transformers.optimization", "transformers").AdafactorSchedule(optimizer, initial_lr=initial_lr)
     if name not in SCHEDULERS:
         raise UserError(f"--lr_scheduler {name}: use one of {', '.join(SCHEDULERS)}.")
     if name == "constant" and warmup:

@@ -41,6 +41,7 @@ from library.training.optimizers import (
     CUDA_ONLY_OPTIMIZERS,
     make_lr_scheduler,
     make_optimizer,
+    uses_relative_step,
     optimizer_name,
     parse_key_values,
     warmup_steps,
@@ -246,7 +247,8 @@ def prepare(args: argparse.Namespace, model: StableDiffusionModel, plans: list[D
     # accelerate steps a prepared scheduler once per process at every optimizer step, so its length counts processes
     total_scheduler_steps = args.max_train_steps * accelerator.num_processes
     warmup = warmup_steps(args.lr_warmup_steps, args.max_train_steps) * accelerator.num_processes
-    lr_scheduler = make_lr_scheduler(args.lr_scheduler, optimizer, warmup, total_scheduler_steps, args.lr_scheduler_num_cycles, args.lr_scheduler_power)
+    lr_scheduler = make_lr_scheduler(args.lr_scheduler, optimizer, warmup, total_scheduler_steps, args.lr_scheduler_num_cycles, args.lr_scheduler_power,
+                                     args.learning_rate)
     network, optimizer, lr_scheduler = accelerator.prepare(network, optimizer, lr_scheduler)
 
     if args.resume:
@@ -366,7 +368,9 @@ def run_summary_lines(run: Run) -> list[str]:
         f"effective batch {total_batch} (batch x {args.gradient_accumulation_steps} accumulation x {run.accelerator.num_processes} processes)",
         f"network: {args.network_module}, rank {rank}, alpha {alpha:g} (scale {lora_scale(alpha, rank):g}), "
         f"{len(network.unet_loras) if run.train_unet else 0} U-Net and {len(network.text_encoder_loras) if run.train_text_encoder else 0} text-encoder modules trained",
-        f"optimizer: {run.metadata['ss_optimizer']}, learning rates per group {', '.join(rates)}, schedule {args.lr_scheduler}",
+        f"optimizer: {run.metadata['ss_optimizer']}, "
+        + ("step size chosen by Adafactor (relative_step), schedule adafactor" if uses_relative_step(run.optimizer.optimizer)
+           else f"learning rates per group {', '.join(rates)}, schedule {args.lr_scheduler}"),
         f"precision: {args.mixed_precision} on {run.accelerator.device}, attention: {'xformers' if args.xformers else 'PyTorch SDPA'}"
         f"{', gradient checkpointing' if args.gradient_checkpointing else ''}",
         f"text encoder: {_text_encoder_use(run)}",
