@@ -159,6 +159,8 @@ def check_options(args: argparse.Namespace) -> list[str]:
             args.optimizer_type, args.use_8bit_adam = "AdamW", False
     if args.mem_eff_attn:
         notes.append("--mem_eff_attn: PyTorch's scaled-dot-product attention is used, which is as memory-efficient.")
+    if args.v2 and args.clip_skip:
+        notes.append(f"--clip_skip {args.clip_skip} with --v2: SD 2.x text encoders already stop one layer early, so this skips more; usually leave it out.")
     args.session_id = random.randint(0, 2**32)
     return notes
 
@@ -250,6 +252,8 @@ def prepare(args: argparse.Namespace, model: StableDiffusionModel, plans: list[D
     lr_scheduler = make_lr_scheduler(args.lr_scheduler, optimizer, warmup, total_scheduler_steps, args.lr_scheduler_num_cycles, args.lr_scheduler_power,
                                      args.learning_rate)
     network, optimizer, lr_scheduler = accelerator.prepare(network, optimizer, lr_scheduler)
+    if args.full_fp16:
+        _allow_fp16_gradients(accelerator)
 
     if args.resume:
         _load_state(args.resume, accelerator, start)
@@ -278,6 +282,16 @@ def _load_state(folder: str, accelerator: Accelerator, start: Progress) -> None:
     except (OSError, RuntimeError, ValueError, KeyError) as error:
         raise UserError(f"--resume {folder}: the state could not be loaded ({error}); was it saved by this trainer with these settings?") from error
     print(f"resuming {folder}: epoch {start.epoch}, step {start.step}")
+
+
+def _allow_fp16_gradients(accelerator: Accelerator) -> None:
+    """With --full_fp16 the LoRA weights and so their gradients are fp16, which torch's gradient scaler refuses to
+    unscale unless told it may, as sd-scripts tells it."""
+    scaler = accelerator.scaler
+    if scaler is None:
+        return
+    unscale = scaler._unscale_grads_
+    scaler._unscale_grads_ = lambda optimizer, inv_scale, found_inf, allow_fp16: unscale(optimizer, inv_scale, found_inf, True)
 
 
 def _log_run_folder(args) -> str | None:
