@@ -7,7 +7,8 @@ import datetime
 import hashlib
 import importlib.metadata
 import json
-from typing import Mapping
+from pathlib import Path
+from typing import Mapping, Sequence
 
 import torch
 
@@ -56,6 +57,13 @@ def _modelspec(family: ModelFamily, v_prediction: bool, title: str, lora: bool, 
     }
 
 
+def merged_from(sources: Sequence[tuple[Path, Mapping[str, str]]]) -> dict[str, str]:
+    """`modelspec.merged_from` of a merged file: the inputs' titles (`modelspec.title`, else the file name without its
+    suffix), joined by ", ", as sd-scripts writes it."""
+    titles = [metadata.get("modelspec.title") or Path(path).stem for path, metadata in sources]
+    return {"modelspec.merged_from": ", ".join(titles)}
+
+
 def _installed_version() -> str:
     try:
         return importlib.metadata.version(DISTRIBUTION)
@@ -75,6 +83,18 @@ def base_model_version(family: ModelFamily, v_prediction: bool) -> str:
     return f"sd_v{1 if family is ModelFamily.SD1 else 2}" + ("_v" if v_prediction else "")
 
 
+def declared_base_model(metadata: Mapping[str, str]) -> tuple[ModelFamily, bool] | None:
+    """The (family, v-prediction) a LoRA's `ss_base_model_version` names, or None when it names none."""
+    version = metadata.get("ss_base_model_version", "")
+    if version.startswith("sdxl"):
+        return ModelFamily.SDXL, False
+    for family in (ModelFamily.SD1, ModelFamily.SD2):
+        for v_prediction in (False, True):
+            if version == base_model_version(family, v_prediction):
+                return family, v_prediction
+    return None
+
+
 def common_value(values: list[str], fallback: str) -> str:
     """The one value all modules share, `Dynamic` when they differ, `fallback` when there are none."""
     distinct = set(values)
@@ -82,16 +102,14 @@ def common_value(values: list[str], fallback: str) -> str:
 
 
 def lora_network_metadata(
-    network_module: str, dim: str, alpha: str, network_args: Mapping[str, str] | None, family: ModelFamily, v_prediction: bool
+    network_module: str, dim: str, alpha: str, network_args: Mapping[str, str] | None, family: ModelFamily | None, v_prediction: bool
 ) -> dict[str, str]:
-    """The minimum `ss_*` keys every LoRA file carries (what `--no_metadata` keeps)."""
-    metadata = {
-        "ss_network_module": network_module,
-        "ss_network_dim": dim,
-        "ss_network_alpha": alpha,
-        "ss_v2": str(family is ModelFamily.SD2),
-        "ss_base_model_version": base_model_version(family, v_prediction),
-    }
+    """The minimum `ss_*` keys every LoRA file carries (what `--no_metadata` keeps); without a family (a tool's
+    inputs did not tell it) `ss_v2` and `ss_base_model_version` are left out."""
+    metadata = {"ss_network_module": network_module, "ss_network_dim": dim, "ss_network_alpha": alpha}
+    if family is not None:
+        metadata["ss_v2"] = str(family is ModelFamily.SD2)
+        metadata["ss_base_model_version"] = base_model_version(family, v_prediction)
     if network_args:
         metadata["ss_network_args"] = json.dumps(dict(network_args))
     return metadata

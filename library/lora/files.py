@@ -4,17 +4,22 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 
 from library.errors import UserError
 from library.file_io import atomic_output
-from library.lora.naming import ALPHA, DOWN, LORA_PARTS, UP
-from library.metadata import sshs_hashes
+from library.lora.naming import ALPHA, DOWN, LORA_PARTS, UNET_PREFIX, UP, text_encoder_prefixes
+from library.metadata import declared_base_model, sshs_hashes
 from library.model_files.containers import PICKLE_SUFFIXES, open_checkpoint, tensor_sources, write_safetensors
+from library.model_files.family import ModelFamily
+
+if TYPE_CHECKING:
+    from library.lora.block_weights import BlockWeights
 
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt")
 
@@ -36,6 +41,16 @@ class ModuleFactors:
         """The alpha the scale uses: the stored value, or the rank when there is none (or it is 0)."""
         alpha = float(self.alpha) if self.alpha is not None else 0.0
         return alpha or float(self.rank)
+
+    @property
+    def uses_conv_rank(self) -> bool:
+        """A kxk conv module (k > 1), whose rank is conv_dim (--new_conv_rank in the tools)."""
+        return self.down.dim() == 4 and tuple(self.down.shape[2:]) != (1, 1)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The shape of the delta up @ down in the file's form: (out, in), (out, in, 1, 1) or (out, in, k, k)."""
+        return (self.up.shape[0], *self.down.shape[1:])
 
 
 def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -71,16 +86,117 @@ def split_modules(weights: Mapping[str, torch.Tensor], source: str) -> dict[str,
     return modules
 
 
+def module_tensors(name: str, up: torch.Tensor, down: torch.Tensor, alpha: float) -> dict[str, torch.Tensor]:
+    """The three file entries of one module; alpha as a 0-dim float32 tensor (sd-scripts' svd-merge writes int64)."""
+    return {f"{name}.{DOWN}": down, f"{name}.{UP}": up, f"{name}.{ALPHA}": torch.tensor(float(alpha), dtype=torch.float32)}
+
+
+_SDXL_NAMES = re.compile(rf"^({'|'.join(text_encoder_prefixes(2))}|{UNET_PREFIX}_(input_blocks|middle_block|output_blocks))_")
+
+
+def lora_family(module_names: Iterable[str], metadata: Mapping[str, str]) -> ModelFamily | None:
+    """The model family a LoRA is for: SDXL when its module names are SDXL's (`lora_te1_`, `lora_te2_`, SGM U-Net
+    names), else what its `ss_base_model_version` says, else None (SD1 and SD2 files share their names)."""
+    if any(_SDXL_NAMES.match(name) for name in module_names):
+        return ModelFamily.SDXL
+    declared = declared_base_model(metadata)
+    return declared[0] if declared else None
+
+
+class LoraInput(NamedTuple):
+    """One of a merge tool's `--models`, read and checked."""
+
+    path: Path
+    ratio: float
+    modules: dict[str, ModuleFactors]
+    metadata: dict[str, str]
+    family: ModelFamily | None  # None: the file does not say whether it is for SD1.x or SD2.x
+
+
+def read_lora_inputs(models: Sequence[str | os.PathLike], ratios: Sequence[float]) -> list[LoraInput]:
+    """The `--models` files with their `--ratios`: one ratio per file, every file a LoRA, all of one model family
+    (a mismatch names both files)."""
+    if len(ratios) != len(models):
+        raise UserError(
+            f"--ratios gives {len(ratios)} value(s) but --models names {len(models)} file(s) ({', '.join(map(str, models))});"
+            " give one ratio per model, in the same order."
+        )
+    inputs = []
+    for path, ratio in zip(models, ratios):
+        weights, metadata = read_lora_file(path)
+        modules = split_modules(weights, str(path))
+        if not modules:
+            raise UserError(f"{path}: the file holds no LoRA modules; give a LoRA file.")
+        inputs.append(LoraInput(Path(path), ratio, modules, metadata, lora_family(modules, metadata)))
+    known = [each for each in inputs if each.family is not None]
+    for each in known[1:]:
+        if each.family is not known[0].family:
+            raise UserError(
+                f"{known[0].path} is an {known[0].family.label} LoRA but {each.path} is an {each.family.label} LoRA;"
+                " LoRAs for different model families cannot be merged, so give files made for the same model family."
+            )
+    return inputs
+
+
+def inputs_family(inputs: Sequence[LoraInput]) -> ModelFamily | None:
+    """The inputs' family (read_lora_inputs has checked that they agree), or None if none of them says."""
+    return next((each.family for each in inputs if each.family is not None), None)
+
+
+class Member(NamedTuple):
+    """One input's factors of a module, with the input's ratio (times the module's block weight with --lbws)."""
+
+    path: Path
+    factors: ModuleFactors
+    ratio: float
+
+
+def modules_by_name(inputs: Sequence[LoraInput], block_weights: Sequence[BlockWeights] = ()) -> dict[str, list[Member]]:
+    """Every module name of any input, in order of appearance, with the inputs that have it (in --models order); one
+    name must adapt the same layer shape in every file (a Linear and a 1x1 conv of the same widths count as the same
+    layer: SD2's proj_in/proj_out come both ways)."""
+    groups: dict[str, list[Member]] = {}
+    for position, each in enumerate(inputs):
+        for name, factors in each.modules.items():
+            members = groups.setdefault(name, [])
+            if members and _layer_shape(members[0].factors) != _layer_shape(factors):
+                raise UserError(
+                    f"{members[0].path} and {each.path}: module '{name}' adapts a layer of shape {_describe(members[0].factors)}"
+                    f" in the first but {_describe(factors)} in the second; the files were made for different models, so merge"
+                    " LoRAs of one model."
+                )
+            block_weight = block_weights[position].for_module(name) if block_weights else 1.0
+            members.append(Member(each.path, factors, each.ratio * block_weight))
+    return groups
+
+
+def _layer_shape(factors: ModuleFactors) -> tuple[int, int, tuple[int, ...]]:
+    """(out, in, kernel) of the layer a module adapts; a Linear counts as a 1x1 kernel."""
+    kernel = tuple(factors.down.shape[2:]) if factors.down.dim() == 4 else (1, 1)
+    return factors.up.shape[0], factors.down.shape[1], kernel
+
+
+def _describe(factors: ModuleFactors) -> str:
+    out, into, kernel = _layer_shape(factors)
+    return f"{into} -> {out}" + (f" ({kernel[0]}x{kernel[1]} conv)" if kernel != (1, 1) else "")
+
+
 def save_lora_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], dtype: torch.dtype | None = None) -> None:
     """Save a LoRA atomically: every tensor (alpha included) cast to `dtype` when given; `.safetensors` gets the
     metadata plus the `sshs_*` hashes of the cast tensors, a torch pickle (`.ckpt`, `.pt`) the bare tensors."""
-    path = Path(path)
+    path = check_lora_output(path)
     final = {key: tensor.detach().to(device="cpu", dtype=dtype or tensor.dtype).contiguous() for key, tensor in tensors.items()}
     if path.suffix.lower() == ".safetensors":
         write_safetensors(path, tensor_sources(final), {**metadata, **sshs_hashes(final, metadata)})
-    elif path.suffix.lower() in PICKLE_SUFFIXES:
+    else:
         with atomic_output(path) as temporary:
             torch.save(final, temporary)
-    else:
+
+
+def check_lora_output(path: str | os.PathLike) -> Path:
+    """The output path of a LoRA file, refused before any work when its suffix names no format we write."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors" and path.suffix.lower() not in PICKLE_SUFFIXES:
         raise UserError(f"{path}: unknown LoRA file type '{path.suffix}'; use one of {', '.join(LORA_SUFFIXES)}.")
+    return path
 

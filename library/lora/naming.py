@@ -12,12 +12,15 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import torch
 
 from library.model_files.family import ModelFamily
-from library.model_files.key_maps import unet_ldm_names
+from library.model_files.key_maps import KeyLink, unet_ldm_names
+
+if TYPE_CHECKING:
+    from library.model_files.stable_diffusion import StableDiffusionModel
 
 TEXT_ENCODER_CONTAINERS = frozenset({"CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"})
 UNET_CONTAINERS = frozenset({"Transformer2DModel"})
@@ -129,6 +132,30 @@ def block_slot(ldm_path: str, sdxl: bool) -> int:
     if group == "middle_block":
         return 10 + index if sdxl else SD_MID_SLOT
     return 13 + index
+
+
+class CheckpointWeight(NamedTuple):
+    """Where the weight of a layer a LoRA adapts is stored in a single-file (LDM/SGM) checkpoint."""
+
+    link: KeyLink  # the file tensor (current key names), with the reshape between it and the layer's weight
+    shape: torch.Size  # the layer's weight shape
+
+
+def checkpoint_weights(model: StableDiffusionModel) -> dict[str, CheckpointWeight]:
+    """LoRA module name -> where its layer's weight lies in the model's single file, for every layer a LoRA can adapt
+    (LierLa and C3Lier): a q/k/v module of an OpenCLIP encoder is a third of the fused `in_proj_weight`. The SDXL
+    U-Net's layers are also found under their diffusers-style names. The model may be empty (meta device)."""
+    weights = {}
+    for module, links in model.components():
+        for path, layer in module.named_modules():
+            link = links.get(f"{path}.weight")
+            if link is not None:
+                weights[layer] = CheckpointWeight(link, layer.weight.shape)
+    named = {}
+    for target in text_encoder_targets(model.text_encoders) + unet_targets(model.unet, with_conv_containers=True):
+        for name in filter(None, (target.name, target.alias)):
+            named[name] = weights[target.layer]
+    return named
 
 
 def _layers_in_containers(root: torch.nn.Module, containers: frozenset[str]) -> list[tuple[str, torch.nn.Module]]:

@@ -23,6 +23,7 @@ from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, ModelMixin, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from library import compute_options
 from library.errors import UserError
 from library.metadata import checkpoint_modelspec
 from library.model_files.architecture import TEXT_ENCODER_FOLDERS, Architecture, architecture_from_shapes, scheduler_config, shipped_architecture
@@ -41,7 +42,8 @@ from library.model_files.key_maps import KeyLink, Reshape, clip_links, file_shap
 from library.model_files.tokenizer import load_tokenizers
 
 TextEncoder = CLIPTextModel | CLIPTextModelWithProjection
-PRECISIONS = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# here too for the model tools' imports
+PRECISIONS, parse_precision, parse_device = compute_options.PRECISIONS, compute_options.parse_precision, compute_options.parse_device
 TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2")
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 PIPELINE_CLASSES = {ModelFamily.SD1: "StableDiffusionPipeline", ModelFamily.SD2: "StableDiffusionPipeline", ModelFamily.SDXL: "StableDiffusionXLPipeline"}
@@ -71,15 +73,6 @@ class StableDiffusionModel:
             yield encoder, _text_encoder_links(encoder.state_dict().keys(), layout)
 
 
-def parse_precision(name: str | None, default: torch.dtype | None = None) -> torch.dtype | None:
-    """`--save_precision`/`--precision` values (float, fp16, bf16) -> dtype; None keeps `default`."""
-    if name is None:
-        return default
-    if name not in PRECISIONS:
-        raise UserError(f"unknown precision '{name}'; use one of float, fp16, bf16.")
-    return PRECISIONS[name]
-
-
 def place(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """`module.to(device, dtype)`, bypassing diffusers' override, which warns about every dtype cast (float32
     included) and points users at a from_pretrained argument they never call."""
@@ -103,7 +96,26 @@ def load_stable_diffusion(
         path = _download_from_hub(str(path))
     if path.is_dir():
         return _load_diffusers_folder(path, family, v_parameterization, dtype, tokenizer_cache_dir)
-    checkpoint = _AliasedCheckpoint(open_checkpoint(path))
+    model, checkpoint, unused = _open_single_file(path, family, v_parameterization, tokenizer_cache_dir)
+    for module, links in model.components():
+        _fill_module(module, links, checkpoint, dtype)
+    model.unused_tensors = {key: checkpoint.read(key) for key in unused}
+    return model
+
+
+def open_single_file_model(
+    path: str | os.PathLike, *, family: ModelFamily | None = None, v_parameterization: bool = False
+) -> tuple[StableDiffusionModel, AliasedCheckpoint]:
+    """A single-file checkpoint checked as `load_stable_diffusion` checks it, without reading its weights: the model
+    as empty (meta-device) modules of the file's architecture, and the file seen through current key names. For
+    tools that work on the file's tensors themselves, such as merging a LoRA into a few of them."""
+    model, checkpoint, _ = _open_single_file(Path(path), family, v_parameterization, None)
+    return model, checkpoint
+
+
+def _open_single_file(path: Path, family: ModelFamily | None, v_parameterization: bool, tokenizer_cache_dir) -> tuple[StableDiffusionModel, AliasedCheckpoint, list[str]]:
+    """The empty model, the aliased file and the file tensors no module uses; family and keys checked."""
+    checkpoint = AliasedCheckpoint(open_checkpoint(path))
     shapes = checkpoint.shapes()
     detected = detect_family(shapes, str(path))
     check_family(detected, family, str(path))
@@ -113,10 +125,7 @@ def load_stable_diffusion(
     components = list(model.components())
     unused = _unused_keys(checkpoint, components, detected)
     _check_keys(checkpoint, components, detected, path, unused)
-    for module, links in components:
-        _fill_module(module, links, checkpoint, dtype)
-    model.unused_tensors = {key: checkpoint.read(key) for key in unused}
-    return model
+    return model, checkpoint, unused
 
 
 def empty_model(
@@ -155,9 +164,10 @@ def _download_from_hub(repo_id: str) -> Path:
         ) from None
 
 
-class _AliasedCheckpoint:
+class AliasedCheckpoint:
     """A checkpoint seen through the names current tools use: legacy SD1 text keys gain `text_model.`, stray
-    `position_ids` disappear, Playground's doubled `text_projection.weight.weight` loses its extra `.weight`."""
+    `position_ids` disappear, Playground's doubled `text_projection.weight.weight` loses its extra `.weight`.
+    `file_key` gives a name's key in the file itself."""
 
     _LEGACY_CLIP = re.compile(r"^cond_stage_model\.transformer\.(?!text_model\.)(embeddings|encoder|final_layer_norm)\.")
 
@@ -178,6 +188,9 @@ class _AliasedCheckpoint:
 
     def read(self, name: str) -> torch.Tensor:
         return self.checkpoint.read(self._names[name])
+
+    def file_key(self, name: str) -> str:
+        return self._names[name]
 
 
 def _architecture(family: ModelFamily, shapes, path: Path):
@@ -203,7 +216,7 @@ def _component_prefixes(family: ModelFamily) -> tuple[str, ...]:
     return (UNET_PREFIX, VAE_PREFIX, *(layout.prefix for layout in TEXT_ENCODER_LAYOUTS[family]))
 
 
-def _unused_keys(checkpoint: _AliasedCheckpoint, components, family: ModelFamily) -> list[str]:
+def _unused_keys(checkpoint: AliasedCheckpoint, components, family: ModelFamily) -> list[str]:
     """OpenCLIP tensors the converted text model leaves out: layers past the ones used, projection, logit scale."""
     linked = {link.file_key for _, links in components for link in links.values()}
     unused = []
@@ -213,7 +226,7 @@ def _unused_keys(checkpoint: _AliasedCheckpoint, components, family: ModelFamily
     return unused
 
 
-def _check_keys(checkpoint: _AliasedCheckpoint, components, family: ModelFamily, path: Path, unused: list[str]) -> None:
+def _check_keys(checkpoint: AliasedCheckpoint, components, family: ModelFamily, path: Path, unused: list[str]) -> None:
     shapes = checkpoint.shapes()
     missing, wrong_shape = [], []
     for module, links in components:
@@ -232,7 +245,7 @@ def _check_keys(checkpoint: _AliasedCheckpoint, components, family: ModelFamily,
         raise UserError(f"{path}: not a complete {family.label} checkpoint, its tensors do not match the model: {report}. The file is damaged, or a merge left it incomplete.")
 
 
-def _fill_module(module: torch.nn.Module, links: dict[str, KeyLink], checkpoint: _AliasedCheckpoint, dtype: torch.dtype) -> None:
+def _fill_module(module: torch.nn.Module, links: dict[str, KeyLink], checkpoint: AliasedCheckpoint, dtype: torch.dtype) -> None:
     for key, link in links.items():
         tensor = to_model_tensor(checkpoint.read(link.file_key), link)
         _assign(module, key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
@@ -306,9 +319,22 @@ def save_stable_diffusion_checkpoint(
     """Write a single-file checkpoint, atomically: `.safetensors` with modelspec metadata, or a `.ckpt` holding
     `state_dict`, `epoch` and `global_step`. `dtype` casts every floating tensor (None keeps the model's)."""
     path = Path(path)
-    entries = single_file_tensors(model, dtype)
+    metadata = checkpoint_modelspec(model.family, model.v_prediction, title or path.stem)
+    write_single_file(path, single_file_tensors(model, dtype), metadata, epoch, global_step)
+
+
+def write_single_file(
+    path: str | os.PathLike,
+    entries: Mapping[str, tuple[TensorInfo, Callable[[], torch.Tensor]]],
+    metadata: Mapping[str, str] | None,
+    epoch: int = 0,
+    global_step: int = 0,
+) -> None:
+    """Write single-file tensors (key -> (info, producer)), each in its info's dtype, atomically: `.safetensors`
+    with `metadata` (streamed, one tensor at a time), or a `.ckpt` holding `state_dict`, `epoch` and `global_step`."""
+    path = Path(path)
     if path.suffix.lower() == ".safetensors":
-        write_safetensors(path, entries, checkpoint_modelspec(model.family, model.v_prediction, title or path.stem))
+        write_safetensors(path, entries, metadata)
     else:
         tensors = {key: source().to(info.dtype) for key, (info, source) in entries.items()}
         save_state_dict(path, tensors, epoch=epoch, global_step=global_step)
