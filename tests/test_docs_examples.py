@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 from conftest import OFFLINE_ENVIRONMENT, ROOT
 
 
-def try_it_commands(document: str) -> list[str]:
-    """The lines of the first bash block after the document's '## Try it' heading."""
+def try_it_commands(document: str, heading: str = "## Try it") -> list[str]:
+    """The lines of the first bash block after `heading` in the document."""
     text = (ROOT / "docs" / document).read_text(encoding="utf-8")
-    section = text.split("## Try it", 1)[1]
+    section = text.split(heading, 1)[1]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     return [line for line in block.splitlines() if line.strip()]
 
@@ -91,3 +91,14 @@ def test_training_guide_commands(tmp_path):
     assert from_config.returncode == 0, from_config.stderr
     with safe_open(tmp_path / "tiny" / "from_config" / "demo.safetensors", "pt") as file:
         assert file.metadata()["ss_steps"] == "5"
+
+
+@pytest.mark.slow
+def test_extract_guide_commands(tmp_path):
+    for folder in ("tools", "networks"):
+        (tmp_path / folder).symlink_to(ROOT / folder)
+    for command in try_it_commands("lora_tools.md", "## `networks/extract_lora_from_models.py`"):
+        finished = run_as_user(command, tmp_path)
+        assert finished.returncode == 0, f"{command}\n{finished.stderr}"
+    assert "saved tiny/out/extracted.safetensors: 295 modules (18 text encoder, 277 U-Net)" in finished.stdout
+    assert load_file(tmp_path / "tiny" / "out" / "extracted.safetensors")
