@@ -14,7 +14,8 @@ from pathlib import Path
 from library.errors import run_cli
 from library.model_files.family import family_from_flags
 from library.model_files.containers import CHECKPOINT_SUFFIXES
-from library.model_files.stable_diffusion import TOKENIZER_FOLDERS, load_stable_diffusion, parse_precision, save_diffusers_folder, save_stable_diffusion_checkpoint
+from library.compute_options import parse_precision
+from library.model_files.stable_diffusion import TOKENIZER_FOLDERS, load_stable_diffusion, save_diffusers_folder, save_stable_diffusion_checkpoint
 from library.model_files.tokenizer import load_tokenizers
 
 

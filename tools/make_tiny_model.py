@@ -11,7 +11,8 @@ from pathlib import Path
 
 from library.errors import run_cli
 from library.model_files.family import ModelFamily
-from library.model_files.stable_diffusion import parse_precision, save_diffusers_folder, save_stable_diffusion_checkpoint
+from library.compute_options import parse_precision
+from library.model_files.stable_diffusion import save_diffusers_folder, save_stable_diffusion_checkpoint
 from library.tiny_models import make_tiny_dataset, make_tiny_model
 
 

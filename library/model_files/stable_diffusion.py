@@ -23,7 +23,6 @@ from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, ModelMixin, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from library import compute_options
 from library.errors import UserError
 from library.metadata import checkpoint_modelspec
 from library.model_files.architecture import TEXT_ENCODER_FOLDERS, Architecture, architecture_from_shapes, scheduler_config, shipped_architecture
@@ -42,8 +41,6 @@ from library.model_files.key_maps import KeyLink, Reshape, clip_links, file_shap
 from library.model_files.tokenizer import load_tokenizers
 
 TextEncoder = CLIPTextModel | CLIPTextModelWithProjection
-# here too for the model tools' imports
-PRECISIONS, parse_precision, parse_device = compute_options.PRECISIONS, compute_options.parse_precision, compute_options.parse_device
 TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2")
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 PIPELINE_CLASSES = {ModelFamily.SD1: "StableDiffusionPipeline", ModelFamily.SD2: "StableDiffusionPipeline", ModelFamily.SDXL: "StableDiffusionXLPipeline"}
