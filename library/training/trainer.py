@@ -310,8 +310,9 @@ def _seed_everything(seed: int) -> None:
 def _cache_latents(args, model: StableDiffusionModel, plans, accelerator: Accelerator):
     dtype = vae_dtype(args)
     vae = place(model.vae, accelerator.device, dtype)
-    latents, _, _ = cache_latents(plans, vae, accelerator.device, dtype, args.vae_batch_size, args.cache_latents_to_disk,
-                                  progress=accelerator.is_main_process, skip_bad_images=args.skip_bad_images)
+    with accelerator.main_process_first():  # with a disk cache, the other processes then read the main one's files
+        latents, _, _ = cache_latents(plans, vae, accelerator.device, dtype, args.vae_batch_size, args.cache_latents_to_disk,
+                                      progress=accelerator.is_main_process, skip_bad_images=args.skip_bad_images)
     place(model.vae, "cpu")  # not needed any more: free the device memory
     if accelerator.device.type == "cuda":
         torch.cuda.empty_cache()
