@@ -8,6 +8,7 @@ import shlex
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -102,3 +103,21 @@ def test_extract_guide_commands(tmp_path):
         assert finished.returncode == 0, f"{command}\n{finished.stderr}"
     assert "saved tiny/out/extracted.safetensors: 295 modules (18 text encoder, 277 U-Net)" in finished.stdout
     assert load_file(tmp_path / "tiny" / "out" / "extracted.safetensors")
+
+
+@pytest.mark.slow
+def test_generation_guide_commands(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "tools").symlink_to(ROOT / "tools")
+    for script in ("train_network.py", "gen_img_diffusers.py"):
+        (tmp_path / script).symlink_to(ROOT / script)
+    finished = [run_line(command, tmp_path) for command in try_it_commands("generation.md")]
+    assert all(run.returncode == 0 for run in finished), [run.stderr for run in finished if run.returncode]
+    assert "applied tiny/loras/shapes.safetensors (networks.lora) with multiplier 0.8" in finished[2].stdout
+    [applied], [merged] = (list((tmp_path / "tiny" / folder).glob("im_*_000_1.png")) for folder in ("images", "merged"))
+    difference = np.abs(np.asarray(Image.open(applied), dtype=np.int16) - np.asarray(Image.open(merged), dtype=np.int16))
+    assert difference.max() <= 2
+    names = sorted(path.name.split("_", 2)[2] for path in (tmp_path / "tiny" / "from_file").iterdir())
+    assert names == ["000_5.png", "001_6.png", "002_12.png", "003_13.png"]
+    assert Image.open(next((tmp_path / "tiny" / "from_file").glob("*_000_5.png"))).size == (64, 128)

@@ -60,8 +60,9 @@ class SamplePrompt:
         object.__setattr__(self, "steps", clamp_steps(self.steps))
 
 
-def read_sample_prompts(path: str | Path) -> list[SamplePrompt]:
-    """Every prompt in a `.txt`, `.toml` or `.json` prompt file; any problem is one UserError naming the file."""
+def read_sample_prompts(path: str | Path, defaults: Mapping[str, Any] | None = None) -> list[SamplePrompt]:
+    """Every prompt in a `.txt`, `.toml` or `.json` prompt file; any problem is one UserError naming the file.
+    `defaults` (SamplePrompt fields, e.g. gen_img_diffusers' --W/--steps) fill what a prompt does not set."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in READERS:
@@ -72,16 +73,17 @@ def read_sample_prompts(path: str | Path) -> list[SamplePrompt]:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise UserError(f"{path}: the file is not UTF-8 text; save it as UTF-8.") from None
-    prompts = READERS[suffix](text, str(path))
+    prompts = READERS[suffix](text, str(path), dict(defaults or {}))
     if not prompts:
         raise UserError(f"{path}: the file holds no prompt; add at least one.")
     return prompts
 
 
-def parse_prompt_line(line: str, where: str = "sample prompt") -> SamplePrompt:
-    """One `.txt` line: the prompt text, then options each introduced by " --"."""
+def parse_prompt_line(line: str, where: str = "sample prompt", defaults: Mapping[str, Any] | None = None) -> SamplePrompt:
+    """One `.txt` line: the prompt text, then options each introduced by " --"; `defaults` fill the options it
+    does not give."""
     text, *options = line.strip().split(OPTION_SEPARATOR)
-    values: dict[str, Any] = {"prompt": text.strip()}
+    values: dict[str, Any] = {**(defaults or {}), "prompt": text.strip()}
     for option in options:
         flag, value = (option.split(maxsplit=1) + [""])[:2]
         flag = flag.lower()
@@ -95,16 +97,16 @@ def parse_prompt_line(line: str, where: str = "sample prompt") -> SamplePrompt:
     return SamplePrompt(**values)
 
 
-def _read_txt(text: str, source: str) -> list[SamplePrompt]:
+def _read_txt(text: str, source: str, defaults: dict[str, Any]) -> list[SamplePrompt]:
     prompts = []
     for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if line and not line.startswith("#"):
-            prompts.append(parse_prompt_line(line, f"{source}, line {number}"))
+            prompts.append(parse_prompt_line(line, f"{source}, line {number}", defaults))
     return prompts
 
 
-def _read_toml(text: str, source: str) -> list[SamplePrompt]:
+def _read_toml(text: str, source: str, defaults: dict[str, Any]) -> list[SamplePrompt]:
     try:
         tables = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
@@ -112,11 +114,11 @@ def _read_toml(text: str, source: str) -> list[SamplePrompt]:
     for key in tables:
         if key != "prompt":
             raise UserError(f"{source}: unknown top-level key '{key}'; put defaults in [prompt] and each prompt in a [[prompt.subset]] table.")
-    defaults = _table(tables.get("prompt"), f"{source}, [prompt]")
-    subsets = defaults.pop("subset", [])
+    table_defaults = _table(tables.get("prompt"), f"{source}, [prompt]")
+    subsets = table_defaults.pop("subset", [])
     if not isinstance(subsets, list):
         raise UserError(f"{source}: 'subset' must be an array of tables; write each prompt as a [[prompt.subset]] table.")
-    default_values = _table_values(defaults, f"{source}, [prompt]")
+    default_values = {**defaults, **_table_values(table_defaults, f"{source}, [prompt]")}
     prompts = []
     for number, subset in enumerate(subsets, start=1):
         where = f"{source}, [[prompt.subset]] number {number}"
@@ -125,7 +127,7 @@ def _read_toml(text: str, source: str) -> list[SamplePrompt]:
     return prompts
 
 
-def _read_json(text: str, source: str) -> list[SamplePrompt]:
+def _read_json(text: str, source: str, defaults: dict[str, Any]) -> list[SamplePrompt]:
     try:
         items = json.loads(text)
     except json.JSONDecodeError as error:
@@ -136,15 +138,15 @@ def _read_json(text: str, source: str) -> list[SamplePrompt]:
     for number, item in enumerate(items, start=1):
         where = f"{source}, item {number}"
         if isinstance(item, str):
-            prompts.append(parse_prompt_line(item, where))
+            prompts.append(parse_prompt_line(item, where, defaults))
         elif isinstance(item, dict):
-            prompts.append(_prompt_from_values(_table_values(item, where), where))
+            prompts.append(_prompt_from_values({**defaults, **_table_values(item, where)}, where))
         else:
             raise UserError(f"{where}: a prompt must be a string or an object, not {json.dumps(item)}.")
     return prompts
 
 
-READERS: dict[str, Callable[[str, str], list[SamplePrompt]]] = {".txt": _read_txt, ".toml": _read_toml, ".json": _read_json}
+READERS: dict[str, Callable[[str, str, dict[str, Any]], list[SamplePrompt]]] = {".txt": _read_txt, ".toml": _read_toml, ".json": _read_json}
 
 
 def _whole_number(value: Any, where: str) -> int:
