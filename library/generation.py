@@ -1,4 +1,4 @@
-"""gen_img_diffusers.py: images from an SD 1.x / 2.x model with zero or more LoRA networks (docs/generation.md).
+"""gen_img_diffusers.py: images from an SD 1.x / 2.x / SDXL model with zero or more LoRA networks (docs/generation.md).
 
 The flags are sd-scripts' (a subset of them); they become a `GenerationOptions` once, at the edge. Every image is
 drawn by `library.sampling.generate_image`, so clip_skip, prompts longer than 75 tokens, samplers and seeds behave
@@ -53,7 +53,7 @@ class GenerationOptions:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Generate images with a Stable Diffusion 1.x/2.x model and LoRA networks.")
+    parser = argparse.ArgumentParser(description="Generate images with a Stable Diffusion 1.x/2.x or SDXL model and LoRA networks.")
     parser.add_argument("--ckpt", required=True, help="model: a .safetensors/.ckpt file or a Diffusers folder")
     parser.add_argument("--v2", action="store_true", help="the model is SD 2.x (checked against the file)")
     parser.add_argument("--v_parameterization", action="store_true", help="the model predicts v (SD 2.x 768-v)")
@@ -159,7 +159,7 @@ def generate(options: GenerationOptions, now: datetime.datetime | None = None) -
     stamp = f"{now or datetime.datetime.now():%Y%m%d%H%M%S}"
     files = []
     for index, prompt in enumerate(planned_images(options.prompts, options.images_per_prompt, options.seed)):
-        generated = generate_image(model.unet, model.text_encoders[0], model.tokenizers[0], model.vae, prompt, v_prediction=model.v_prediction,
+        generated = generate_image(model.unet, model.text_encoders, model.tokenizers, model.vae, prompt, v_prediction=model.v_prediction,
                                    clip_skip=options.clip_skip, default_sampler=options.sampler, device=device, dtype=options.dtype)
         files.append(save_sample_image(generated, options.outdir / image_file_name(stamp, index, generated.seed)))
         print(f"saved {files[-1]}")
@@ -188,17 +188,14 @@ def planned_images(prompts: list[SamplePrompt], images_per_prompt: int, seed: in
 
 
 def load_model(options: GenerationOptions) -> StableDiffusionModel:
-    """The model in float32 on the CPU (networks are merged in float32); SDXL is refused for now."""
-    model = load_stable_diffusion(options.ckpt, family=options.family, v_parameterization=options.v_parameterization)
-    if model.family is ModelFamily.SDXL:
-        raise UserError(f"{options.ckpt}: SDXL models are not supported by gen_img_diffusers.py yet; use an SD 1.x or 2.x model.")
-    return model
+    """The model in float32 on the CPU (networks are merged in float32)."""
+    return load_stable_diffusion(options.ckpt, family=options.family, v_parameterization=options.v_parameterization)
 
 
 def attach_networks(model: StableDiffusionModel, choices: list[NetworkChoice], merge: bool) -> list[torch.nn.Module]:
     """Create each network from its file (checked against the model) and apply it, or merge it into the weights.
     All files are checked before any is merged, so a bad file leaves the model untouched."""
-    text_encoder = model.text_encoders[0]
+    text_encoder = _network_text_encoder(model)
     loaded = [(_network_module(choice).create_network_from_weights(choice.multiplier, str(choice.weights), model.vae, text_encoder, model.unet), choice)
               for choice in choices]
     networks = []
@@ -214,6 +211,12 @@ def attach_networks(model: StableDiffusionModel, choices: list[NetworkChoice], m
     return networks
 
 
+def _network_text_encoder(model: StableDiffusionModel):
+    """What networks take as `text_encoder`: the one encoder of SD 1.x/2.x, the list of both for SDXL (whose LoRA
+    files name them lora_te1_ and lora_te2_)."""
+    return list(model.text_encoders) if len(model.text_encoders) > 1 else model.text_encoders[0]
+
+
 def _network_module(choice: NetworkChoice):
     try:
         module = importlib.import_module(choice.module)
@@ -225,9 +228,10 @@ def _network_module(choice: NetworkChoice):
 
 
 def _place(model: StableDiffusionModel, networks: list[torch.nn.Module], device: torch.device, dtype: torch.dtype, xformers: bool) -> None:
-    """U-Net and text encoder in `dtype`; the VAE and the applied networks stay float32 (autocast mixes them)."""
+    """U-Net and text encoders in `dtype`; the VAE and the applied networks stay float32 (autocast mixes them)."""
     place(model.unet, device, dtype)
-    place(model.text_encoders[0], device, dtype)
+    for text_encoder in model.text_encoders:
+        place(text_encoder, device, dtype)
     place(model.vae, device)
     for network in networks:
         network.to(device)

@@ -1,5 +1,5 @@
 """gen_img_diffusers.py on tiny models: LoRA strength 0, applying vs merging, several networks, wrong-family LoRAs,
-seeds, PNG text, prompt files and long prompts."""
+seeds, PNG text, prompt files, long prompts and SDXL models with SDXL LoRAs."""
 
 from __future__ import annotations
 
@@ -116,10 +116,52 @@ def test_lora_for_another_family_is_one_sentence_and_writes_nothing(tiny_checkpo
     assert not (tmp_path / "out").exists()
 
 
-def test_sdxl_is_refused_for_now(tiny_checkpoints, tmp_path):
-    with pytest.raises(UserError, match="SDXL models are not supported by gen_img_diffusers.py yet"):
-        draw(tiny_checkpoints[ModelFamily.SDXL][1], tmp_path, "--prompt", "x")
-    assert not any(tmp_path.iterdir())
+@pytest.fixture(scope="module")
+def sdxl(tiny_checkpoints):
+    return tiny_checkpoints[ModelFamily.SDXL]
+
+
+@pytest.fixture(scope="module")
+def sdxl_lora(sdxl, tmp_path_factory):
+    """An SDXL LoRA (lora_te1_, lora_te2_ and lora_unet_ modules) with random (non-zero) weights."""
+    model = sdxl[0]
+    network = create_network(1.0, 4, 2, model.vae, model.text_encoders, model.unet)
+    fill_randomly(network, seed=5)
+    path = tmp_path_factory.mktemp("sdxl_lora") / "sdxl_lora.safetensors"
+    network.save_weights(path)
+    return str(path)
+
+
+def test_sdxl_same_seed_same_image_of_the_requested_size(sdxl, tmp_path):
+    [first, other] = draw(sdxl[1], tmp_path / "a", "--prompt", "a tree --n fog", "--seed", "10", "--images_per_prompt", "2", "--W", "96")
+    [again] = draw(sdxl[2], tmp_path / "b", "--prompt", "a tree --n fog", "--seed", "10", "--W", "96")  # Diffusers folder too
+    assert first.shape == (64, 96, 3)
+    assert np.array_equal(first, again)
+    assert max_difference(first, other) > 0
+
+
+def test_sdxl_lora_changes_the_image_and_multiplier_zero_gives_the_base(sdxl, sdxl_lora, tmp_path):
+    from safetensors import safe_open
+
+    with safe_open(sdxl_lora, "pt") as file:
+        prefixes = {key.split("_")[1] for key in file.keys()}
+    assert prefixes == {"te1", "te2", "unet"}
+    flags = ["--prompt", "a cat", "--seed", "3", "--network_weights", sdxl_lora]
+    [base] = draw(sdxl[1], tmp_path / "base", "--prompt", "a cat", "--seed", "3")
+    [off] = draw(sdxl[1], tmp_path / "off", *flags, "--network_mul", "0")
+    [applied] = draw(sdxl[1], tmp_path / "applied", *flags)
+    [merged] = draw(sdxl[1], tmp_path / "merged", *flags, "--network_merge")
+    assert max_difference(base, off) <= 1
+    assert max_difference(base, applied) > 10
+    assert max_difference(applied, merged) <= 2
+
+
+def test_sdxl_script_writes_png(sdxl, sdxl_lora, tmp_path):
+    result = run_script(SCRIPT, "--ckpt", str(sdxl[1]), "--outdir", str(tmp_path), *FAST, "--prompt", "a small boat",
+                        "--seed", "42", "--network_weights", sdxl_lora, "--network_mul", "0.8")
+    assert result.returncode == 0, result.stderr
+    [path] = tmp_path.glob("im_*_000_42.png")
+    assert Image.open(path).size == (64, 64) and Image.open(path).text["prompt"] == "a small boat"
 
 
 @pytest.mark.parametrize(

@@ -232,8 +232,8 @@ def tiny_sd1():
 def draw(model, prompt, clip_skip=None):
     return generate_image(
         model.unet,
-        model.text_encoders[0],
-        model.tokenizers[0],
+        model.text_encoders,
+        model.tokenizers,
         model.vae,
         prompt,
         v_prediction=False,

@@ -60,7 +60,7 @@ def test_the_last_sample_is_drawn_with_the_trained_network(sampled, tiny_sd1):
     network.load_state_dict(weights)
     network.apply_to(model.text_encoders[0], model.unet)
     prompt = SamplePrompt("a red shape", negative_prompt="blurry", width=64, height=64, seed=5, steps=3)
-    expected = generate_image(model.unet, model.text_encoders[0], model.tokenizers[0], model.vae, prompt, v_prediction=False,
+    expected = generate_image(model.unet, model.text_encoders, model.tokenizers, model.vae, prompt, v_prediction=False,
                               clip_skip=None, default_sampler="euler_a", device="cpu", dtype=model.unet.dtype).image
     drawn = np.asarray(Image.open(output / "sample" / last), dtype=np.int16)
     assert np.abs(drawn - np.asarray(expected, dtype=np.int16)).max() <= 1

@@ -1,9 +1,11 @@
 """Drawing one sample image, its file name and its PNG text (specs/training.md section 8.3).
 
-The image comes from a diffusers StableDiffusionPipeline built around the given modules. The prompt embeddings come
-from our own text path (library.text_encoding), so `clip_skip` and prompts longer than 75 tokens are encoded as in
-training. Noise comes from a CPU generator seeded with the prompt's seed, so a seed gives the same image on any
-device. Generating leaves the global torch RNG state, the modules' devices and their train/eval modes as they were.
+The image comes from a diffusers StableDiffusionPipeline (SD 1.x/2.x: one text encoder) or StableDiffusionXLPipeline
+(SDXL: two text encoders) built around the given modules. The SD 1.x/2.x prompt embeddings come from our own text path
+(library.text_encoding), so `clip_skip` and prompts longer than 75 tokens are encoded as in training. SDXL prompts are
+encoded as diffusers and sd-scripts do (`_sdxl_prompt_embeddings`), in one 77-token window. Noise comes from a CPU
+generator seeded with the prompt's seed, so a seed gives the same image on any device. Generating leaves the global
+torch RNG state, the modules' devices and their train/eval modes as they were.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import datetime
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
 
 import torch
 import transformers
@@ -26,6 +28,7 @@ from library.sampling.samplers import check_sampler, make_scheduler
 from library.text_encoding import CONTENT, encode_tokens, tokenize
 
 MAX_WINDOWS = 3  # prompts up to 3 x 75 tokens, as sd-scripts' sampling pipeline
+SDXL_CLIP_SKIP = 2  # SDXL conditions on the penultimate layer of both text encoders
 SEED_RANGE = 2**32
 
 
@@ -39,8 +42,8 @@ class GeneratedImage:
 
 def generate_image(
     unet: torch.nn.Module,
-    text_encoder: torch.nn.Module,
-    tokenizer,
+    text_encoders: Sequence[torch.nn.Module],
+    tokenizers: Sequence,
     vae: torch.nn.Module,
     prompt: SamplePrompt,
     *,
@@ -50,18 +53,27 @@ def generate_image(
     device: torch.device | str,
     dtype: torch.dtype,
 ) -> GeneratedImage:
-    """One image for `prompt`. Pass the unwrapped U-Net (with any LoRA applied); `dtype` is the autocast dtype
-    (float32 runs without autocast). The modules are moved to `device` for the call and back afterwards."""
+    """One image for `prompt`. `text_encoders` and `tokenizers` are the model's (`StableDiffusionModel.text_encoders`,
+    `.tokenizers`): one of each for SD 1.x/2.x, two for SDXL. Pass the unwrapped U-Net (with any LoRA applied); `dtype`
+    is the autocast dtype (float32 runs without autocast). The modules are moved to `device` for the call and back
+    afterwards."""
+    text_encoders, tokenizers = list(text_encoders), list(tokenizers)
+    if len(text_encoders) not in (1, 2) or len(tokenizers) != len(text_encoders):
+        raise ValueError(f"give one text encoder and tokenizer (SD 1.x/2.x) or two of each (SDXL), not {len(text_encoders)} and {len(tokenizers)}")
     sampler = check_sampler(prompt.sampler or default_sampler)
     scheduler = make_scheduler(sampler, v_prediction)
     seed = prompt.seed if prompt.seed is not None else random.SystemRandom().randrange(SEED_RANGE)
     device = torch.device(device)
-    with _global_rng_kept(), _modules_on(device, (unet, text_encoder, vae)), torch.no_grad(), _autocast(device, dtype):
-        prompt_embeds, negative_embeds = _prompt_embeddings(text_encoder, tokenizer, prompt, clip_skip)
-        pipeline = _pipeline(unet, text_encoder, tokenizer, vae, scheduler)
+    with _global_rng_kept(), _modules_on(device, (unet, *text_encoders, vae)), torch.no_grad(), _autocast(device, dtype):
+        if len(text_encoders) == 1:
+            prompt_embeds, negative_embeds = _prompt_embeddings(text_encoders[0], tokenizers[0], prompt, clip_skip)
+            conditioning = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_embeds}
+            pipeline = _pipeline(unet, text_encoders[0], tokenizers[0], vae, scheduler)
+        else:
+            conditioning = _sdxl_prompt_embeddings(text_encoders, tokenizers, prompt, clip_skip)
+            pipeline = _sdxl_pipeline(unet, text_encoders, tokenizers, vae, scheduler)
         image = pipeline(
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_embeds,
+            **conditioning,
             height=prompt.height,
             width=prompt.width,
             num_inference_steps=prompt.steps,
@@ -120,6 +132,48 @@ def _prompt_embeddings(text_encoder, tokenizer, prompt: SamplePrompt, clip_skip:
     ids = tokenize(tokenizer, texts, CONTENT * windows)
     states = encode_tokens(text_encoder, ids, clip_skip)
     return states[:1], states[1:]
+
+
+def _sdxl_prompt_embeddings(text_encoders, tokenizers, prompt: SamplePrompt, clip_skip: int | None) -> dict[str, torch.Tensor]:
+    """The SDXL pipeline's four conditioning tensors for the prompt and the negative prompt ("" when none), as
+    diffusers' `StableDiffusionXLPipeline.encode_prompt` and sd-scripts compute them: each encoder's penultimate
+    hidden states (`clip_skip` k takes the k-th layer from the end instead, with no final layer norm), concatenated
+    on the feature axis, and the second encoder's pooled, projected output. One 77-token window: longer prompts are
+    cut."""
+    layer = clip_skip if clip_skip is not None else SDXL_CLIP_SKIP
+    texts = [prompt.prompt, prompt.negative_prompt or ""]
+    states = []
+    for text_encoder, tokenizer in zip(text_encoders, tokenizers):
+        ids = tokenize(tokenizer, texts, None)[:, 0].to(text_encoder.device)
+        output = text_encoder(ids, output_hidden_states=True)
+        states.append(output.hidden_states[-layer])
+    pooled = output.text_embeds  # the second encoder's
+    embeds = torch.cat(states, dim=-1)
+    return {
+        "prompt_embeds": embeds[:1],
+        "negative_prompt_embeds": embeds[1:],
+        "pooled_prompt_embeds": pooled[:1],
+        "negative_pooled_prompt_embeds": pooled[1:],
+    }
+
+
+def _sdxl_pipeline(unet, text_encoders, tokenizers, vae, scheduler):
+    # As _pipeline: the scheduler is set after construction. No watermark, which would change the pixels.
+    with _transformers_quiet():
+        from diffusers import StableDiffusionXLPipeline
+    pipeline = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoders[0],
+        text_encoder_2=text_encoders[1],
+        tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1],
+        unet=unet,
+        scheduler=None,
+        add_watermarker=False,
+    )
+    pipeline.scheduler = scheduler
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
 
 
 def _pipeline(unet, text_encoder, tokenizer, vae, scheduler):

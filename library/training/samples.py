@@ -71,7 +71,7 @@ def draw_samples(
     files = []
     try:
         for index, prompt in enumerate(schedule.prompts):
-            generated = generate_image(model.unet, model.text_encoders[0], model.tokenizers[0], model.vae, prompt, v_prediction=model.v_prediction,
+            generated = generate_image(model.unet, model.text_encoders, model.tokenizers, model.vae, prompt, v_prediction=model.v_prediction,
                                        clip_skip=clip_skip, default_sampler=schedule.sampler, device=device, dtype=dtype)
             path = sample_file_name(output_dir, output_name, epoch=epoch, step=step, index=index, seed=prompt.seed, now=now)
             files.append(save_sample_image(generated, path))
