@@ -171,9 +171,7 @@ def _sdxl_pipeline(unet, text_encoders, tokenizers, vae, scheduler):
         scheduler=None,
         add_watermarker=False,
     )
-    pipeline.scheduler = scheduler
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    return _ready(pipeline, scheduler)
 
 
 def _pipeline(unet, text_encoder, tokenizer, vae, scheduler):
@@ -192,6 +190,11 @@ def _pipeline(unet, text_encoder, tokenizer, vae, scheduler):
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    return _ready(pipeline, scheduler)
+
+
+def _ready(pipeline, scheduler):
+    """The pipeline with its scheduler set after construction (see _pipeline) and no progress bar."""
     pipeline.scheduler = scheduler
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
