@@ -28,16 +28,24 @@ from bench_common import device_name, record_result
 
 def write_random_sd15(path: Path) -> None:
     """Stream a random-weight SD1.5 file in the original layout, one tensor at a time (no model in memory)."""
-    from library.model_files.containers import TensorInfo, write_safetensors
     from library.model_files.family import ModelFamily
+
+    write_random_model(ModelFamily.SD1, path)
+
+
+def write_random_model(family, path: Path) -> None:
+    """Stream a random-weight file of the family's released architecture in its single-file layout (LDM, or SGM for
+    SDXL), fp16, one tensor at a time (no model in memory)."""
+    from library.metadata import modelspec_architecture
+    from library.model_files.containers import TensorInfo, write_safetensors
     from library.model_files.stable_diffusion import empty_model, single_file_tensors
 
     generator = torch.Generator().manual_seed(0)
     entries = {
         key: (TensorInfo(info.shape, torch.float16), _random(info.shape, generator))
-        for key, (info, _) in single_file_tensors(empty_model(ModelFamily.SD1)).items()
+        for key, (info, _) in single_file_tensors(empty_model(family)).items()
     }
-    write_safetensors(path, entries, {"modelspec.architecture": "stable-diffusion-v1"})
+    write_safetensors(path, entries, {"modelspec.architecture": modelspec_architecture(family, False)})
 
 
 def _random(shape, generator):

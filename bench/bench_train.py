@@ -1,6 +1,6 @@
-"""Benchmark: train_network.py's trainer end to end (GitHub issue 5, item 10).
+"""Benchmark: the trainer of train_network.py and sdxl_train_network.py end to end (GitHub issues 5 and 14).
 
-A model (the real-size SD1.5 architecture with random weights, or the tiny test model) is written once as a
+A model (the real-size SD1.5 or SDXL architecture with random weights, or the tiny test model) is written once as a
 single .safetensors file under `--work_dir` and reused; a synthetic DreamBooth-style dataset of captioned PNGs at
 `--resolution` is made in a temporary folder; then `library.training.trainer.train` runs `--warmup` + `--steps`
 optimizer steps with sd-scripts' flags (AdamW, lr 1e-4, max_grad_norm 1, LoRA rank `--network_dim` / alpha 16 on
@@ -18,10 +18,12 @@ specs/performance.md are kept in a separate field: they were not measured here. 
 JSON lines to bench/results.jsonl.
 
 The defaults on CUDA are the issue's setting: SD1.5 at 512x512, batch 1, rank 32, bf16, cached latents, SDPA, 300
-measured steps after 50 warm-up steps. On the CPU the default is the tiny model. Options this script does not know
-are passed to the trainer as they are (e.g. `--network_train_unet_only`).
+measured steps after 50 warm-up steps. On the CPU the default is the tiny model. `--model sdxl` runs
+sdxl_train_network.py's trainer with the U-Net's LoRA only and cached text-encoder outputs (issue 14's setting: 1024
+pixels on CUDA; 128 on the CPU). Options this script does not know are passed to the trainer as they are (e.g.
+`--network_train_unet_only`, `--full_bf16`).
 
-    python bench/bench_train.py [--model sd15|tiny] [--steps N] [--warmup N] [--resolution 512] [--batch_size 1]
+    python bench/bench_train.py [--model sd15|sdxl|tiny] [--steps N] [--warmup N] [--resolution 512] [--batch_size 1]
         [--network_dim 32] [--mixed_precision bf16|fp16|no] [--gradient_checkpointing] [--xformers]
         [--no_cache_latents] [--images N] [--work_dir bench/runs] [--no_record] [train_network.py options ...]
 """
@@ -50,12 +52,21 @@ from bench_common import device_name, record_result, synchronize
 
 ISSUE_SETTING = {"model": "sd15", "resolution": 512, "batch_size": 1, "network_dim": 32, "mixed_precision": "bf16",
                  "cache_latents": True, "attention": "sdpa", "gradient_checkpointing": False}
-MODEL_LOADERS = ("load_base_model", "load_stable_diffusion")  # what library.training.trainer loads the model with
+ISSUE_SETTINGS = {"sd15": ISSUE_SETTING, "tiny": ISSUE_SETTING, "sdxl": {**ISSUE_SETTING, "model": "sdxl", "resolution": 1024}}
+MODEL_FILES = {"sd15": "sd15-random-fp16.safetensors", "sdxl": "sdxl-random-fp16.safetensors", "tiny": "tiny-sd1-seed0.safetensors"}
 TAGS = ("1girl", "solo", "smile", "outdoors", "blue sky", "long hair", "looking at viewer", "red dress", "tree", "flowers")
 
 
 def quoted_sd_scripts_reference(setting: dict, device: torch.device) -> dict | None:
-    """What specs/performance.md says about sd-scripts for this setting: quoted, not measured here."""
+    """What specs/performance.md (or the issue) says about sd-scripts for this setting: quoted, not measured here."""
+    if setting["model"] == "sdxl" and setting["resolution"] == 128 and setting["batch_size"] == 2 and device.type == "cpu":
+        return {
+            "quoted_not_measured": True,
+            "source": "GitHub issue 14, item 9",
+            "note": "sd-scripts' sdxl_train_network.py on this 2-core machine, real-size SDXL file, 128 px, batch 2, bf16 with "
+                    "--full_bf16, U-Net-only rank 4, cached latents and text-encoder outputs, 2 steps: 3.4 s per step, 40 s in "
+                    "all, 16.8 GB peak host memory. Target: at most half that memory and no slower.",
+        }
     if setting["model"] != "sd15" or setting["resolution"] != 512 or device.type != "cuda":
         return None
     return {
@@ -76,7 +87,7 @@ def quoted_sd_scripts_reference(setting: dict, device: torch.device) -> dict | N
 
 def model_file(work: Path, model: str) -> Path:
     """The benchmark model, written once (in a child process, so that this process's peak RSS is the training's)."""
-    path = work / ("sd15-random-fp16.safetensors" if model == "sd15" else "tiny-sd1-seed0.safetensors")
+    path = work / MODEL_FILES[model]
     if not path.exists():
         print(f"writing {path} (random weights) ...", flush=True)
         subprocess.run([sys.executable, __file__, "--write_model", model, "--model_file", str(path)], check=True)
@@ -85,10 +96,12 @@ def model_file(work: Path, model: str) -> Path:
 
 def write_model(model: str, path: Path) -> None:
     """Both writers are atomic: an interrupted run leaves no truncated model to be reused."""
-    if model == "sd15":
-        from bench_model_loading import write_random_sd15  # the SD1.5 layout, random fp16 weights, streamed
+    if model in ("sd15", "sdxl"):
+        from bench_model_loading import write_random_model  # the released layout, random fp16 weights, streamed
 
-        write_random_sd15(path)
+        from library.model_files.family import ModelFamily
+
+        write_random_model(ModelFamily.SDXL if model == "sdxl" else ModelFamily.SD1, path)
     else:
         from library.model_files.family import ModelFamily
         from library.model_files.stable_diffusion import save_stable_diffusion_checkpoint
@@ -131,13 +144,12 @@ class Timings:
         self.cuda_peak_before_reset = 0  # bytes allocated at most up to the end of the warm-up
         self.rss_at_first_step = 0
 
-    def install(self, trainer) -> None:
-        """Wrap the trainer module's model-loading and latent-caching functions (the names it calls them by)."""
-        load_name = next((name for name in MODEL_LOADERS if hasattr(trainer, name)), None)
-        if load_name is None or not hasattr(trainer, "cache_latents"):
-            raise SystemExit(f"library.training.trainer no longer calls {' or '.join(MODEL_LOADERS)} and cache_latents by "
-                             "those names; update Timings.install in bench/bench_train.py.")
-        load, cache = getattr(trainer, load_name), trainer.cache_latents
+    def install(self) -> None:
+        """Wrap the functions the trainer loads the model and caches the latents with."""
+        import library.training.preparation as preparation
+        import library.training.trainer as trainer
+
+        load, cache = trainer.load_training_family, preparation.cache_latents
 
         def timed_load(*args, **kwargs):
             started = time.perf_counter()
@@ -154,8 +166,8 @@ class Timings:
             self.images_encoded += result[1]  # (latents, images encoded, images reused from disk)
             return result
 
-        setattr(trainer, load_name, timed_load)
-        trainer.cache_latents = timed_cache
+        trainer.load_training_family = timed_load
+        preparation.cache_latents = timed_cache
 
     def on_step(self, step: int) -> None:
         if step in (1, self.warmup, self.total):
@@ -207,10 +219,10 @@ def percentile(values: list[float], fraction: float) -> float:
 
 def parse_arguments() -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False, epilog="Other options go to train_network.py as given.")
-    parser.add_argument("--model", choices=["sd15", "tiny"], help="sd15: the real-size SD1.5 architecture, random weights (default on CUDA); tiny: the test model (default on the CPU)")
-    parser.add_argument("--steps", type=int, help="measured optimizer steps after the warm-up (default: 300 on CUDA; on the CPU 30 tiny, 3 sd15)")
-    parser.add_argument("--warmup", type=int, help="optimizer steps not measured (default: 50 on CUDA; on the CPU 5 tiny, 1 sd15)")
-    parser.add_argument("--resolution", type=int, help="square training resolution (default 512 for sd15, 64 for tiny)")
+    parser.add_argument("--model", choices=list(MODEL_FILES), help="sd15 / sdxl: the real-size architecture, random weights (sd15 is the default on CUDA); tiny: the test model (default on the CPU)")
+    parser.add_argument("--steps", type=int, help="measured optimizer steps after the warm-up (default: 300 on CUDA; on the CPU 30 tiny, 3 sd15, 2 sdxl)")
+    parser.add_argument("--warmup", type=int, help="optimizer steps not measured (default: 50 on CUDA; on the CPU 5 tiny, 1 sd15 or sdxl)")
+    parser.add_argument("--resolution", type=int, help="square training resolution (default 512 for sd15, 1024 for sdxl (128 on the CPU), 64 for tiny)")
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--network_dim", type=int, default=32)
     parser.add_argument("--network_alpha", type=float, default=16)
@@ -224,7 +236,7 @@ def parse_arguments() -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--work_dir", default=str(Path(__file__).with_name("runs")), help="where the model file is kept between runs")
     parser.add_argument("--note", help="free text stored in the record (e.g. what was reduced and why)")
     parser.add_argument("--no_record", action="store_true", help="print the result only; do not append it to bench/results.jsonl")
-    parser.add_argument("--write_model", choices=["sd15", "tiny"], help=argparse.SUPPRESS)
+    parser.add_argument("--write_model", choices=list(MODEL_FILES), help=argparse.SUPPRESS)
     parser.add_argument("--model_file", help=argparse.SUPPRESS)
     return parser.parse_known_args()
 
@@ -232,10 +244,10 @@ def parse_arguments() -> tuple[argparse.Namespace, list[str]]:
 def fill_defaults(args: argparse.Namespace, device: torch.device) -> None:
     cuda = device.type == "cuda"
     args.model = args.model or ("sd15" if cuda else "tiny")
-    small = args.model == "sd15" and not cuda  # seconds per step
-    args.steps = args.steps if args.steps is not None else 300 if cuda else 3 if small else 30
+    small = args.model != "tiny" and not cuda  # seconds per step
+    args.steps = args.steps if args.steps is not None else 300 if cuda else 2 if args.model == "sdxl" else 3 if small else 30
     args.warmup = args.warmup if args.warmup is not None else 50 if cuda else 1 if small else 5
-    args.resolution = args.resolution or (512 if args.model == "sd15" else 64)
+    args.resolution = args.resolution or {"sd15": 512, "sdxl": 1024 if cuda else 128, "tiny": 64}[args.model]
     args.mixed_precision = args.mixed_precision or ("bf16" if cuda else "no")
     args.images = args.images or (64 if cuda else 4 if small else 8)
     if args.steps < 1 or args.warmup < 1:
@@ -259,6 +271,8 @@ def trainer_arguments(args: argparse.Namespace, model: Path, data: Path, output:
         command.append("--cache_latents")
     if args.gradient_checkpointing:
         command.append("--gradient_checkpointing")
+    if args.model == "sdxl":
+        command += ["--network_train_unet_only", "--cache_text_encoder_outputs"]
     return command + extra
 
 
@@ -277,24 +291,26 @@ def main() -> None:
     fill_defaults(args, device)
 
     import library.training.trainer as trainer
-    from library.training.options import build_parser
+    from library.training.arguments import build_parser
+    from library.training.options import training_options
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     model = model_file(work, args.model)
     timings = Timings(device, args.warmup, args.warmup + args.steps)
-    timings.install(trainer)
+    timings.install()
     with tempfile.TemporaryDirectory(dir=work, prefix="train-") as folder:
         data = Path(folder) / "data"
-        train_args = build_parser().parse_args(trainer_arguments(args, model, data, Path(folder) / "output", extra))
-        batches = (args.warmup + args.steps) * train_args.gradient_accumulation_steps
+        sdxl = args.model == "sdxl"
+        options = training_options(build_parser(sdxl).parse_args(trainer_arguments(args, model, data, Path(folder) / "output", extra)), sdxl)
+        batches = (args.warmup + args.steps) * options.length.gradient_accumulation_steps
         make_dataset(data, args.images, math.ceil(batches * args.batch_size / args.images), args.resolution)  # one epoch
         if device.type == "cuda" and torch.cuda.is_initialized():  # else nothing was allocated yet
             torch.cuda.reset_peak_memory_stats(device)
         rss_before = psutil.Process().memory_info().rss
         with TreeMemory() as tree:
             timings.called = time.perf_counter()
-            trainer.train(train_args, on_step=timings.on_step)
+            trainer.train(options, on_step=timings.on_step)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
     ends = [timings.called, *timings.step_ends]
@@ -317,7 +333,7 @@ def main() -> None:
         "vae_batch_size": args.vae_batch_size,
         "workers": args.workers,
         "extra_train_args": extra,
-        "differs_from_issue_setting": {key: value for key, value in setting.items() if ISSUE_SETTING[key] != value},
+        "differs_from_issue_setting": {key: value for key, value in setting.items() if ISSUE_SETTINGS[args.model][key] != value},
         "warmup_steps": args.warmup,
         "steps_measured": args.steps,
         "steps_per_second": round(statistics.median(rates), 4),

@@ -10,6 +10,7 @@ from library.errors import UserError
 
 PRECISIONS = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PRECISION_CHOICES = ("float", "fp16", "bf16")  # what sd-scripts' flags accept
+MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed_precision
 
 
 def parse_precision(name: str | None, default: torch.dtype | None = None) -> torch.dtype | None:

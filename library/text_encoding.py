@@ -8,7 +8,7 @@ window by window, and stitched back into one sequence of 75n + 2 states, as sd-s
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from transformers import CLIPTokenizer
@@ -48,19 +48,27 @@ def tokenize(tokenizer: CLIPTokenizer, captions: Sequence[str], max_token_length
 
 def encode_tokens(text_encoder: torch.nn.Module, input_ids: torch.Tensor, clip_skip: int | None) -> torch.Tensor:
     """Hidden states (B, 75n + 2, D) for token ids (B, n, 77); `clip_skip` k takes the k-th layer from the end."""
-    batch, windows, _ = input_ids.shape
-    flat_ids = input_ids.reshape(batch * windows, WINDOW).to(text_encoder.device)
-    if clip_skip is None:
-        states = text_encoder(flat_ids)[0]
-    else:
+
+    def states(flat_ids: torch.Tensor) -> torch.Tensor:
+        if clip_skip is None:
+            return text_encoder(flat_ids)[0]
         hidden_states = text_encoder(flat_ids, output_hidden_states=True).hidden_states
-        states = _final_layer_norm(text_encoder)(hidden_states[-clip_skip])
-    states = states.reshape(batch, windows * WINDOW, states.shape[-1])
+        return _final_layer_norm(text_encoder)(hidden_states[-clip_skip])
+
+    return encode_windows(states, input_ids.to(text_encoder.device))
+
+
+def encode_windows(states: Callable[[torch.Tensor], torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor:
+    """`states` (flat ids (B * n, 77) -> (B * n, 77, D)) applied to token ids (B, n, 77) window by window, and the
+    windows stitched into one sequence (B, 75n + 2, D)."""
+    batch, windows, _ = input_ids.shape
+    encoded = states(input_ids.reshape(batch * windows, WINDOW))
+    encoded = encoded.reshape(batch, windows * WINDOW, encoded.shape[-1])
     if windows == 1:
-        return states
+        return encoded
     # BOS state of the first window, the 75 content states of every window, the end state of the last window.
-    content = [states[:, k * WINDOW + 1 : k * WINDOW + 1 + CONTENT] for k in range(windows)]
-    return torch.cat([states[:, :1], *content, states[:, -1:]], dim=1)
+    content = [encoded[:, k * WINDOW + 1 : k * WINDOW + 1 + CONTENT] for k in range(windows)]
+    return torch.cat([encoded[:, :1], *content, encoded[:, -1:]], dim=1)
 
 
 def _final_layer_norm(text_encoder: torch.nn.Module) -> torch.nn.Module:
@@ -69,17 +77,28 @@ def _final_layer_norm(text_encoder: torch.nn.Module) -> torch.nn.Module:
 
 
 class CaptionStates:
-    """Hidden states memoised by token ids, for a text encoder that does not train and captions that do not change
-    from one use to the next: each caption is encoded once, at its first use."""
+    """Text-encoder outputs memoised by token ids, for text encoders that do not train and captions that do not
+    change from one use to the next: each caption is encoded once, at its first use. An output is a tuple of
+    per-sample tensors (SD: the hidden states; SDXL: the hidden states and the pooled vector)."""
 
     def __init__(self):
-        self.states: dict[bytes, torch.Tensor] = {}
+        self.outputs: dict[bytes, tuple[torch.Tensor, ...]] = {}
 
-    def encode(self, text_encoder: torch.nn.Module, input_ids: torch.Tensor, clip_skip: int | None) -> torch.Tensor:
-        keys = [row.cpu().numpy().tobytes() for row in input_ids]
-        missing = list({key: index for index, key in enumerate(keys) if key not in self.states}.values())
+    def encode(self, encode: Callable[[list[torch.Tensor]], tuple[torch.Tensor, ...]], input_ids: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """`encode` (token ids of each tokenizer -> batched outputs) for the captions not seen yet, and every
+        caption's outputs stacked in batch order."""
+        keys = [self._key(input_ids, row) for row in range(len(input_ids[0]))]
+        missing = list({key: index for index, key in enumerate(keys) if key not in self.outputs}.values())
         if missing:
             with torch.no_grad():
-                encoded = encode_tokens(text_encoder, input_ids[missing], clip_skip)
-            self.states.update((keys[index], states) for index, states in zip(missing, encoded))
-        return torch.stack([self.states[key] for key in keys])
+                encoded = encode([ids[missing] for ids in input_ids])
+            self.outputs.update((keys[index], tuple(output[row] for output in encoded)) for row, index in enumerate(missing))
+        return tuple(torch.stack([self.outputs[key][part] for key in keys]) for part in range(len(self.outputs[keys[0]])))
+
+    def put(self, input_ids: list[torch.Tensor], outputs: tuple[torch.Tensor, ...]) -> None:
+        """Store one caption's outputs (computed ahead, or read from a cache file) under its token ids (1, n, 77)."""
+        self.outputs[self._key(input_ids, 0)] = outputs
+
+    @staticmethod
+    def _key(input_ids: list[torch.Tensor], row: int) -> bytes:
+        return b"".join(ids[row].cpu().numpy().tobytes() for ids in input_ids)

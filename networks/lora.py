@@ -140,7 +140,9 @@ class LoRANetwork(torch.nn.Module):
         self.args = args
         self.network_args = dict(network_args or {})
         self.family = model_family(text_encoders, unet)
-        self.v_prediction = False  # set by the trainer from --v_parameterization; goes into the saved metadata
+        # The weights cannot tell epsilon from v-prediction: files say epsilon unless the caller knows better (the
+        # trainer writes what its run trained over these keys, a tool may set this).
+        self.v_prediction = False
         self._modules_dim, self._modules_alpha = modules_dim, modules_alpha
         self._dropout = dropout
         self._aliases: dict[str, str] = {}  # other names of the modules' layers (diffusers names, SDXL U-Net)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from library.dataset.arguments import add_dataset_arguments, config_fallbacks, datasets_from_arguments
+from library.dataset.arguments import add_dataset_arguments, config_fallbacks, dataset_options, prepare_dataset_plans
 from library.dataset.latent_cache import CachedLatents, cache_latents
 from library.dataset.loader import BatchSettings, EpochBatches, TrainingBatches, make_data_loader, worker_count
 from library.dataset.plan import prepare_datasets
@@ -205,6 +205,13 @@ def parse(*arguments):
     parser = argparse.ArgumentParser()
     add_dataset_arguments(parser)
     return parser.parse_args(list(arguments))
+
+
+def datasets_from_arguments(args):
+    """The plans of parsed dataset flags, with the notes of building the options and of the plans."""
+    notes = []
+    plans, plan_notes = prepare_dataset_plans(dataset_options(args, notes))
+    return plans, notes + plan_notes
 
 
 def test_command_line_options_reach_the_dataset_config(tmp_path):

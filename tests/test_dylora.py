@@ -21,8 +21,7 @@ from library.model_files.containers import open_checkpoint
 from library.model_files.family import ModelFamily
 from library.model_files.stable_diffusion import save_stable_diffusion_checkpoint
 from library.tiny_models import make_tiny_dataset, make_tiny_model
-from library.training.options import build_parser
-from library.training.trainer import train
+from library.training.script import run_training_script
 from networks import dylora, lora
 from networks.extract_lora_from_dylora import extract_ranks
 
@@ -308,12 +307,12 @@ def trained(tmp_path_factory, request):
     patch = pytest.MonkeyPatch()
     patch.setattr(dylora.DyLoRANetwork, "on_step_start", recording)
     try:
-        final = train(build_parser().parse_args([
+        final = run_training_script(sdxl=False, argv=[
             "--pretrained_model_name_or_path", str(folder / "tiny.safetensors"), "--train_data_dir", str(folder / "data"),
             "--resolution", "32", "--output_dir", str(folder / "out"), "--output_name", "dy", "--seed", "1",
             "--network_module", "networks.dylora", "--network_dim", "16", "--network_args", "unit=4",
             "--max_train_steps", "20", "--learning_rate", "1e-3", "--cache_latents", "--max_data_loader_n_workers", "0",
-        ]))
+        ])
     finally:
         patch.undo()
     return final, drawn

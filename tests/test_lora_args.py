@@ -135,7 +135,19 @@ def test_block_alphas_apply_without_block_dims(sd1):
     assert {(lora.block < 12, lora.lora_dim, lora.scale) for lora in net.unet_loras} == {(True, 8, 0.25), (False, 8, 0.5)}
 
 
-def test_sdxl_refuses_block_wise_arguments():
+def test_sdxl_block_wise_arguments_follow_its_23_slots():
     model = tiny_model_pair(ModelFamily.SDXL)[0]
-    with pytest.raises(UserError, match="'down_lr_weight' .* not supported for SDXL"):
-        create_network(1.0, 4, 1, None, model.text_encoders, model.unet, down_lr_weight="sine")
+    dims = list(range(1, 24))
+    net = create_network(1.0, 4, 1, None, model.text_encoders, model.unet, block_dims=",".join(map(str, dims)), conv_dim="2",
+                         down_lr_weight="0.5", mid_lr_weight="1,0,1", up_lr_weight=",".join(["2"] * 9))
+    for lora in net.unet_loras:
+        assert lora.block not in (0, 11, 22)  # no layers in the edge slots; the middle transformer (MID1) has weight 0
+        if not lora.uses_conv_rank:
+            assert lora.lora_dim == dims[lora.block]
+    groups, descriptions = net.prepare_optimizer_params(None, 1e-3, 1e-3)
+    rates = dict(zip(descriptions, (group["lr"] for group in groups)))
+    assert rates["unet_block2"] == pytest.approx(5e-4) and rates["unet_block13"] == pytest.approx(2e-3) and rates["unet_block10"] == 1e-3
+    with pytest.raises(UserError, match=r"block_dims has 25 values; it takes 23, one per U-Net block \(time embedding, IN00-IN08, MID0-MID2"):
+        create_network(1.0, 4, 1, None, model.text_encoders, model.unet, block_dims=",".join(["4"] * 25))
+    with pytest.raises(UserError, match="mid_lr_weight has 2 values; it takes 3"):
+        create_network(1.0, 4, 1, None, model.text_encoders, model.unet, mid_lr_weight="1,1")

@@ -4,6 +4,7 @@ networks.lora and in diffusers, stops on a non-finite loss without saving, and n
 from __future__ import annotations
 
 import pytest
+from safetensors import safe_open
 from safetensors.torch import load_file
 import torch
 from lora_helpers import diffusers_pipeline, peft_layer_count
@@ -11,10 +12,11 @@ from training_helpers import training_arguments
 
 from library.errors import UserError
 from library.model_files.containers import open_checkpoint
+from library.model_files.family import ModelFamily
 from library.model_files.stable_diffusion import load_stable_diffusion
 from library.text_encoding import encode_tokens, tokenize
 from library.training import diffusion
-from library.training import trainer
+from library.training import preparation
 from library.training.trainer import train
 from networks.lora import create_network_from_weights
 
@@ -150,7 +152,7 @@ def test_a_frozen_text_encoder_encodes_each_caption_once_with_the_same_result(ti
     options = ("--output_name", "tiny", "--max_train_steps", "6", "--network_train_unet_only", "--learning_rate", "1e-2", "--cache_latents")
     cached = train(training_arguments(tiny_sd1, tiny_dataset, tmp_path / "cached", *options))
     assert "text encoder: frozen, each caption encoded once at its first use" in capsys.readouterr().out
-    monkeypatch.setattr(trainer, "_caption_states", lambda plans, train_text_encoder: None)
+    monkeypatch.setattr(preparation, "_caption_states", lambda plans, train_text_encoder: None)
     uncached = train(training_arguments(tiny_sd1, tiny_dataset, tmp_path / "uncached", *options))
     expected = load_file(uncached)
     for key, tensor in load_file(cached).items():
@@ -178,3 +180,21 @@ def test_tensorboard_logs_the_losses_and_learning_rates_per_step(tiny_sd1, tiny_
     assert averages == pytest.approx([sum(currents[: n + 1]) / (n + 1) for n in range(4)], rel=1e-5)  # within the first epoch
     assert [value for _, value in scalars["lr/textencoder"]] == pytest.approx([1e-3] * 4)
     assert [value for _, value in scalars["lr/unet"]] == pytest.approx([2e-3] * 4)
+
+
+@pytest.mark.parametrize(
+    ("family", "extra", "version", "architecture", "prediction"),
+    [
+        (ModelFamily.SD1, [], "sd_v1", "stable-diffusion-v1/lora", "epsilon"),
+        (ModelFamily.SD1, ["--no_metadata"], "sd_v1", "stable-diffusion-v1/lora", "epsilon"),
+        (ModelFamily.SD2, ["--v2", "--v_parameterization"], "sd_v2_v", "stable-diffusion-v2-768-v/lora", "v"),
+    ],
+)
+def test_the_file_records_the_model_and_prediction_the_run_trained(tiny_checkpoints, tiny_dataset, tmp_path, family, extra, version, architecture,
+                                                                    prediction):
+    final = train(training_arguments(tiny_checkpoints[family][1], tiny_dataset, tmp_path, "--max_train_steps", "1", *extra))
+    with safe_open(str(final), "pt") as file:
+        metadata = file.metadata()
+    assert metadata["ss_base_model_version"] == version and metadata["ss_v2"] == str(family is ModelFamily.SD2)
+    assert metadata["modelspec.architecture"] == architecture and metadata["modelspec.prediction_type"] == prediction
+    assert ("ss_seed" in metadata) == ("--no_metadata" not in extra)

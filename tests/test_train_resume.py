@@ -108,12 +108,10 @@ def test_a_resume_past_the_last_step_or_from_elsewhere_is_one_sentence(uninterru
 def test_the_same_folder_given_relative_or_absolute_is_the_same_run(tiny_dataset, monkeypatch):
     from library.dataset.plan import prepare_datasets
     from library.training.state import first_difference, run_fingerprint
-    from library.training.options import build_parser
 
     def fingerprint(folder):
         plans, _ = prepare_datasets(None, {"resolution": "64"}, train_data_dir=str(folder))
-        args = build_parser().parse_args(["--pretrained_model_name_or_path", "m", "--output_dir", "o", "--network_module", "networks.lora"])
-        return run_fingerprint(args, plans, 1, "AdamW")
+        return run_fingerprint(training_arguments("m", folder, "o"), plans, 1)
 
     absolute = fingerprint(tiny_dataset)
     monkeypatch.chdir(tiny_dataset.parent)

@@ -8,7 +8,7 @@ from conftest import run_script
 
 from library.errors import UserError
 from library.training.config_file import parse_arguments, write_config_file
-from library.training.options import build_parser
+from library.training.arguments import build_parser
 
 REQUIRED = ["--pretrained_model_name_or_path", "model.safetensors", "--output_dir", "out", "--network_module", "networks.lora"]
 

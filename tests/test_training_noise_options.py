@@ -9,14 +9,15 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_helpers import training_arguments
+from training_helpers import training_arguments, training_flags
 
 from library.errors import UserError
 from library.model_files.containers import open_checkpoint
 from library.model_files.stable_diffusion import load_stable_diffusion
 from library.training import diffusion
 from library.training.diffusion import LossSettings, NoiseSettings
-from library.training.trainer import check_options, train
+from library.training.options import training_options
+from library.training.trainer import train
 from networks.lora import create_network_from_weights
 
 
@@ -193,7 +194,11 @@ def test_snr_weights_on_given_snrs():
 
 
 def parsed(*extra):
-    return training_arguments("model.safetensors", "data", "out", *extra)
+    return training_flags("model.safetensors", "data", "out", *extra)
+
+
+def notes_of(*extra):
+    return training_options(parsed(*extra)).notes
 
 
 @pytest.mark.parametrize(
@@ -208,20 +213,21 @@ def parsed(*extra):
 )
 def test_conflicting_noise_and_loss_options_are_one_sentence(extra, message):
     with pytest.raises(UserError, match=message) as error:
-        check_options(parsed(*extra))
+        training_options(parsed(*extra))
     assert "\n" not in str(error.value) and str(error.value).endswith(".")
 
 
 def test_zero_terminal_snr_without_v_prediction_gives_a_note():
-    assert any("--zero_terminal_snr without --v_parameterization" in note for note in check_options(parsed("--zero_terminal_snr")))
-    assert not any("zero_terminal_snr" in note for note in check_options(parsed("--zero_terminal_snr", "--v_parameterization")))
-    check_options(parsed("--huber_c", "0"))  # no error: l2 has no threshold to check
+    assert any("--zero_terminal_snr without --v_parameterization" in note for note in notes_of("--zero_terminal_snr"))
+    assert not any("zero_terminal_snr" in note for note in notes_of("--zero_terminal_snr", "--v_parameterization"))
+    notes_of("--huber_c", "0")  # no error: l2 has no threshold to check
 
 
 def test_option_defaults_are_sd_scripts_defaults():
     args = parsed()
     assert (args.loss_type, args.huber_schedule, args.huber_c, args.huber_scale, args.multires_noise_discount) == ("l2", "snr", 0.1, 1.0, 0.3)
-    assert LossSettings.from_args(args) == LossSettings() and NoiseSettings.from_args(args) == NoiseSettings()
+    diffusion_options = training_options(args).diffusion
+    assert diffusion_options.loss == LossSettings() and diffusion_options.noise == NoiseSettings()
     with pytest.raises(SystemExit):
         parsed("--loss_type", "l3")
 

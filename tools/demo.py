@@ -22,8 +22,7 @@ from library.errors import run_cli
 from library.model_files.family import ModelFamily
 from library.model_files.stable_diffusion import load_stable_diffusion, save_stable_diffusion_checkpoint
 from library.tiny_models import make_tiny_dataset, make_tiny_model
-from library.training.options import build_parser
-from library.training.trainer import train
+from library.training.script import run_training_script
 
 RESOLUTION = 64
 SAMPLE_SEED = 1
@@ -50,7 +49,7 @@ def main() -> None:
     prompts.write_text(f"{caption} --w {RESOLUTION} --h {RESOLUTION} --d {SAMPLE_SEED} --s 20 --l 1\n", encoding="utf-8")
     report(f"made a tiny SD1 model ({model_file}), a dataset of 4 captioned images ({image_dir}/) and a prompt file")
 
-    lora = train(build_parser().parse_args(_training_command(model_file, output, prompts, options.max_train_steps)))
+    lora = run_training_script(sdxl=False, argv=_training_command(model_file, output, prompts, options.max_train_steps))
     report(f"trained {lora}")
 
     samples = sorted((output / "sample").glob("*.png"))

@@ -5,8 +5,10 @@ they parse to None (on/off flags: False) when not given, so that the schema's de
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
+from library.dataset.buckets import SDXL_STEP_DIVISOR, STEP_DIVISOR
 from library.dataset.config import KEYS
 from library.dataset.loader import DEFAULT_PRIOR_LOSS_WEIGHT, DEFAULT_WORKERS, WORKERS_WITH_CACHED_LATENTS
 from library.dataset.plan import DatasetPlan, prepare_datasets
@@ -104,6 +106,55 @@ def _float_pair(text: str) -> list[float]:
     return pair
 
 
+@dataclass(frozen=True)
+class DatasetOptions:
+    """The dataset flags, typed: where the images are, the values config keys fall back to, caching and loading."""
+
+    dataset_config: str | None = None
+    train_data_dir: str | None = None
+    reg_data_dir: str | None = None
+    in_json: str | None = None
+    fallbacks: Mapping[str, Any] = field(default_factory=dict)  # config-key options by name (see config_fallbacks)
+    skip_bad_images: bool = False
+    max_token_length: int | None = None
+    prior_loss_weight: float = DEFAULT_PRIOR_LOSS_WEIGHT
+    debug_dataset: bool = False
+    cache_latents: bool = False  # also on with --cache_latents_to_disk
+    cache_latents_to_disk: bool = False
+    vae_batch_size: int = 1
+    max_data_loader_n_workers: int | None = None
+    persistent_data_loader_workers: bool = False
+    bucket_step_divisor: int = STEP_DIVISOR  # bucket_reso_steps must be a multiple of it: 64, or 32 for SDXL
+
+
+def dataset_options(args: argparse.Namespace, notes: list[str], sdxl: bool = False) -> DatasetOptions:
+    """The typed dataset options of parsed flags. What is not supported is refused; options that are accepted but
+    change nothing add a note to `notes`."""
+    if args.dataset_class:
+        raise UserError("--dataset_class (a custom Python dataset) is not supported; describe the images with --dataset_config instead.")
+    if args.vae_batch_size < 1:
+        raise UserError(f"--vae_batch_size is {args.vae_batch_size}; use 1 or more.")
+    if args.max_data_loader_n_workers is not None and args.max_data_loader_n_workers < 0:
+        raise UserError(f"--max_data_loader_n_workers is {args.max_data_loader_n_workers}; use 0 (load in the main process) or more.")
+    if args.skip_cache_check:
+        notes.append("--skip_cache_check ignored: existing latent files are always checked, so that stale ones are never trained on.")
+    if args.persistent_data_loader_workers and args.max_data_loader_n_workers == 0:
+        notes.append("--persistent_data_loader_workers ignored: there are no worker processes with --max_data_loader_n_workers 0.")
+    values = {name: getattr(args, name) for name in DATASET_FLAGS}
+    return DatasetOptions(
+        **values,
+        fallbacks=config_fallbacks(args),
+        cache_latents=bool(args.cache_latents or args.cache_latents_to_disk),  # --cache_latents_to_disk implies it
+        bucket_step_divisor=SDXL_STEP_DIVISOR if sdxl else STEP_DIVISOR,
+    )
+
+
+DATASET_FLAGS = (
+    "dataset_config", "train_data_dir", "reg_data_dir", "in_json", "skip_bad_images", "max_token_length", "prior_loss_weight",
+    "debug_dataset", "cache_latents_to_disk", "vae_batch_size", "max_data_loader_n_workers", "persistent_data_loader_workers",
+)
+
+
 def config_fallbacks(args: argparse.Namespace) -> dict[str, Any]:
     """The command-line values that config keys fall back to, by option name."""
     values = {key.cli: getattr(args, key.cli) for key in KEYS.values() if key.cli}
@@ -112,37 +163,15 @@ def config_fallbacks(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-def check_dataset_arguments(args: argparse.Namespace) -> list[str]:
-    """Refuses what is not supported, and returns notes for options that are accepted but change nothing."""
-    if args.dataset_class:
-        raise UserError("--dataset_class (a custom Python dataset) is not supported; describe the images with --dataset_config instead.")
-    if args.vae_batch_size < 1:
-        raise UserError(f"--vae_batch_size is {args.vae_batch_size}; use 1 or more.")
-    if args.max_data_loader_n_workers is not None and args.max_data_loader_n_workers < 0:
-        raise UserError(f"--max_data_loader_n_workers is {args.max_data_loader_n_workers}; use 0 (load in the main process) or more.")
-    notes = []
-    if args.skip_cache_check:
-        notes.append("--skip_cache_check ignored: existing latent files are always checked, so that stale ones are never trained on.")
-    if args.persistent_data_loader_workers and args.max_data_loader_n_workers == 0:
-        notes.append("--persistent_data_loader_workers ignored: there are no worker processes with --max_data_loader_n_workers 0.")
-    return notes
-
-
-def datasets_from_arguments(args: argparse.Namespace) -> tuple[list[DatasetPlan], list[str]]:
+def prepare_dataset_plans(options: DatasetOptions) -> tuple[list[DatasetPlan], list[str]]:
     """Checked dataset plans and the notes for the start-up summary; one UserError lists every problem."""
-    notes = check_dataset_arguments(args)
-    plans, dataset_notes = prepare_datasets(
-        args.dataset_config,
-        config_fallbacks(args),
-        args.train_data_dir,
-        args.reg_data_dir,
-        args.in_json,
-        skip_bad_images=args.skip_bad_images,
-        cache_latents=caches_latents(args),
+    return prepare_datasets(
+        options.dataset_config,
+        options.fallbacks,
+        options.train_data_dir,
+        options.reg_data_dir,
+        options.in_json,
+        skip_bad_images=options.skip_bad_images,
+        cache_latents=options.cache_latents,
+        bucket_step_divisor=options.bucket_step_divisor,
     )
-    return plans, notes + dataset_notes
-
-
-def caches_latents(args: argparse.Namespace) -> bool:
-    """--cache_latents_to_disk implies --cache_latents."""
-    return bool(args.cache_latents or args.cache_latents_to_disk)

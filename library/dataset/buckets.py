@@ -14,7 +14,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 Size = tuple[int, int]
-STEP_DIVISOR = 64  # sd-scripts' train_network asserts bucket_reso_steps % 64 == 0
+STEP_DIVISOR, SDXL_STEP_DIVISOR = 64, 32  # sd-scripts asserts bucket_reso_steps % 64 == 0 (SD 1.x/2.x), % 32 == 0 (SDXL)
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class Placement:
     resized: Size  # the image is resized to this size, which covers the bucket, then cropped to the bucket
 
 
-def check_bucket_settings(settings: BucketSettings, where: str) -> list[str]:
+def check_bucket_settings(settings: BucketSettings, where: str, step_divisor: int = STEP_DIVISOR) -> list[str]:
     """The problems of one dataset's bucket keys, one sentence each starting with `where`; empty when all is well.
 
     Like sd-scripts, the bucket keys are only checked with enable_bucket, and min/max are compared with the
@@ -46,10 +46,10 @@ def check_bucket_settings(settings: BucketSettings, where: str) -> list[str]:
     if not settings.enable_bucket:
         return problems
     steps = settings.bucket_reso_steps
-    if steps <= 0 or steps % STEP_DIVISOR:
+    if steps <= 0 or steps % step_divisor:
         problems.append(
-            f"{where}: bucket_reso_steps is {steps}, but sd-scripts' train_network requires it to be divisible by "
-            f"{STEP_DIVISOR}; use a positive multiple of {STEP_DIVISOR} such as 64."
+            f"{where}: bucket_reso_steps is {steps}, but this model family's trainer (as sd-scripts') requires it to be divisible by "
+            f"{step_divisor}; use a positive multiple of {step_divisor} such as 64."
         )
     if width <= 0 or height <= 0 or settings.bucket_no_upscale or steps <= 0:
         return problems

@@ -26,6 +26,7 @@ from library.file_io import atomic_output
 logger = logging.getLogger(__name__)
 LATENT_CHANNELS = 4
 MAX_DECODE_THREADS = 8
+SD_SUFFIX, SDXL_SUFFIX = "_sd.npz", "_sdxl.npz"  # the cache files' name endings for SD 1.x/2.x and for SDXL
 SD_VAE_SCALE = 8  # the real SD VAE; the tiny test VAE downsamples less, so the factor is read from the VAE
 
 
@@ -36,11 +37,12 @@ class CachedLatents:
     alpha_mask: torch.Tensor | None  # (h, w) float32 in [0, 1], when the subset asks for it
 
 
-def cache_file_path(image_path: Path, original_size: Size) -> Path:
-    """sd-scripts' name: `<image path without extension>_<W:04d>x<H:04d>_sd.npz`, W x H the original size."""
+def cache_file_path(image_path: Path, original_size: Size, suffix: str = SD_SUFFIX) -> Path:
+    """sd-scripts' name: `<image path without extension>_<W:04d>x<H:04d>_sd.npz` (`_sdxl.npz` for SDXL), W x H the
+    original size."""
     width, height = original_size
     image_path = Path(image_path)
-    return image_path.with_name(f"{image_path.stem}_{width:04d}x{height:04d}_sd.npz")
+    return image_path.with_name(f"{image_path.stem}_{width:04d}x{height:04d}{suffix}")
 
 
 def is_cache_valid(path: Path, sample: Sample, vae_scale: int = SD_VAE_SCALE) -> bool:
@@ -80,6 +82,7 @@ def cache_latents(
     to_disk: bool,
     progress: bool = True,
     skip_bad_images: bool = False,
+    suffix: str = SD_SUFFIX,
 ) -> tuple[dict[Path, CachedLatents], int, int]:
     """Encode every distinct image of the plans (the VAE must already be on `device` in `dtype`), reusing valid
     disk caches when `to_disk`. Returns (latents by image path, images encoded, images reused from disk). An image
@@ -90,7 +93,7 @@ def cache_latents(
     cached: dict[Path, CachedLatents] = {}
     to_encode = []
     for sample in samples:
-        file = cache_file_path(sample.image.path, sample.image.size)
+        file = cache_file_path(sample.image.path, sample.image.size, suffix)
         if to_disk and is_cache_valid(file, sample, vae_scale):
             cached[sample.image.path] = _load(file, sample)
         else:
@@ -104,7 +107,7 @@ def cache_latents(
             for sample, entry in zip(batch, _encode(batch, [loaded[sample.image.path] for sample in batch], vae, device, dtype)):
                 cached[sample.image.path] = entry
                 if to_disk:
-                    _save(cache_file_path(sample.image.path, sample.image.size), sample, entry)
+                    _save(cache_file_path(sample.image.path, sample.image.size, suffix), sample, entry)
             bar.update(len(batch))
     reused = len(samples) - len(to_encode)
     return cached, len(cached) - reused, reused

@@ -112,7 +112,7 @@ class EpochBatches(torch.utils.data.Sampler):
 class TrainingBatches(torch.utils.data.Dataset):
     """Builds the batch dict for a `BatchKey`. With `latents` (from `cache_latents`) the batch holds latents and no
     images; without, images are decoded and augmented here. Keys follow sd-scripts' batch dict:
-    `latents` or `images`, `input_ids` (B, n, 77), `captions`, `loss_weights` (B), `alpha_masks` (B, H, W) or None,
+    `latents` or `images`, `input_ids` (B, n, 77) and for SDXL's second tokenizer `input_ids2`, `captions`, `loss_weights` (B), `alpha_masks` (B, H, W) or None,
     `network_multipliers` (B), `flippeds`, and the SDXL size conditioning `original_sizes_hw`, `crop_top_lefts`,
     `target_sizes_hw` (B, 2), and `batch_seed` for the batch's noise.
 
@@ -122,12 +122,12 @@ class TrainingBatches(torch.utils.data.Dataset):
     def __init__(
         self,
         plans: Sequence[DatasetPlan],
-        tokenizer: CLIPTokenizer,
+        tokenizer: CLIPTokenizer | Sequence[CLIPTokenizer],
         settings: BatchSettings,
         latents: dict[Path, CachedLatents] | None = None,
     ):
         self.plans = list(plans)
-        self.tokenizer = tokenizer
+        self.tokenizers = list(tokenizer) if isinstance(tokenizer, (list, tuple)) else [tokenizer]
         self.settings = settings
         self.latents = latents
 
@@ -157,9 +157,11 @@ class TrainingBatches(torch.utils.data.Dataset):
         pixels_or_latents = self._cached(sample, rng) if self.latents is not None else self._loaded(sample, rng)
         if pixels_or_latents is None:
             return None
-        tensor, alpha_mask, flipped, crop_top_left = pixels_or_latents
+        tensor, alpha_mask, flipped, (top, left) = pixels_or_latents
         width, height = sample.image.size
         bucket_width, bucket_height = sample.placement.bucket
+        if flipped:  # the window's left edge as seen in the mirrored image
+            left = sample.placement.resized[0] - bucket_width - left
         return {
             "tensor": tensor,
             "alpha_mask": alpha_mask,
@@ -168,7 +170,7 @@ class TrainingBatches(torch.utils.data.Dataset):
             "image_path": str(sample.image.path),
             "loss_weight": sample.loss_weight(self.settings.prior_loss_weight),
             "original_size_hw": (height, width),
-            "crop_top_left": crop_top_left,
+            "crop_top_left": (top, left),
             "target_size_hw": (bucket_height, bucket_width),
         }
 
@@ -202,7 +204,8 @@ class TrainingBatches(torch.utils.data.Dataset):
             "images": stacked if self.latents is None else None,
             "captions": captions,
             "image_paths": [item["image_path"] for item in items],
-            "input_ids": tokenize(self.tokenizer, captions, self.settings.max_token_length),
+            "input_ids": tokenize(self.tokenizers[0], captions, self.settings.max_token_length),
+            "input_ids2": tokenize(self.tokenizers[1], captions, self.settings.max_token_length) if len(self.tokenizers) > 1 else None,
             "loss_weights": torch.tensor([item["loss_weight"] for item in items], dtype=torch.float32),
             "alpha_masks": _alpha_masks(items),
             "network_multipliers": torch.full((len(items),), float(plan.config.network_multiplier)),

@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from library.dataset.buckets import BucketAssigner, BucketSettings, Placement, check_bucket_settings, normalized
+from library.dataset.buckets import STEP_DIVISOR, BucketAssigner, BucketSettings, Placement, check_bucket_settings, normalized
 from library.dataset.config import DatasetConfig, Problems, SubsetConfig, load_dataset_config
 from library.dataset.scan import ImageRecord, ScannedSubset, scan_datasets
 
@@ -75,6 +75,7 @@ def prepare_datasets(
     in_json: str | None = None,
     skip_bad_images: bool = False,
     cache_latents: bool = False,
+    bucket_step_divisor: int = STEP_DIVISOR,
 ) -> tuple[list[DatasetPlan], list[str]]:
     """Read the config (or legacy folders), scan every folder and check everything; one UserError lists every
     problem. Returns the plans and the notes for the start-up summary."""
@@ -83,7 +84,7 @@ def prepare_datasets(
     _check_supported(datasets, problems)
     datasets = [_without_skipped_subsets(dataset, problems) for dataset in datasets]
     scanned = scan_datasets(datasets, problems, skip_bad_images)
-    settings = [_bucket_settings(dataset, problems) for dataset in datasets]
+    settings = [_bucket_settings(dataset, problems, bucket_step_divisor) for dataset in datasets]
     if cache_latents:
         _check_caching(datasets, problems)
     problems.raise_if_any()
@@ -124,7 +125,7 @@ def _without_skipped_subsets(dataset: DatasetConfig, problems: Problems) -> Data
     return DatasetConfig(dataset.where, dataset.style, dataset.settings, tuple(kept))
 
 
-def _bucket_settings(dataset: DatasetConfig, problems: Problems) -> BucketSettings:
+def _bucket_settings(dataset: DatasetConfig, problems: Problems, step_divisor: int) -> BucketSettings:
     settings = BucketSettings(
         resolution=dataset.resolution,
         enable_bucket=dataset.enable_bucket,
@@ -133,7 +134,7 @@ def _bucket_settings(dataset: DatasetConfig, problems: Problems) -> BucketSettin
         bucket_reso_steps=dataset.bucket_reso_steps,
         bucket_no_upscale=dataset.bucket_no_upscale,
     )
-    for message in check_bucket_settings(settings, dataset.where):
+    for message in check_bucket_settings(settings, dataset.where, step_divisor):
         problems.add(message)
     return settings
 

@@ -32,9 +32,34 @@ TEXT_ENCODER_PREFIX = "lora_te"
 DOWN, UP, ALPHA = "lora_down.weight", "lora_up.weight", "alpha"
 LORA_PARTS = (DOWN, UP, ALPHA)
 
-# U-Net block slots for block-wise learning rates and ranks (SD1/SD2): IN00-IN11, MID, OUT00-OUT11.
-SD_BLOCK_SLOTS = 25
-SD_MID_SLOT = 12
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """The U-Net block slots of block-wise learning rates and ranks (specs/lora_format.md 4.1, 4.3): `edge` slots
+    before the down side and after the up side (SDXL's time/label embedding and output layers, weight 1 in the
+    learning-rate lists), then `down` IN blocks, `mid` middle parts and `up` OUT blocks."""
+
+    down: int
+    mid: int
+    up: int
+    edge: int
+
+    @property
+    def slots(self) -> int:
+        return self.down + self.mid + self.up + 2 * self.edge
+
+    def description(self) -> str:
+        parts = f"IN00-IN{self.down - 1:02d}, {'MID' if self.mid == 1 else f'MID0-MID{self.mid - 1}'}, OUT00-OUT{self.up - 1:02d}"
+        return f"time embedding, {parts}, output" if self.edge else parts
+
+
+SD_BLOCKS = BlockLayout(down=12, mid=1, up=12, edge=0)  # 25 slots: IN00-IN11 = 0-11, MID = 12, OUT00-OUT11 = 13-24
+SDXL_BLOCKS = BlockLayout(down=9, mid=3, up=9, edge=1)  # 23 slots: 0, IN00-IN08 = 1-9, MID = 10-12, OUT00-OUT08 = 13-21, 22
+
+
+def block_layout(sdxl: bool) -> BlockLayout:
+    return SDXL_BLOCKS if sdxl else SD_BLOCKS
 
 
 class LayerKind(enum.Enum):
@@ -120,18 +145,17 @@ _LDM_BLOCK = re.compile(r"^(input_blocks|middle_block|output_blocks)\.(\d+)\.")
 
 
 def block_slot(ldm_path: str, sdxl: bool) -> int:
-    """The block slot of a U-Net layer from its LDM path. SD1/SD2 has 25 slots (IN00-IN11 = 0-11, MID = 12,
-    OUT00-OUT11 = 13-24); SDXL has 23 (time embedding = 0, IN00-IN08 = 1-9, MID parts = 10-12, OUT00-OUT08 = 13-21,
-    out = 22)."""
+    """The block slot of a U-Net layer from its LDM path, in the family's `BlockLayout`."""
     match = _LDM_BLOCK.match(ldm_path)
     if match is None:
         raise ValueError(f"'{ldm_path}' is not inside a U-Net block")
+    layout = block_layout(sdxl)
     group, index = match.group(1), int(match.group(2))
     if group == "input_blocks":
-        return index + 1 if sdxl else index
+        return layout.edge + index
     if group == "middle_block":
-        return 10 + index if sdxl else SD_MID_SLOT
-    return 13 + index
+        return layout.edge + layout.down + (index if layout.mid > 1 else 0)
+    return layout.edge + layout.down + layout.mid + index
 
 
 class CheckpointWeight(NamedTuple):

@@ -85,19 +85,32 @@ def load_stable_diffusion(
     v_parameterization: bool = False,
     dtype: torch.dtype = torch.float32,
     tokenizer_cache_dir: str | os.PathLike | None = None,
+    vae_dtype: torch.dtype | None = None,
 ) -> StableDiffusionModel:
-    """Load a single-file checkpoint or a Diffusers folder. The family is detected; `family` (from `--v2`, `--sdxl`)
-    must agree with it. v-prediction comes from `v_parameterization`, else from the file's own marks."""
+    """Load a single-file checkpoint or a Diffusers folder in `dtype` (the VAE in `vae_dtype`, default `dtype`). The
+    family is detected; `family` (from `--v2`, `--sdxl`) must agree with it. v-prediction comes from
+    `v_parameterization`, else from the file's own marks."""
     path = Path(path)
     if not path.exists() and HUB_ID.fullmatch(str(path)) and path.suffix.lower() not in CHECKPOINT_SUFFIXES:
         path = _download_from_hub(str(path))
     if path.is_dir():
-        return _load_diffusers_folder(path, family, v_parameterization, dtype, tokenizer_cache_dir)
+        return _load_diffusers_folder(path, family, v_parameterization, dtype, vae_dtype or dtype, tokenizer_cache_dir)
     model, checkpoint, unused = _open_single_file(path, family, v_parameterization, tokenizer_cache_dir)
     for module, links in model.components():
-        _fill_module(module, links, checkpoint, dtype)
+        _fill_module(module, links, checkpoint, vae_dtype or dtype if module is model.vae else dtype)
     model.unused_tensors = {key: checkpoint.read(key) for key in unused}
     return model
+
+
+def local_model_family(path: str | os.PathLike) -> ModelFamily | None:
+    """The family of a local single file or Diffusers folder, from its keys or configs without reading weights;
+    None for anything else (a hub id, a missing path), which the loader then reports."""
+    path = Path(path)
+    if path.is_dir() and (path / "text_encoder" / "config.json").is_file():
+        return _folder_family(path)
+    if path.is_file():
+        return detect_family(AliasedCheckpoint(open_checkpoint(path)).shapes(), str(path))
+    return None
 
 
 def open_single_file_model(
@@ -257,14 +270,16 @@ def _assign(module: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:
         owner._buffers[name] = tensor.contiguous()
 
 
-def _load_diffusers_folder(folder: Path, expected: ModelFamily | None, v_parameterization: bool, dtype: torch.dtype, tokenizer_cache_dir) -> StableDiffusionModel:
+def _load_diffusers_folder(
+    folder: Path, expected: ModelFamily | None, v_parameterization: bool, dtype: torch.dtype, vae_dtype: torch.dtype, tokenizer_cache_dir
+) -> StableDiffusionModel:
     for needed in ("unet", "vae", "text_encoder"):
         if not (folder / needed / "config.json").is_file():
             raise UserError(f"{folder}: not a Diffusers model folder ({needed}/config.json is missing); give a model folder or a single .safetensors/.ckpt file.")
     family = _folder_family(folder)
     check_family(family, expected, str(folder))
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, local_files_only=True)
-    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype, local_files_only=True)
+    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=vae_dtype, local_files_only=True)
     text_encoders = [
         text_encoder_class(layout).from_pretrained(folder / name, dtype=dtype, local_files_only=True)
         for name, layout in zip(TEXT_ENCODER_FOLDERS, TEXT_ENCODER_LAYOUTS[family])

@@ -91,7 +91,7 @@ def _as_tokens(table: dict[str, Any], parser: argparse.ArgumentParser, file: Pat
         seen.add(key)
         if key not in actions or key in CONFIG_OPTIONS:
             close = difflib.get_close_matches(key, actions, n=1)
-            hint = f"; did you mean {close[0]}?" if close else "; see train_network.py --help."
+            hint = f"; did you mean {close[0]}?" if close else f"; see {parser.prog} --help."
             raise UserError(f"--config_file {file}: {key} is not an option of this script{hint}")
         action = actions[key]
         flag = action.option_strings[0]

@@ -9,7 +9,7 @@ exactly. An option that is off draws nothing, so the other draws stay where they
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,11 +25,6 @@ THRESHOLD_LOSS_TYPES = ("huber", "smooth_l1")
 SNR_CLAMP = (1e-3, 1000.0)
 
 
-def _from_args(cls, args):
-    """The dataclass `cls` with each field taken from the command-line option of the same name."""
-    return cls(**{field.name: getattr(args, field.name) for field in fields(cls)})
-
-
 @dataclass(frozen=True)
 class NoiseSettings:
     """The noise options (spec 5.3 steps 3-5); the fields are named as the command-line options, and their defaults
@@ -42,10 +37,6 @@ class NoiseSettings:
     multires_noise_discount: float = 0.3
     ip_noise_gamma: float | None = None
     ip_noise_gamma_random_strength: bool = False
-
-    @classmethod
-    def from_args(cls, args) -> NoiseSettings:
-        return _from_args(cls, args)
 
 
 @dataclass(frozen=True)
@@ -61,10 +52,6 @@ class LossSettings:
     scale_v_pred_loss_like_noise_pred: bool = False
     v_pred_like_loss: float | None = None
     debiased_estimation_loss: bool = False
-
-    @classmethod
-    def from_args(cls, args) -> LossSettings:
-        return _from_args(cls, args)
 
     def threshold(self, timesteps: torch.Tensor, scheduler: DDPMScheduler) -> torch.Tensor | None:
         """Each sample's Huber threshold for huber and smooth_l1; None for the other losses."""

@@ -1,72 +1,250 @@
-"""The command line of train_network.py, with sd-scripts' option names, types and defaults (specs/training.md
-section 11). Options of sd-scripts that are not implemented yet are refused by argparse, never silently ignored."""
+"""The typed options of a training run, built once from the parsed flags by `training_options` (at the edge, in
+the script) and read by everything below it. Each concern has its own frozen dataclass; the field names are
+sd-scripts' option names where one option maps to one field.
+
+Conflicts between options are refused here, in one sentence each with the fix; options that cannot apply on this
+machine (fp16 or xformers without CUDA, 8-bit optimizers on the CPU) are replaced by what will run, with a note."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+from dataclasses import dataclass, fields, replace
 
 import torch
 
-from library.dataset.arguments import add_dataset_arguments
+from library.compute_options import MIXED_PRECISION_DTYPES, parse_precision
+from library.dataset.arguments import DatasetOptions, dataset_options
 from library.errors import UserError
-from library.model_files.family import family_from_flags
-from library.model_files.stable_diffusion import StableDiffusionModel, load_stable_diffusion
-from library.model_files.vae import load_vae_weights
-from library.training.config_file import add_config_file_arguments
-from library.training.diffusion import HUBER_SCHEDULES, LOSS_TYPES, THRESHOLD_LOSS_TYPES, LossSettings, NoiseSettings
-from library.sampling.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
-from library.training.optimizers import SCHEDULERS
-from library.training.saving import SAVE_FORMATS
-
-MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SAVE_PRECISION_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from library.sampling.samplers import DEFAULT_SAMPLER
+from library.training.diffusion import THRESHOLD_LOSS_TYPES, LossSettings, NoiseSettings
+from library.training.optimizers import CUDA_ONLY_OPTIMIZERS, optimizer_name, parse_key_values
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="train_network.py", description="Train a LoRA for Stable Diffusion 1.x / 2.x.", allow_abbrev=False)
-    add_model_arguments(parser.add_argument_group("model"))
-    add_dataset_arguments(parser)
-    _training_arguments(parser.add_argument_group("training"))
-    _optimizer_arguments(parser.add_argument_group("optimizer and learning rate"))
-    _network_arguments(parser.add_argument_group("network"))
-    _saving_arguments(parser.add_argument_group("saving and logging"))
-    _sample_arguments(parser.add_argument_group("sample images"))
-    add_config_file_arguments(parser)
-    return parser
+@dataclass(frozen=True)
+class ModelOptions:
+    pretrained_model_name_or_path: str
+    v2: bool = False
+    v_parameterization: bool = False
+    vae: str | None = None
+    tokenizer_cache_dir: str | None = None
+    mixed_precision: str = "no"  # what runs: "fp16" becomes "no" without CUDA
+    no_half_vae: bool = False
+    xformers: bool = False
+    full_fp16: bool = False
+    full_bf16: bool = False
+    gradient_checkpointing: bool = False
+    clip_skip: int | None = None
+    max_token_length: int | None = None
+    disable_mmap_load_safetensors: bool = False
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype of the frozen weights and of autocast."""
+        return MIXED_PRECISION_DTYPES[self.mixed_precision]
+
+    @property
+    def network_dtype(self) -> torch.dtype:
+        """The LoRA weights' dtype: float32 unless --full_fp16 / --full_bf16."""
+        return torch.float16 if self.full_fp16 else torch.bfloat16 if self.full_bf16 else torch.float32
 
 
-def add_model_arguments(group) -> None:
-    """The base-model options, shared with tools/cache_latents.py."""
-    group.add_argument("--pretrained_model_name_or_path", required=True, help="base model: .safetensors/.ckpt file or Diffusers folder")
-    group.add_argument("--v2", action="store_true", help="the base model is SD 2.x (checked against the file)")
-    group.add_argument("--v_parameterization", action="store_true", help="train with the v-prediction target (SD 2.x 768-v models)")
-    group.add_argument("--tokenizer_cache_dir", help="accepted for compatibility; the tokenizer ships with this project")
-    group.add_argument("--vae", help="use this VAE's weights: a VAE file (original or Diffusers names) or a Diffusers VAE folder")
-    group.add_argument("--mixed_precision", choices=tuple(MIXED_PRECISION_DTYPES), default="no", help="autocast precision; frozen weights are stored in it")
-    group.add_argument("--no_half_vae", action="store_true", help="run the VAE in float32 under mixed precision")
-    group.add_argument("--xformers", action="store_true", help="xformers attention when installed on CUDA; PyTorch SDPA otherwise")
-    group.add_argument("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (the default)")
-    group.add_argument("--mem_eff_attn", action="store_true", help="accepted for compatibility; PyTorch SDPA is used")
+@dataclass(frozen=True)
+class TextEncoderCaching:
+    """sdxl_train_network.py's --cache_text_encoder_outputs(_to_disk)."""
+
+    in_memory: bool = False
+    to_disk: bool = False
 
 
-def vae_dtype(args: argparse.Namespace) -> torch.dtype:
-    """The VAE runs in the mixed-precision dtype, or in float32 with --no_half_vae."""
-    return torch.float32 if args.no_half_vae else MIXED_PRECISION_DTYPES[args.mixed_precision]
+@dataclass(frozen=True)
+class NetworkOptions:
+    network_module: str
+    network_weights: str | None = None
+    dim_from_weights: bool = False
+    network_dim: int | None = None
+    network_alpha: float = 1.0
+    network_dropout: float | None = None
+    network_args: tuple[str, ...] = ()
+    train_unet: bool = True
+    train_text_encoder: bool = True
+    unet_lr: float | None = None
+    text_encoder_lr: tuple[float, ...] = ()  # one value, or one per text encoder (SDXL)
+    scale_weight_norms: float | None = None
+
+    def keyword_args(self) -> dict[str, str]:
+        """--network_args as the keyword arguments of the module's create_network."""
+        malformed = [arg for arg in self.network_args if "=" not in arg]
+        if malformed:
+            raise UserError(f"--network_args {malformed[0]!r} is not key=value; write it like conv_dim=4.")
+        return dict(arg.split("=", 1) for arg in self.network_args)
 
 
-def load_base_model(args: argparse.Namespace) -> StableDiffusionModel:
-    """The base model as the model options describe it, with the weights of --vae when given. It is loaded in the
-    dtype it will run in (float32 only when --no_half_vae keeps the VAE there), so that a bf16 run never holds a
-    float32 copy of the weights."""
-    model = load_stable_diffusion(args.pretrained_model_name_or_path, family=family_from_flags(v2=args.v2),
-                                  v_parameterization=args.v_parameterization, dtype=vae_dtype(args))
-    if args.vae:
-        load_vae_weights(model.vae, args.vae)
+@dataclass(frozen=True)
+class OptimizerOptions:
+    name: str  # resolved from --optimizer_type and the old --use_8bit_adam / --use_lion_optimizer
+    optimizer_args: dict
+    learning_rate: float = 2e-6
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: str = "0"
+    lr_scheduler_num_cycles: int = 1
+    lr_scheduler_power: float = 1.0
+    max_grad_norm: float = 1.0
+
+
+@dataclass(frozen=True)
+class DiffusionOptions:
+    """The noise, timesteps and loss of a step."""
+
+    noise: NoiseSettings = NoiseSettings()
+    loss: LossSettings = LossSettings()
+    min_timestep: int | None = None
+    max_timestep: int | None = None
+    zero_terminal_snr: bool = False
+
+
+@dataclass(frozen=True)
+class LengthOptions:
+    max_train_steps: int = 1600
+    max_train_epochs: int | None = None
+    gradient_accumulation_steps: int = 1
+    seed: int | None = None  # None: the resumed run's seed, or a random one
+
+
+@dataclass(frozen=True)
+class SavingOptions:
+    output_dir: str
+    output_name: str | None = None
+    save_model_as: str = "safetensors"
+    save_precision: str | None = None
+    save_every_n_epochs: int | None = None
+    save_every_n_steps: int | None = None
+    save_last_n_epochs: int | None = None
+    save_last_n_steps: int | None = None
+    save_n_epoch_ratio: int | None = None
+    save_state: bool = False
+    save_state_on_train_end: bool = False
+    save_last_n_epochs_state: int | None = None
+    save_last_n_steps_state: int | None = None
+    resume: str | None = None
+    no_metadata: bool = False
+    training_comment: str | None = None
+
+    @property
+    def save_dtype(self) -> torch.dtype | None:
+        return parse_precision(self.save_precision)
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    sample_prompts: str | None = None
+    sample_every_n_steps: int | None = None
+    sample_every_n_epochs: int | None = None
+    sample_at_first: bool = False
+    sample_sampler: str = DEFAULT_SAMPLER
+
+
+@dataclass(frozen=True)
+class LoggingOptions:
+    logging_dir: str | None = None
+    log_with: str | None = None
+    log_prefix: str | None = None
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    sdxl: bool  # which script: sdxl_train_network.py or train_network.py
+    model: ModelOptions
+    dataset: DatasetOptions
+    network: NetworkOptions
+    optimizer: OptimizerOptions
+    diffusion: DiffusionOptions
+    length: LengthOptions
+    saving: SavingOptions
+    sampling: SamplingOptions
+    logging: LoggingOptions
+    text_encoder_caching: TextEncoderCaching = TextEncoderCaching()
+    notes: tuple[str, ...] = ()  # how options were resolved (replaced on this machine, accepted but ignored), for the summary
+
+
+def training_options(args: argparse.Namespace, sdxl: bool = False) -> TrainingOptions:
+    """The typed options of parsed flags, checked, with the notes for the start-up summary."""
+    notes = []
+    model = _model_options(args, sdxl, notes)
+    options = TrainingOptions(
+        sdxl=sdxl,
+        model=model,
+        dataset=dataset_options(args, notes, sdxl),
+        network=_network_options(args),
+        optimizer=_optimizer_options(args, notes),
+        diffusion=_diffusion_options(args, notes),
+        length=_fields_of(LengthOptions, args),
+        saving=_fields_of(SavingOptions, args),
+        sampling=_fields_of(SamplingOptions, args),
+        logging=_logging_options(args),
+        text_encoder_caching=_text_encoder_caching(args),
+        notes=tuple(notes),
+    )
+    if options.length.gradient_accumulation_steps < 1:
+        raise UserError(f"--gradient_accumulation_steps is {options.length.gradient_accumulation_steps}; use 1 or more.")
+    if not options.network.train_unet and not options.network.train_text_encoder:
+        raise UserError("--network_train_unet_only and --network_train_text_encoder_only together leave nothing to train; give one.")
+    return options
+
+
+def _fields_of(cls, args: argparse.Namespace, **overrides):
+    """The dataclass `cls` with each field taken from the flag of the same name, unless overridden."""
+    values = {field.name: getattr(args, field.name) for field in fields(cls) if field.name not in overrides and hasattr(args, field.name)}
+    return cls(**values, **overrides)
+
+
+def _model_options(args: argparse.Namespace, sdxl: bool, notes: list[str]) -> ModelOptions:
+    if args.full_fp16 and args.mixed_precision != "fp16":
+        raise UserError("--full_fp16 needs --mixed_precision fp16.")
+    if args.full_bf16 and args.mixed_precision != "bf16":
+        raise UserError("--full_bf16 needs --mixed_precision bf16.")
+    model = _fields_of(ModelOptions, args)
+    if sdxl and model.clip_skip is not None:
+        notes.append(f"--clip_skip {model.clip_skip} ignored: SDXL is trained on the penultimate layer of both text encoders, as sd-scripts does.")
+        model = replace(model, clip_skip=None)
+    if args.mem_eff_attn:
+        notes.append("--mem_eff_attn: PyTorch's scaled-dot-product attention is used, which is as memory-efficient.")
+    if args.v2 and args.clip_skip:
+        notes.append(f"--clip_skip {args.clip_skip} with --v2: SD 2.x text encoders already stop one layer early, so this skips more; usually leave it out.")
+    if torch.cuda.is_available():
+        return model
+    if model.mixed_precision == "fp16":
+        notes.append("--mixed_precision fp16 needs a CUDA GPU; training on the CPU in float32.")
+        model = replace(model, mixed_precision="no", full_fp16=False)
+    if model.xformers:
+        notes.append("--xformers needs a CUDA GPU; using PyTorch's scaled-dot-product attention.")
+        model = replace(model, xformers=False)
     return model
 
 
-def check_noise_and_loss_arguments(args: argparse.Namespace) -> list[str]:
-    """sd-scripts' checks of the noise and loss options (specs/training.md 1.5), one sentence each; returns notes."""
+def _network_options(args: argparse.Namespace) -> NetworkOptions:
+    if args.dim_from_weights and not args.network_weights:
+        raise UserError("--dim_from_weights needs --network_weights FILE to take the ranks from.")
+    return _fields_of(
+        NetworkOptions,
+        args,
+        network_args=tuple(args.network_args or ()),
+        train_unet=not args.network_train_text_encoder_only,
+        train_text_encoder=not args.network_train_unet_only,
+        text_encoder_lr=tuple(args.text_encoder_lr or ()),
+    )
+
+
+def _optimizer_options(args: argparse.Namespace, notes: list[str]) -> OptimizerOptions:
+    name = optimizer_name(args.optimizer_type, args.use_8bit_adam, args.use_lion_optimizer)
+    if not torch.cuda.is_available() and name.lower() in CUDA_ONLY_OPTIMIZERS:
+        notes.append(f"--optimizer_type {name} needs bitsandbytes on a CUDA GPU; using AdamW on the CPU.")
+        name = "AdamW"
+    return _fields_of(OptimizerOptions, args, name=name, optimizer_args=parse_key_values(args.optimizer_args, "--optimizer_args"))
+
+
+def _diffusion_options(args: argparse.Namespace, notes: list[str]) -> DiffusionOptions:
+    """sd-scripts' checks of the noise and loss options (specs/training.md 1.5), one sentence each."""
     if args.adaptive_noise_scale is not None and args.noise_offset is None:
         raise UserError("--adaptive_noise_scale adds to the offset of --noise_offset; give --noise_offset too (e.g. --noise_offset 0.05).")
     if args.scale_v_pred_loss_like_noise_pred and not args.v_parameterization:
@@ -78,102 +256,29 @@ def check_noise_and_loss_arguments(args: argparse.Namespace) -> list[str]:
     if args.loss_type in THRESHOLD_LOSS_TYPES and args.huber_c <= 0:
         raise UserError(f"--huber_c is {args.huber_c:g}, but the {args.loss_type} threshold must be above 0 (default {LossSettings.huber_c}).")
     if args.zero_terminal_snr and not args.v_parameterization:
-        return ["--zero_terminal_snr without --v_parameterization: the last timestep's input is pure noise, which a noise-predicting "
-                "model can only copy, so training may go unexpectedly; the option is meant for v-prediction."]
-    return []
+        notes.append("--zero_terminal_snr without --v_parameterization: the last timestep's input is pure noise, which a noise-predicting "
+                     "model can only copy, so training may go unexpectedly; the option is meant for v-prediction.")
+    return _fields_of(DiffusionOptions, args, noise=_fields_of(NoiseSettings, args), loss=_fields_of(LossSettings, args))
 
 
-def _training_arguments(group) -> None:
-    group.add_argument("--max_train_steps", type=int, default=1600, help="optimizer steps to train (default 1600)")
-    group.add_argument("--max_train_epochs", type=int, help="train this many epochs instead (overrides --max_train_steps)")
-    group.add_argument("--seed", type=int, help="random seed (random when unset; recorded in the file)")
-    group.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in the backward pass to save memory")
-    group.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches accumulated per optimizer step")
-    group.add_argument("--full_fp16", action="store_true", help="keep the LoRA weights in fp16 too (needs --mixed_precision fp16)")
-    group.add_argument("--full_bf16", action="store_true", help="keep the LoRA weights in bf16 too (needs --mixed_precision bf16)")
-    group.add_argument("--clip_skip", type=int, help="use the k-th hidden layer of CLIP from the end (2 for many anime models)")
-    group.add_argument("--noise_offset", type=float, help="offset-noise strength (e.g. 0.05)")
-    group.add_argument("--noise_offset_random_strength", action="store_true", help="scale --noise_offset by U(0, 1), drawn once per batch")
-    group.add_argument("--adaptive_noise_scale", type=float, help="add this times |mean of each latent channel| to --noise_offset (needs --noise_offset)")
-    group.add_argument("--multires_noise_iterations", type=int, help="pyramid (multi-resolution) noise with this many levels (6 to 10 is common)")
-    group.add_argument("--multires_noise_discount", type=float, default=NoiseSettings.multires_noise_discount,
-                       help="weight of each coarser pyramid-noise level relative to the one before (default %(default)s)")
-    group.add_argument("--ip_noise_gamma", type=float, help="input-perturbation strength (e.g. 0.1): extra noise in the U-Net's input, not in the target")
-    group.add_argument("--ip_noise_gamma_random_strength", action="store_true", help="scale --ip_noise_gamma by U(0, 1), drawn once per batch")
-    group.add_argument("--zero_terminal_snr", action="store_true", help="rescale the noise schedule so that its last step is pure noise (for v-prediction)")
-    group.add_argument("--loss_type", choices=LOSS_TYPES, default=LossSettings.loss_type, help="element-wise loss (default %(default)s)")
-    group.add_argument("--huber_schedule", choices=HUBER_SCHEDULES, default=LossSettings.huber_schedule,
-                       help="how the huber/smooth_l1 threshold follows the timestep (default %(default)s)")
-    group.add_argument("--huber_c", type=float, default=LossSettings.huber_c, help="huber/smooth_l1 threshold (default %(default)s)")
-    group.add_argument("--huber_scale", type=float, default=LossSettings.huber_scale,
-                       help="multiplier of the threshold in the constant and exponential schedules (default %(default)s)")
-    group.add_argument("--masked_loss", action="store_true",
-                       help="accepted for compatibility: datasets with alpha_mask always mask the loss, with or without it")
-    group.add_argument("--min_snr_gamma", type=float, help="Min-SNR loss weighting gamma (5 is common)")
-    group.add_argument("--scale_v_pred_loss_like_noise_pred", action="store_true",
-                       help="scale the v-prediction loss by SNR/(SNR+1), like a noise-prediction loss (needs --v_parameterization)")
-    group.add_argument("--v_pred_like_loss", type=float, help="add a v-prediction-like loss term with this weight (not with --v_parameterization)")
-    group.add_argument("--debiased_estimation_loss", action="store_true", help="weight the loss by 1/sqrt(SNR), or 1/(SNR+1) with --v_parameterization")
-    group.add_argument("--min_timestep", type=int, help="lowest training timestep (default 0)")
-    group.add_argument("--max_timestep", type=int, help="training timesteps stay below this (default 1000)")
-    group.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the LoRA gradients' norm to this; 0 = no clipping")
-    group.add_argument("--lowram", action="store_true", help="accepted for compatibility")
-    group.add_argument("--highvram", action="store_true", help="accepted for compatibility")
+def _logging_options(args: argparse.Namespace) -> LoggingOptions:
+    """accelerate silently logs nothing when the tracker's package is missing; say so instead."""
+    if args.log_with and not args.logging_dir:
+        raise UserError(f"--log_with {args.log_with} writes its logs under --logging_dir; give --logging_dir too (e.g. --logging_dir logs).")
+    if args.logging_dir:
+        wanted = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}[args.log_with or "tensorboard"]
+        for package in wanted:
+            if importlib.util.find_spec(package) is None:
+                raise UserError(f"--logging_dir logs with {package}, which is not installed; run: pip install {package} (or drop --logging_dir).")
+    return _fields_of(LoggingOptions, args)
 
 
-def _optimizer_arguments(group) -> None:
-    group.add_argument("--optimizer_type", default="", help="AdamW (default), AdamW8bit, PagedAdamW8bit, Lion, SGDNesterov, Prodigy, DAdaptation..., or module.Class")
-    group.add_argument("--use_8bit_adam", action="store_true", help="old spelling of --optimizer_type AdamW8bit")
-    group.add_argument("--use_lion_optimizer", action="store_true", help="old spelling of --optimizer_type Lion")
-    group.add_argument("--optimizer_args", nargs="*", help="optimizer arguments as key=value, e.g. weight_decay=0.01 betas=0.9,0.99")
-    group.add_argument("--learning_rate", type=float, default=2e-6, help="learning rate (default 2e-6, as sd-scripts; LoRA usually 1e-4)")
-    group.add_argument("--lr_scheduler", choices=SCHEDULERS, default="constant", help="learning-rate schedule (default constant)")
-    group.add_argument("--lr_warmup_steps", default="0", help="warmup steps: a count, a fraction below 1, or N%%")
-    group.add_argument("--lr_scheduler_num_cycles", type=int, default=1, help="restarts of cosine_with_restarts")
-    group.add_argument("--lr_scheduler_power", type=float, default=1.0, help="power of the polynomial schedule")
-
-
-def _network_arguments(group) -> None:
-    group.add_argument("--network_module", required=True, help="networks.lora, or any module with the same API")
-    group.add_argument("--network_weights", help="LoRA file to start from")
-    group.add_argument("--dim_from_weights", action="store_true", help="take the ranks and alphas from --network_weights")
-    group.add_argument("--network_dim", type=int, help="rank (networks.lora: 4 when unset)")
-    group.add_argument("--network_alpha", type=float, default=1.0, help="alpha; the LoRA output is scaled by alpha / rank (default 1)")
-    group.add_argument("--network_dropout", type=float, help="dropout of the LoRA down-projection's output")
-    group.add_argument("--network_args", nargs="*", help="network arguments as key=value, e.g. conv_dim=4 conv_alpha=1")
-    group.add_argument("--network_train_unet_only", action="store_true", help="train the U-Net's LoRA only")
-    group.add_argument("--network_train_text_encoder_only", action="store_true", help="train the text encoder's LoRA only")
-    group.add_argument("--unet_lr", type=float, help="learning rate of the U-Net LoRA (default --learning_rate)")
-    group.add_argument("--text_encoder_lr", type=float, nargs="*", help="learning rate of the text-encoder LoRA (default --learning_rate)")
-    group.add_argument("--scale_weight_norms", type=float, help="cap each LoRA delta's norm at this after every step")
-
-
-def _saving_arguments(group) -> None:
-    group.add_argument("--output_dir", required=True, help="folder for the LoRA files")
-    group.add_argument("--output_name", help="file name without extension (default: last, epoch-NNNNNN, at-stepNNNNNNNN)")
-    group.add_argument("--save_model_as", choices=SAVE_FORMATS, default="safetensors", help="file format (default safetensors)")
-    group.add_argument("--save_precision", choices=tuple(SAVE_PRECISION_DTYPES), help="dtype of the saved tensors (default: as trained)")
-    group.add_argument("--save_every_n_epochs", type=int, help="also save after every N epochs (not after the last)")
-    group.add_argument("--save_every_n_steps", type=int, help="also save after every N optimizer steps")
-    group.add_argument("--save_last_n_epochs", type=int, help="keep only the N latest epoch saves")
-    group.add_argument("--save_last_n_steps", type=int, help="keep only step saves of the last N steps")
-    group.add_argument("--save_n_epoch_ratio", type=int, help="save about N times over the run: every max(1, epochs // N) epochs")
-    group.add_argument("--save_state", action="store_true", help="with every save, also save the training state (optimizer, scheduler, RNG, step) for --resume; Ctrl-C saves one too")
-    group.add_argument("--save_state_on_train_end", action="store_true", help="save the training state once, at the end")
-    group.add_argument("--save_last_n_epochs_state", type=int, help="keep only the N latest epoch states (default --save_last_n_epochs)")
-    group.add_argument("--save_last_n_steps_state", type=int, help="keep only step states of the last N steps (default --save_last_n_steps)")
-    group.add_argument("--resume", help="a state folder from --save_state: continue that run exactly where it stopped")
-    group.add_argument("--skip_until_initial_step", action="store_true", help="accepted for compatibility: a resumed run always continues with the next batch")
-    group.add_argument("--no_metadata", action="store_true", help="write only the minimal metadata")
-    group.add_argument("--training_comment", help="text stored in the file's metadata")
-    group.add_argument("--logging_dir", help="write TensorBoard logs under this folder")
-    group.add_argument("--log_with", choices=("tensorboard", "wandb", "all"), help="logger (default tensorboard when --logging_dir is given)")
-    group.add_argument("--log_prefix", help="prefix of the run's log folder name")
-
-
-def _sample_arguments(group) -> None:
-    group.add_argument("--sample_prompts", help="prompt file (.txt, .toml or .json) for sample images in output_dir/sample")
-    group.add_argument("--sample_every_n_steps", type=int, help="draw the samples every N optimizer steps")
-    group.add_argument("--sample_every_n_epochs", type=int, help="draw the samples every N epochs (wins over --sample_every_n_steps)")
-    group.add_argument("--sample_at_first", action="store_true", help="also draw the samples before the first step")
-    group.add_argument("--sample_sampler", default=DEFAULT_SAMPLER, help=f"sampler of the samples (default {DEFAULT_SAMPLER}): {', '.join(SAMPLER_NAMES)}")
+def _text_encoder_caching(args: argparse.Namespace) -> TextEncoderCaching:
+    """sdxl_train_network.py's caching flags; --cache_text_encoder_outputs_to_disk implies --cache_text_encoder_outputs."""
+    to_disk = bool(getattr(args, "cache_text_encoder_outputs_to_disk", False))
+    caching = TextEncoderCaching(in_memory=to_disk or bool(getattr(args, "cache_text_encoder_outputs", False)), to_disk=to_disk)
+    if caching.in_memory and not args.network_train_unet_only:
+        flag = "--cache_text_encoder_outputs_to_disk" if to_disk else "--cache_text_encoder_outputs"
+        raise UserError(f"{flag} encodes each caption once with the frozen text encoders, so their LoRA cannot train; "
+                        "add --network_train_unet_only, or drop the caching option.")
+    return caching

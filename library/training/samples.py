@@ -6,11 +6,11 @@ from __future__ import annotations
 import datetime
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from library.model_files.stable_diffusion import StableDiffusionModel
+from library.training.options import SamplingOptions
 from library.sampling import SamplePrompt, check_sampler, generate_image, read_sample_prompts, sample_file_name, save_sample_image
 
 
@@ -29,25 +29,25 @@ class SampleSchedule:
         return bool(self.every_n_epochs) and epoch % self.every_n_epochs == 0
 
 
-def sample_schedule(args: Any) -> tuple[SampleSchedule | None, list[str]]:
+def sample_schedule(options: SamplingOptions) -> tuple[SampleSchedule | None, list[str]]:
     """The schedule from the options, read and checked at start-up (a bad prompt file stops the run before anything
     loads), and notes about options that will have no effect."""
     notes = []
-    intervals = {"--sample_every_n_steps": args.sample_every_n_steps, "--sample_every_n_epochs": args.sample_every_n_epochs}
+    intervals = {"--sample_every_n_steps": options.sample_every_n_steps, "--sample_every_n_epochs": options.sample_every_n_epochs}
     for flag, value in intervals.items():
         if value is not None and value <= 0:
             notes.append(f"{flag} {value}: not a positive interval; ignored.")
-    every_n_steps = args.sample_every_n_steps if (args.sample_every_n_steps or 0) > 0 else None
-    every_n_epochs = args.sample_every_n_epochs if (args.sample_every_n_epochs or 0) > 0 else None
-    triggered = args.sample_at_first or every_n_steps or every_n_epochs
-    if not args.sample_prompts:
+    every_n_steps = options.sample_every_n_steps if (options.sample_every_n_steps or 0) > 0 else None
+    every_n_epochs = options.sample_every_n_epochs if (options.sample_every_n_epochs or 0) > 0 else None
+    triggered = options.sample_at_first or every_n_steps or every_n_epochs
+    if not options.sample_prompts:
         if triggered:
             notes.append("sample images are asked for, but there is no --sample_prompts file; none will be drawn.")
         return None, notes
     if not triggered:
         notes.append("--sample_prompts without --sample_every_n_steps, --sample_every_n_epochs or --sample_at_first: no samples will be drawn.")
-    prompts = tuple(read_sample_prompts(args.sample_prompts))
-    schedule = SampleSchedule(prompts, check_sampler(args.sample_sampler, "--sample_sampler"), args.sample_at_first, every_n_steps, every_n_epochs)
+    prompts = tuple(read_sample_prompts(options.sample_prompts))
+    schedule = SampleSchedule(prompts, check_sampler(options.sample_sampler, "--sample_sampler"), options.sample_at_first, every_n_steps, every_n_epochs)
     return schedule, notes
 
 

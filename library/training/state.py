@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from library.dataset.plan import DatasetPlan
 from library.errors import UserError
+from library.training.options import TrainingOptions
 
 TRAIN_STATE_FILE = "train_state.json"
 PATH_KEYS = ("image_dir", "metadata_file", "conditioning_data_dir")
@@ -35,17 +36,27 @@ class TrainState:
                 "seed": self.seed, "run": self.run}
 
 
-def run_fingerprint(args: Any, plans: Sequence[DatasetPlan], num_processes: int, optimizer: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Progress:
+    """Where the loop stands: what a saved state records and a resumed run starts from."""
+
+    epoch: int  # 1-based
+    step: int  # optimizer steps done
+    batches_done: int  # this process's batches of the epoch trained so far
+
+
+def run_fingerprint(options: TrainingOptions, plans: Sequence[DatasetPlan], num_processes: int) -> dict[str, Any]:
     """The settings that decide what the saved optimizer state and step count mean."""
+    network = options.network
     fingerprint = {
-        "network_module": args.network_module,
-        "network_dim": args.network_dim,
-        "network_alpha": args.network_alpha,
-        "network_args": list(args.network_args or []),
-        "network_train_unet_only": args.network_train_unet_only,
-        "network_train_text_encoder_only": args.network_train_text_encoder_only,
-        "optimizer": optimizer,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "network_module": network.network_module,
+        "network_dim": network.network_dim,
+        "network_alpha": network.network_alpha,
+        "network_args": list(network.network_args),
+        "network_train_unet_only": not network.train_text_encoder,
+        "network_train_text_encoder_only": not network.train_unet,
+        "optimizer": options.optimizer.name,
+        "gradient_accumulation_steps": options.length.gradient_accumulation_steps,
         "num_processes": num_processes,
         "datasets": [_dataset_fingerprint(plan) for plan in plans],
     }
@@ -127,3 +138,22 @@ def save_state_folder(accelerator, folder: Path, state: TrainState) -> None:
         staging.rename(folder)
         print(f"saved state {folder}")
     accelerator.wait_for_everyone()
+
+
+def resume_point(folder: str, resumed: TrainState, fingerprint: dict, max_train_steps: int, batches_per_epoch: int) -> Progress:
+    """Where a resumed run goes on, after checking that it trains what the saved run trained (before anything loads)."""
+    check_same_run(folder, resumed.run, fingerprint)
+    if resumed.step >= max_train_steps:
+        raise UserError(f"--resume {folder}: that run already did {resumed.step} steps, and --max_train_steps is {max_train_steps}; raise it to train further.")
+    if resumed.batches_done >= batches_per_epoch:
+        return Progress(resumed.epoch + 1, resumed.step, 0)
+    return Progress(resumed.epoch, resumed.step, resumed.batches_done)
+
+
+def load_state_folder(folder: str, accelerator, start: Progress) -> None:
+    """Load the state folder into the prepared network, optimizer, scheduler and RNGs."""
+    try:
+        accelerator.load_state(folder)
+    except (OSError, RuntimeError, ValueError, KeyError) as error:
+        raise UserError(f"--resume {folder}: the state could not be loaded ({error}); was it saved by this trainer with these settings?") from error
+    print(f"resuming {folder}: epoch {start.epoch}, step {start.step}")

@@ -1,0 +1,45 @@
+"""The start-up summary: what the run will do, said before the first step (model, steps and effective batch,
+network and its scale, optimizer and learning rates, precision, what happens to the text encoders)."""
+
+from __future__ import annotations
+
+from library.lora.factors import lora_scale
+from library.training.optimizers import uses_relative_step
+from library.training.preparation import Run
+
+
+def run_summary_lines(run: Run) -> list[str]:
+    options, model, network = run.options, run.family.model, run.network
+    accumulation, processes = options.length.gradient_accumulation_steps, run.accelerator.num_processes
+    total_batch = max(plan.config.batch_size for plan in run.batches.plans) * accumulation * processes
+    rates = [f"{group.get('lr')}" for group in run.optimization.optimizer.param_groups]
+    alpha, rank = float(options.network.network_alpha), options.network.network_dim or network.lora_dim
+    trains = options.network
+    unet_modules = len(network.unet_loras) if trains.train_unet else 0
+    text_modules = len(network.text_encoder_loras) if trains.train_text_encoder else 0
+    optimizer = run.optimization.optimizer  # accelerate's wrapper; .optimizer is the torch optimizer
+    return [
+        f"model: {model.source} ({model.family.label}, {'v' if model.v_prediction else 'epsilon'} prediction)"
+        f"{f', VAE from {options.model.vae}' if options.model.vae else ''}",
+        f"training: {run.length.num_epochs} epochs of {run.batches.sampler.batches_per_epoch} batches, {run.length.max_train_steps} optimizer steps, "
+        f"effective batch {total_batch} (batch x {accumulation} accumulation x {processes} processes)",
+        f"network: {trains.network_module}, rank {rank}, alpha {alpha:g} (scale {lora_scale(alpha, rank):g}), "
+        f"{unet_modules} U-Net and {text_modules} text-encoder modules trained",
+        f"optimizer: {run.optimization.description}, "
+        + ("step size chosen by Adafactor (relative_step), schedule adafactor" if uses_relative_step(optimizer.optimizer)
+           else f"learning rates per group {', '.join(rates)}, schedule {options.optimizer.lr_scheduler}"),
+        f"precision: {options.model.mixed_precision} on {run.accelerator.device}, attention: {run.attention}"
+        f"{', gradient checkpointing' if options.model.gradient_checkpointing else ''}",
+        f"text encoder: {_text_encoder_use(run)}",
+    ]
+
+
+def _text_encoder_use(run: Run) -> str:
+    if run.options.network.train_text_encoder:
+        return "trained, so its outputs are computed at every step"
+    caching = run.options.text_encoder_caching
+    if caching.in_memory:
+        return "frozen, every caption encoded before training" + (" (kept in _te_outputs.npz files)" if caching.to_disk else "") + "; off the device"
+    if run.batches.caption_states:
+        return "frozen, each caption encoded once at its first use"
+    return "frozen, but captions change from use to use (shuffle, tag dropout, wildcards or token warmup), so encoded at every step"
