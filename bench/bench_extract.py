@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import torch
+from bench_model_loading import write_random_sd15
 
 from bench_common import device_name, record_result, synchronize
-from bench_model_loading import write_random_sd15
 
 
 def write_tuned_copy(base: Path, path: Path, noise: float) -> None:
@@ -39,7 +39,9 @@ def write_tuned_copy(base: Path, path: Path, noise: float) -> None:
 
         return produce
 
-    write_safetensors(path, {key: (info, perturbed(key)) for key, info in checkpoint.info().items()}, dict(checkpoint.metadata))
+    write_safetensors(
+        path, {key: (info, perturbed(key)) for key, info in checkpoint.info().items()}, dict(checkpoint.metadata)
+    )
 
 
 class PhaseTimer:

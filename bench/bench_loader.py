@@ -32,7 +32,18 @@ from library.model_files.tokenizer import shipped_tokenizer
 from networks.lora import create_network
 
 IMAGE_SIZES = ((512, 512), (768, 512), (512, 768), (640, 448))
-TAGS = ("1girl", "solo", "smile", "outdoors", "blue sky", "long hair", "looking at viewer", "red dress", "tree", "flowers")
+TAGS = (
+    "1girl",
+    "solo",
+    "smile",
+    "outdoors",
+    "blue sky",
+    "long hair",
+    "looking at viewer",
+    "red dress",
+    "tree",
+    "flowers",
+)
 
 
 def make_images(folder: Path, count: int) -> None:
@@ -57,8 +68,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=None, help="training steps to measure (default: the whole epoch on CUDA, 6 on the CPU)")
-    parser.add_argument("--workers", type=int, default=None, help="data loader workers (default: the training default with cached latents)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="training steps to measure (default: the whole epoch on CUDA, 6 on the CPU)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="data loader workers (default: the training default with cached latents)",
+    )
     parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16", help="the U-Net's dtype on CUDA")
     args = parser.parse_args()
 
@@ -69,7 +90,14 @@ def main() -> None:
         image_dir = Path(folder) / "1_bench"
         image_dir.mkdir()
         make_images(image_dir, args.images)
-        options = {"resolution": "512", "enable_bucket": True, "train_batch_size": args.batch_size, "caption_extension": ".txt", "flip_aug": True, "shuffle_caption": True}
+        options = {
+            "resolution": "512",
+            "enable_bucket": True,
+            "train_batch_size": args.batch_size,
+            "caption_extension": ".txt",
+            "flip_aug": True,
+            "shuffle_caption": True,
+        }
         plans, _ = prepare_datasets(None, options, train_data_dir=folder, cache_latents=True)
         latents = cached_latents(plans)
         workers = worker_count(args.workers, latents_cached=True)
@@ -111,22 +139,24 @@ def main() -> None:
             if number == steps:
                 break
 
-    record_result({
-        "benchmark": "data_loader_cached_latents_sd15",
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "dtype": str(dtype).removeprefix("torch."),
-        "images": args.images,
-        "batch_size": args.batch_size,
-        "workers": workers,
-        "batches_per_epoch": len(sampler),
-        "steps_measured": number,
-        "data_ms_per_step": round(1000 * waited / number, 2),
-        "step_ms": round(1000 * stepped / number, 2),
-        "data_percent_of_step": round(100 * waited / stepped, 2),
-        "data_only_ms_per_batch": round(1000 * data_only, 3),
-    })
+    record_result(
+        {
+            "benchmark": "data_loader_cached_latents_sd15",
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "device": device_name(device),
+            "torch": torch.__version__,
+            "dtype": str(dtype).removeprefix("torch."),
+            "images": args.images,
+            "batch_size": args.batch_size,
+            "workers": workers,
+            "batches_per_epoch": len(sampler),
+            "steps_measured": number,
+            "data_ms_per_step": round(1000 * waited / number, 2),
+            "step_ms": round(1000 * stepped / number, 2),
+            "data_percent_of_step": round(100 * waited / stepped, 2),
+            "data_only_ms_per_batch": round(1000 * data_only, 3),
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -58,8 +58,12 @@ def main() -> None:
     autocast = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" else contextlib.nullcontext()
     plain_unet, lora_unet = build_sd15_unet(device, dtype), build_sd15_unet(device, dtype)
     generator = torch.Generator(device).manual_seed(0)
-    latents = torch.randn(args.batch_size, 4, args.latent_size, args.latent_size, device=device, dtype=dtype, generator=generator)
-    context = torch.randn(args.batch_size, 77, plain_unet.config.cross_attention_dim, device=device, dtype=dtype, generator=generator)
+    latents = torch.randn(
+        args.batch_size, 4, args.latent_size, args.latent_size, device=device, dtype=dtype, generator=generator
+    )
+    context = torch.randn(
+        args.batch_size, 77, plain_unet.config.cross_attention_dim, device=device, dtype=dtype, generator=generator
+    )
     timesteps = torch.full((args.batch_size,), 500, device=device)
 
     network = create_network(1.0, args.network_dim, args.network_alpha, None, None, lora_unet)
@@ -82,8 +86,12 @@ def main() -> None:
     # The plain step lets gradients flow to the input only: the frozen layers' input gradients, which a LoRA
     # step computes too.
     input_with_grad = latents.detach().requires_grad_(True)
-    plain_forward, lora_forward = timed_pair(lambda: forward(plain_unet), lambda: forward(lora_unet), args.repeats, device)
-    plain_step, lora_step = timed_pair(lambda: step(plain_unet, input_with_grad), lambda: step(lora_unet, latents), args.repeats, device)
+    plain_forward, lora_forward = timed_pair(
+        lambda: forward(plain_unet), lambda: forward(lora_unet), args.repeats, device
+    )
+    plain_step, lora_step = timed_pair(
+        lambda: step(plain_unet, input_with_grad), lambda: step(lora_unet, latents), args.repeats, device
+    )
 
     started = time.perf_counter()
     network.merge_to(None, lora_unet)

@@ -56,7 +56,12 @@ def write_reference_config(folder: Path) -> None:
     """The local config folder diffusers needs to load a single file offline: configs, tokenizer, scheduler,
     model_index.json, and no weights."""
     from library.model_files.family import ModelFamily
-    from library.model_files.stable_diffusion import diffusers_model_index, diffusers_modules, empty_model, save_module_config
+    from library.model_files.stable_diffusion import (
+        diffusers_model_index,
+        diffusers_modules,
+        empty_model,
+        save_module_config,
+    )
 
     model = empty_model(ModelFamily.SD1)
     for name, module in diffusers_modules(model).items():
@@ -83,7 +88,12 @@ def measure_in_this_process(loader: str, model_file: Path, config_folder: Path) 
         from diffusers import StableDiffusionPipeline
 
         pipeline = StableDiffusionPipeline.from_single_file(
-            str(model_file), config=str(config_folder), local_files_only=True, torch_dtype=torch.float16, safety_checker=None, feature_extractor=None
+            str(model_file),
+            config=str(config_folder),
+            local_files_only=True,
+            torch_dtype=torch.float16,
+            safety_checker=None,
+            feature_extractor=None,
         )
         modules = (pipeline.unet, pipeline.vae, pipeline.text_encoder)
     tensors = [t for module in modules for t in module.state_dict().values()]
@@ -106,8 +116,19 @@ def _peak_rss_bytes() -> int:
 
 
 def run_child(loader: str, model_file: Path, config_folder: Path) -> dict:
-    command = [sys.executable, __file__, "--child", loader, "--model_file", str(model_file), "--config_folder", str(config_folder)]
-    completed = subprocess.run(command, capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        loader,
+        "--model_file",
+        str(model_file),
+        "--config_folder",
+        str(config_folder),
+    ]
+    completed = subprocess.run(
+        command, capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
@@ -156,7 +177,9 @@ def summarise(loader: str, measurements: list[dict], model_file: Path) -> dict:
         "load_rss_gib_median": round(load_memory / 2**30, 3),
         "weights_gib": round(first["weights_bytes"] / 2**30, 3),
         "largest_tensor_mib": round(first["largest_tensor_bytes"] / 2**20, 1),
-        "load_rss_over_weights_plus_one_tensor": round(load_memory / (first["weights_bytes"] + first["largest_tensor_bytes"]), 3),
+        "load_rss_over_weights_plus_one_tensor": round(
+            load_memory / (first["weights_bytes"] + first["largest_tensor_bytes"]), 3
+        ),
     }
 
 

@@ -50,22 +50,54 @@ from PIL import Image
 
 from bench_common import device_name, record_result, synchronize
 
-ISSUE_SETTING = {"model": "sd15", "resolution": 512, "batch_size": 1, "network_dim": 32, "mixed_precision": "bf16",
-                 "cache_latents": True, "attention": "sdpa", "gradient_checkpointing": False}
-ISSUE_SETTINGS = {"sd15": ISSUE_SETTING, "tiny": ISSUE_SETTING, "sdxl": {**ISSUE_SETTING, "model": "sdxl", "resolution": 1024}}
-MODEL_FILES = {"sd15": "sd15-random-fp16.safetensors", "sdxl": "sdxl-random-fp16.safetensors", "tiny": "tiny-sd1-seed0.safetensors"}
-TAGS = ("1girl", "solo", "smile", "outdoors", "blue sky", "long hair", "looking at viewer", "red dress", "tree", "flowers")
+ISSUE_SETTING = {
+    "model": "sd15",
+    "resolution": 512,
+    "batch_size": 1,
+    "network_dim": 32,
+    "mixed_precision": "bf16",
+    "cache_latents": True,
+    "attention": "sdpa",
+    "gradient_checkpointing": False,
+}
+ISSUE_SETTINGS = {
+    "sd15": ISSUE_SETTING,
+    "tiny": ISSUE_SETTING,
+    "sdxl": {**ISSUE_SETTING, "model": "sdxl", "resolution": 1024},
+}
+MODEL_FILES = {
+    "sd15": "sd15-random-fp16.safetensors",
+    "sdxl": "sdxl-random-fp16.safetensors",
+    "tiny": "tiny-sd1-seed0.safetensors",
+}
+TAGS = (
+    "1girl",
+    "solo",
+    "smile",
+    "outdoors",
+    "blue sky",
+    "long hair",
+    "looking at viewer",
+    "red dress",
+    "tree",
+    "flowers",
+)
 
 
 def quoted_sd_scripts_reference(setting: dict, device: torch.device) -> dict | None:
     """What specs/performance.md (or the issue) says about sd-scripts for this setting: quoted, not measured here."""
-    if setting["model"] == "sdxl" and setting["resolution"] == 128 and setting["batch_size"] == 2 and device.type == "cpu":
+    if (
+        setting["model"] == "sdxl"
+        and setting["resolution"] == 128
+        and setting["batch_size"] == 2
+        and device.type == "cpu"
+    ):
         return {
             "quoted_not_measured": True,
             "source": "GitHub issue 14, item 9",
             "note": "sd-scripts' sdxl_train_network.py on this 2-core machine, real-size SDXL file, 128 px, batch 2, bf16 with "
-                    "--full_bf16, U-Net-only rank 4, cached latents and text-encoder outputs, 2 steps: 3.4 s per step, 40 s in "
-                    "all, 16.8 GB peak host memory. Target: at most half that memory and no slower.",
+            "--full_bf16, U-Net-only rank 4, cached latents and text-encoder outputs, 2 steps: 3.4 s per step, 40 s in "
+            "all, 16.8 GB peak host memory. Target: at most half that memory and no slower.",
         }
     if setting["model"] != "sd15" or setting["resolution"] != 512 or device.type != "cuda":
         return None
@@ -74,16 +106,17 @@ def quoted_sd_scripts_reference(setting: dict, device: torch.device) -> dict | N
         "source": "specs/performance.md",
         "same_gpu_steps_per_second": None,
         "note": "the spec has no published sd-scripts it/s for SD1.5 LoRA at 512x512 on A100/H100/H200 (its section 7 "
-                "names this as the gap the benchmark should fill); nearest published: RTX 3090 ~1.7 it/s "
-                "(maintainer test config, batch not stated, bmaltais/kohya_ss#1847), RTX 3070 Ti ~3 it/s (batch not "
-                "stated, kohya-ss/sd-scripts#326); computed cap for eager batch-1 training on any GPU ~15-25 it/s; "
-                "minimal VRAM ~3-4 GB with bf16/fp16 weights, SDPA, gradient checkpointing, cached latents "
-                "(bmaltais/kohya_ss#2474). Targets: >= 1.5x sd-scripts' best-flag steps/s on the same GPU, <= its peak "
-                "VRAM.",
+        "names this as the gap the benchmark should fill); nearest published: RTX 3090 ~1.7 it/s "
+        "(maintainer test config, batch not stated, bmaltais/kohya_ss#1847), RTX 3070 Ti ~3 it/s (batch not "
+        "stated, kohya-ss/sd-scripts#326); computed cap for eager batch-1 training on any GPU ~15-25 it/s; "
+        "minimal VRAM ~3-4 GB with bf16/fp16 weights, SDPA, gradient checkpointing, cached latents "
+        "(bmaltais/kohya_ss#2474). Targets: >= 1.5x sd-scripts' best-flag steps/s on the same GPU, <= its peak "
+        "VRAM.",
     }
 
 
 # ---------------------------------------------------------------- model and data
+
 
 def model_file(work: Path, model: str) -> Path:
     """The benchmark model, written once (in a child process, so that this process's peak RSS is the training's)."""
@@ -124,6 +157,7 @@ def make_dataset(folder: Path, images: int, repeats: int, resolution: int) -> No
 
 
 # ---------------------------------------------------------------- measuring
+
 
 class Timings:
     """The trainer's phases, timed by wrapping the functions it calls (its module's own names) and by on_step.
@@ -217,25 +251,64 @@ def percentile(values: list[float], fraction: float) -> float:
 
 # ---------------------------------------------------------------- main
 
+
 def parse_arguments() -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False, epilog="Other options go to train_network.py as given.")
-    parser.add_argument("--model", choices=list(MODEL_FILES), help="sd15 / sdxl: the real-size architecture, random weights (sd15 is the default on CUDA); tiny: the test model (default on the CPU)")
-    parser.add_argument("--steps", type=int, help="measured optimizer steps after the warm-up (default: 300 on CUDA; on the CPU 30 tiny, 3 sd15, 2 sdxl)")
-    parser.add_argument("--warmup", type=int, help="optimizer steps not measured (default: 50 on CUDA; on the CPU 5 tiny, 1 sd15 or sdxl)")
-    parser.add_argument("--resolution", type=int, help="square training resolution (default 512 for sd15, 1024 for sdxl (128 on the CPU), 64 for tiny)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        allow_abbrev=False,
+        epilog="Other options go to train_network.py as given.",
+    )
+    parser.add_argument(
+        "--model",
+        choices=list(MODEL_FILES),
+        help="sd15 / sdxl: the real-size architecture, random weights (sd15 is the default on CUDA); tiny: the test model (default on the CPU)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help="measured optimizer steps after the warm-up (default: 300 on CUDA; on the CPU 30 tiny, 3 sd15, 2 sdxl)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        help="optimizer steps not measured (default: 50 on CUDA; on the CPU 5 tiny, 1 sd15 or sdxl)",
+    )
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        help="square training resolution (default 512 for sd15, 1024 for sdxl (128 on the CPU), 64 for tiny)",
+    )
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--network_dim", type=int, default=32)
     parser.add_argument("--network_alpha", type=float, default=16)
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="default bf16 on CUDA, no on the CPU")
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--xformers", action="store_true", help="xformers attention instead of PyTorch SDPA")
-    parser.add_argument("--no_cache_latents", dest="cache_latents", action="store_false", help="run the VAE at every step (latents are cached by default)")
-    parser.add_argument("--vae_batch_size", type=int, default=1, help="images per VAE batch while caching (default 1, as sd-scripts)")
-    parser.add_argument("--images", type=int, help="distinct images in the dataset (default 64 on CUDA, 8 tiny / 4 sd15 on the CPU)")
-    parser.add_argument("--workers", type=int, default=2, help="data-loader workers, persistent (default 2, sd-scripts' best flags in the spec)")
-    parser.add_argument("--work_dir", default=str(Path(__file__).with_name("runs")), help="where the model file is kept between runs")
+    parser.add_argument(
+        "--no_cache_latents",
+        dest="cache_latents",
+        action="store_false",
+        help="run the VAE at every step (latents are cached by default)",
+    )
+    parser.add_argument(
+        "--vae_batch_size", type=int, default=1, help="images per VAE batch while caching (default 1, as sd-scripts)"
+    )
+    parser.add_argument(
+        "--images", type=int, help="distinct images in the dataset (default 64 on CUDA, 8 tiny / 4 sd15 on the CPU)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="data-loader workers, persistent (default 2, sd-scripts' best flags in the spec)",
+    )
+    parser.add_argument(
+        "--work_dir", default=str(Path(__file__).with_name("runs")), help="where the model file is kept between runs"
+    )
     parser.add_argument("--note", help="free text stored in the record (e.g. what was reduced and why)")
-    parser.add_argument("--no_record", action="store_true", help="print the result only; do not append it to bench/results.jsonl")
+    parser.add_argument(
+        "--no_record", action="store_true", help="print the result only; do not append it to bench/results.jsonl"
+    )
     parser.add_argument("--write_model", choices=list(MODEL_FILES), help=argparse.SUPPRESS)
     parser.add_argument("--model_file", help=argparse.SUPPRESS)
     return parser.parse_known_args()
@@ -245,7 +318,9 @@ def fill_defaults(args: argparse.Namespace, device: torch.device) -> None:
     cuda = device.type == "cuda"
     args.model = args.model or ("sd15" if cuda else "tiny")
     small = args.model != "tiny" and not cuda  # seconds per step
-    args.steps = args.steps if args.steps is not None else 300 if cuda else 2 if args.model == "sdxl" else 3 if small else 30
+    args.steps = (
+        args.steps if args.steps is not None else 300 if cuda else 2 if args.model == "sdxl" else 3 if small else 30
+    )
     args.warmup = args.warmup if args.warmup is not None else 50 if cuda else 1 if small else 5
     args.resolution = args.resolution or {"sd15": 512, "sdxl": 1024 if cuda else 128, "tiny": 64}[args.model]
     args.mixed_precision = args.mixed_precision or ("bf16" if cuda else "no")
@@ -257,12 +332,40 @@ def fill_defaults(args: argparse.Namespace, device: torch.device) -> None:
 def trainer_arguments(args: argparse.Namespace, model: Path, data: Path, output: Path, extra: list[str]) -> list[str]:
     total = args.warmup + args.steps
     command = [
-        "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(output),
-        "--resolution", str(args.resolution), "--train_batch_size", str(args.batch_size), "--caption_extension", ".txt",
-        "--network_module", "networks.lora", "--network_dim", str(args.network_dim), "--network_alpha", str(args.network_alpha),
-        "--learning_rate", "1e-4", "--optimizer_type", "AdamW", "--max_train_steps", str(total), "--seed", "0",
-        "--mixed_precision", args.mixed_precision, "--vae_batch_size", str(args.vae_batch_size),
-        "--max_data_loader_n_workers", str(args.workers), "--save_model_as", "safetensors",
+        "--pretrained_model_name_or_path",
+        str(model),
+        "--train_data_dir",
+        str(data),
+        "--output_dir",
+        str(output),
+        "--resolution",
+        str(args.resolution),
+        "--train_batch_size",
+        str(args.batch_size),
+        "--caption_extension",
+        ".txt",
+        "--network_module",
+        "networks.lora",
+        "--network_dim",
+        str(args.network_dim),
+        "--network_alpha",
+        str(args.network_alpha),
+        "--learning_rate",
+        "1e-4",
+        "--optimizer_type",
+        "AdamW",
+        "--max_train_steps",
+        str(total),
+        "--seed",
+        "0",
+        "--mixed_precision",
+        args.mixed_precision,
+        "--vae_batch_size",
+        str(args.vae_batch_size),
+        "--max_data_loader_n_workers",
+        str(args.workers),
+        "--save_model_as",
+        "safetensors",
     ]
     if args.workers:
         command.append("--persistent_data_loader_workers")
@@ -277,9 +380,16 @@ def trainer_arguments(args: argparse.Namespace, model: Path, data: Path, output:
 
 
 def setting_of(args: argparse.Namespace) -> dict:
-    return {"model": args.model, "resolution": args.resolution, "batch_size": args.batch_size, "network_dim": args.network_dim,
-            "mixed_precision": args.mixed_precision, "cache_latents": args.cache_latents,
-            "attention": "xformers" if args.xformers else "sdpa", "gradient_checkpointing": args.gradient_checkpointing}
+    return {
+        "model": args.model,
+        "resolution": args.resolution,
+        "batch_size": args.batch_size,
+        "network_dim": args.network_dim,
+        "mixed_precision": args.mixed_precision,
+        "cache_latents": args.cache_latents,
+        "attention": "xformers" if args.xformers else "sdpa",
+        "gradient_checkpointing": args.gradient_checkpointing,
+    }
 
 
 def main() -> None:
@@ -302,9 +412,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=work, prefix="train-") as folder:
         data = Path(folder) / "data"
         sdxl = args.model == "sdxl"
-        options = training_options(build_parser(sdxl).parse_args(trainer_arguments(args, model, data, Path(folder) / "output", extra)), sdxl)
+        options = training_options(
+            build_parser(sdxl).parse_args(trainer_arguments(args, model, data, Path(folder) / "output", extra)), sdxl
+        )
         batches = (args.warmup + args.steps) * options.length.gradient_accumulation_steps
-        make_dataset(data, args.images, math.ceil(batches * args.batch_size / args.images), args.resolution)  # one epoch
+        make_dataset(
+            data, args.images, math.ceil(batches * args.batch_size / args.images), args.resolution
+        )  # one epoch
         if device.type == "cuda" and torch.cuda.is_initialized():  # else nothing was allocated yet
             torch.cuda.reset_peak_memory_stats(device)
         rss_before = psutil.Process().memory_info().rss
@@ -314,7 +428,7 @@ def main() -> None:
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
     ends = [timings.called, *timings.step_ends]
-    durations = [after - before for before, after in zip(ends, ends[1:])][args.warmup:]
+    durations = [after - before for before, after in zip(ends, ends[1:])][args.warmup :]
     if len(durations) != args.steps:
         raise SystemExit(f"the trainer ran {len(timings.step_ends)} optimizer steps, not {args.warmup + args.steps}.")
     rates = [1 / seconds for seconds in durations]
@@ -326,14 +440,20 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "device": device_name(device),
         "torch": torch.__version__,
-        **({"cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()} if cuda else {"torch_threads": torch.get_num_threads()}),
+        **(
+            {"cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
+            if cuda
+            else {"torch_threads": torch.get_num_threads()}
+        ),
         **setting,
         "network_alpha": args.network_alpha,
         "images": args.images,
         "vae_batch_size": args.vae_batch_size,
         "workers": args.workers,
         "extra_train_args": extra,
-        "differs_from_issue_setting": {key: value for key, value in setting.items() if ISSUE_SETTINGS[args.model][key] != value},
+        "differs_from_issue_setting": {
+            key: value for key, value in setting.items() if ISSUE_SETTINGS[args.model][key] != value
+        },
         "warmup_steps": args.warmup,
         "steps_measured": args.steps,
         "steps_per_second": round(statistics.median(rates), 4),
@@ -345,13 +465,21 @@ def main() -> None:
         "model_load_s": round(timings.model_load_s, 2),
         "latent_cache_s": round(timings.cache_s, 2) if args.cache_latents else None,
         "latent_cache_images": timings.images_encoded if args.cache_latents else None,
-        "latent_cache_images_per_s": round(timings.images_encoded / timings.cache_s, 3) if args.cache_latents and timings.cache_s else None,
-        "setup_and_first_step_s": round(timings.step_ends[0] - timings.called - timings.model_load_s - timings.cache_s, 2),
+        "latent_cache_images_per_s": round(timings.images_encoded / timings.cache_s, 3)
+        if args.cache_latents and timings.cache_s
+        else None,
+        "setup_and_first_step_s": round(
+            timings.step_ends[0] - timings.called - timings.model_load_s - timings.cache_s, 2
+        ),
         "rss_before_train_mb": round(rss_before / 2**20),
         "rss_at_first_step_mb": round(timings.rss_at_first_step / 2**20),
         "peak_host_rss_mb": round(peak_rss / 2**20),  # this process, exact (ru_maxrss); it runs only the training
-        "peak_host_rss_tree_mb": round(tree.peak / 2**20),  # + data-loader workers, each counting the pages it shares with this one
-        "peak_cuda_mb": round(max(timings.cuda_peak_before_reset, steps_peak) / 2**20) if cuda else None,  # the whole run
+        "peak_host_rss_tree_mb": round(
+            tree.peak / 2**20
+        ),  # + data-loader workers, each counting the pages it shares with this one
+        "peak_cuda_mb": round(max(timings.cuda_peak_before_reset, steps_peak) / 2**20)
+        if cuda
+        else None,  # the whole run
         "peak_cuda_measured_steps_mb": round(steps_peak / 2**20) if cuda else None,
         "sd_scripts_reference_quoted": quoted_sd_scripts_reference(setting, device),
     }

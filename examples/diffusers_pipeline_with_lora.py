@@ -46,7 +46,9 @@ def create_pipe(model_id_or_dir: str, device: str) -> StableDiffusionPipeline:
     return pipe
 
 
-def load_lora_networks(pipe: StableDiffusionPipeline, lora_paths: list[str], multipliers: list[float], device: str, merge: bool = False) -> list:
+def load_lora_networks(
+    pipe: StableDiffusionPipeline, lora_paths: list[str], multipliers: list[float], device: str, merge: bool = False
+) -> list:
     vae = pipe.vae
     text_encoder = pipe.text_encoder
     unet = pipe.unet
@@ -67,12 +69,27 @@ def load_lora_networks(pipe: StableDiffusionPipeline, lora_paths: list[str], mul
     return networks
 
 
-def generate(pipe: StableDiffusionPipeline, prompt: str, negative_prompt: str, device: str, steps: int = 50, seed: int | None = None, height=None, width=None):
+def generate(
+    pipe: StableDiffusionPipeline,
+    prompt: str,
+    negative_prompt: str,
+    device: str,
+    steps: int = 50,
+    seed: int | None = None,
+    height=None,
+    width=None,
+):
     print("generating image...")
     generator = None if seed is None else torch.Generator("cpu").manual_seed(seed)
     with torch.autocast("cuda", enabled=device.startswith("cuda")):
         image = pipe(
-            prompt, guidance_scale=7.5, negative_prompt=negative_prompt, num_inference_steps=steps, generator=generator, height=height, width=width
+            prompt,
+            guidance_scale=7.5,
+            negative_prompt=negative_prompt,
+            num_inference_steps=steps,
+            generator=generator,
+            height=height,
+            width=width,
         ).images[0]
     return image
 
@@ -99,7 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     pipe = create_pipe(args.model, args.device)
     networks = load_lora_networks(pipe, args.loras, multipliers, args.device, merge=args.merge)
     print(f"{len(networks)} LoRA networks {'merged' if args.merge else 'applied'}")
-    image = generate(pipe, args.prompt, args.negative_prompt, args.device, args.steps, args.seed, args.height, args.width)
+    image = generate(
+        pipe, args.prompt, args.negative_prompt, args.device, args.steps, args.seed, args.height, args.width
+    )
 
     # if not merged, you can use set_multiplier
     # networks[0].set_multiplier(0.8)

@@ -31,5 +31,7 @@ def parse_device(flag: str, name: str | None) -> torch.device:
     except RuntimeError:
         raise UserError(f"{flag} {name}: not a device name; use cpu, cuda or cuda:N.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"{flag} {name}: this machine has no CUDA device usable by PyTorch; leave {flag} out to use the CPU.")
+        raise UserError(
+            f"{flag} {name}: this machine has no CUDA device usable by PyTorch; leave {flag} out to use the CPU."
+        )
     return device

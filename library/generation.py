@@ -20,7 +20,16 @@ import torch
 from library.errors import UserError
 from library.model_files.family import ModelFamily, family_from_flags
 from library.model_files.stable_diffusion import StableDiffusionModel, load_stable_diffusion, place
-from library.sampling import DEFAULT_SAMPLER, SAMPLER_NAMES, SamplePrompt, check_sampler, generate_image, parse_prompt_line, read_sample_prompts, save_sample_image
+from library.sampling import (
+    DEFAULT_SAMPLER,
+    SAMPLER_NAMES,
+    SamplePrompt,
+    check_sampler,
+    generate_image,
+    parse_prompt_line,
+    read_sample_prompts,
+    save_sample_image,
+)
 from library.sampling.prompts import DEFAULT_SCALE, DEFAULT_SIZE
 
 DEFAULT_STEPS = 50  # gen_img_diffusers' default (training samples use 30)
@@ -53,17 +62,23 @@ class GenerationOptions:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Generate images with a Stable Diffusion 1.x/2.x or SDXL model and LoRA networks.")
+    parser = argparse.ArgumentParser(
+        description="Generate images with a Stable Diffusion 1.x/2.x or SDXL model and LoRA networks."
+    )
     parser.add_argument("--ckpt", required=True, help="model: a .safetensors/.ckpt file or a Diffusers folder")
     parser.add_argument("--v2", action="store_true", help="the model is SD 2.x (checked against the file)")
     parser.add_argument("--v_parameterization", action="store_true", help="the model predicts v (SD 2.x 768-v)")
     parser.add_argument("--prompt", help="the prompt; options such as --n NEGATIVE may follow it as in prompt files")
-    parser.add_argument("--from_file", help="prompt file: one prompt per line with --n --w --h --d --l --s --ss (or .toml/.json)")
+    parser.add_argument(
+        "--from_file", help="prompt file: one prompt per line with --n --w --h --d --l --s --ss (or .toml/.json)"
+    )
     parser.add_argument("--outdir", required=True, help="folder for the PNG files")
     parser.add_argument("--W", type=int, default=DEFAULT_SIZE, help="width (default 512)")
     parser.add_argument("--H", type=int, default=DEFAULT_SIZE, help="height (default 512)")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampling steps (default 50)")
-    parser.add_argument("--scale", type=float, default=DEFAULT_SCALE, help="classifier-free guidance scale (default 7.5)")
+    parser.add_argument(
+        "--scale", type=float, default=DEFAULT_SCALE, help="classifier-free guidance scale (default 7.5)"
+    )
     parser.add_argument("--seed", type=int, help="seed of the first image; image i of the run gets seed + i")
     parser.add_argument("--images_per_prompt", type=int, default=1, help="images for each prompt (default 1)")
     parser.add_argument("--batch_size", type=int, default=1, help="accepted; images are drawn one at a time")
@@ -78,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--network_module", nargs="*", help="module of each network (one for all, or one per file)")
     parser.add_argument("--network_weights", nargs="*", help="LoRA files, applied together")
     parser.add_argument("--network_mul", type=float, nargs="*", help="strength of each network (default 1.0)")
-    parser.add_argument("--network_merge", action="store_true", help="merge the networks into the weights instead of applying them")
+    parser.add_argument(
+        "--network_merge", action="store_true", help="merge the networks into the weights instead of applying them"
+    )
     return parser
 
 
@@ -91,7 +108,9 @@ def options_from_arguments(args: argparse.Namespace, notes: list[str]) -> Genera
     if args.xformers and not torch.cuda.is_available():
         notes.append("--xformers needs a CUDA GPU; using PyTorch's scaled-dot-product attention.")
     if args.v2 and args.clip_skip:
-        notes.append(f"--clip_skip {args.clip_skip} with --v2: SD 2.x text encoders already stop one layer early, so this skips more; usually leave it out.")
+        notes.append(
+            f"--clip_skip {args.clip_skip} with --v2: SD 2.x text encoders already stop one layer early, so this skips more; usually leave it out."
+        )
     if args.batch_size > 1:
         notes.append(f"--batch_size {args.batch_size}: images are drawn one at a time (same images, not batched).")
     dtype = _dtype(args, notes)
@@ -123,7 +142,7 @@ def _prompts(args: argparse.Namespace) -> list[SamplePrompt]:
     """`--prompt` or every prompt of `--from_file`; --W, --H, --steps, --scale fill what a prompt does not set."""
     defaults = {"width": args.W, "height": args.H, "steps": args.steps, "scale": args.scale}
     if (args.prompt is None) == (args.from_file is None):
-        raise UserError("give the prompt with --prompt \"...\" or a prompt file with --from_file FILE (one of them).")
+        raise UserError('give the prompt with --prompt "..." or a prompt file with --from_file FILE (one of them).')
     if args.prompt is not None:
         return [parse_prompt_line(args.prompt, "--prompt", defaults)]
     if not Path(args.from_file).is_file():
@@ -131,18 +150,28 @@ def _prompts(args: argparse.Namespace) -> list[SamplePrompt]:
     return read_sample_prompts(args.from_file, defaults)
 
 
-def _network_choices(modules: list[str] | None, weights: list[str] | None, multipliers: list[float] | None) -> list[NetworkChoice]:
+def _network_choices(
+    modules: list[str] | None, weights: list[str] | None, multipliers: list[float] | None
+) -> list[NetworkChoice]:
     """One choice per --network_weights file. One --network_module serves every file; a missing --network_mul is 1."""
     weights, modules, multipliers = weights or [], modules or [DEFAULT_NETWORK_MODULE], multipliers or []
     if len(modules) not in (1, len(weights)) and weights:
-        raise UserError(f"--network_module names {len(modules)} modules for {len(weights)} --network_weights files; give one module, or one per file.")
+        raise UserError(
+            f"--network_module names {len(modules)} modules for {len(weights)} --network_weights files; give one module, or one per file."
+        )
     if len(multipliers) > len(weights):
-        raise UserError(f"--network_mul has {len(multipliers)} values for {len(weights)} --network_weights files; give at most one per file.")
+        raise UserError(
+            f"--network_mul has {len(multipliers)} values for {len(weights)} --network_weights files; give at most one per file."
+        )
     for file in weights:
         if not Path(file).is_file():
             raise UserError(f"{file}: no such LoRA file; check --network_weights.")
     return [
-        NetworkChoice(modules[index if len(modules) > 1 else 0], Path(file), multipliers[index] if index < len(multipliers) else 1.0)
+        NetworkChoice(
+            modules[index if len(modules) > 1 else 0],
+            Path(file),
+            multipliers[index] if index < len(multipliers) else 1.0,
+        )
         for index, file in enumerate(weights)
     ]
 
@@ -159,8 +188,18 @@ def generate(options: GenerationOptions, now: datetime.datetime | None = None) -
     stamp = f"{now or datetime.datetime.now():%Y%m%d%H%M%S}"
     files = []
     for index, prompt in enumerate(planned_images(options.prompts, options.images_per_prompt, options.seed)):
-        generated = generate_image(model.unet, model.text_encoders, model.tokenizers, model.vae, prompt, v_prediction=model.v_prediction,
-                                   clip_skip=options.clip_skip, default_sampler=options.sampler, device=device, dtype=options.dtype)
+        generated = generate_image(
+            model.unet,
+            model.text_encoders,
+            model.tokenizers,
+            model.vae,
+            prompt,
+            v_prediction=model.v_prediction,
+            clip_skip=options.clip_skip,
+            default_sampler=options.sampler,
+            device=device,
+            dtype=options.dtype,
+        )
         files.append(save_sample_image(generated, options.outdir / image_file_name(stamp, index, generated.seed)))
         print(f"saved {files[-1]}")
     return files
@@ -196,8 +235,15 @@ def attach_networks(model: StableDiffusionModel, choices: list[NetworkChoice], m
     """Create each network from its file (checked against the model) and apply it, or merge it into the weights.
     All files are checked before any is merged, so a bad file leaves the model untouched."""
     text_encoder = _network_text_encoder(model)
-    loaded = [(_network_module(choice).create_network_from_weights(choice.multiplier, str(choice.weights), model.vae, text_encoder, model.unet), choice)
-              for choice in choices]
+    loaded = [
+        (
+            _network_module(choice).create_network_from_weights(
+                choice.multiplier, str(choice.weights), model.vae, text_encoder, model.unet
+            ),
+            choice,
+        )
+        for choice in choices
+    ]
     networks = []
     for (network, weights), choice in loaded:
         if merge:
@@ -207,7 +253,9 @@ def attach_networks(model: StableDiffusionModel, choices: list[NetworkChoice], m
             network.apply_to(text_encoder, model.unet)
             network.eval()
             networks.append(network)
-        print(f"{'merged' if merge else 'applied'} {choice.weights} ({choice.module}) with multiplier {choice.multiplier:g}")
+        print(
+            f"{'merged' if merge else 'applied'} {choice.weights} ({choice.module}) with multiplier {choice.multiplier:g}"
+        )
     return networks
 
 
@@ -221,13 +269,23 @@ def _network_module(choice: NetworkChoice):
     try:
         module = importlib.import_module(choice.module)
     except ModuleNotFoundError:
-        raise UserError(f"--network_module {choice.module}: no such module; use networks.lora, networks.dylora or an importable module.") from None
+        raise UserError(
+            f"--network_module {choice.module}: no such module; use networks.lora, networks.dylora or an importable module."
+        ) from None
     if not hasattr(module, "create_network_from_weights"):
-        raise UserError(f"--network_module {choice.module}: the module has no create_network_from_weights; use networks.lora or networks.dylora.")
+        raise UserError(
+            f"--network_module {choice.module}: the module has no create_network_from_weights; use networks.lora or networks.dylora."
+        )
     return module
 
 
-def _place(model: StableDiffusionModel, networks: list[torch.nn.Module], device: torch.device, dtype: torch.dtype, xformers: bool) -> None:
+def _place(
+    model: StableDiffusionModel,
+    networks: list[torch.nn.Module],
+    device: torch.device,
+    dtype: torch.dtype,
+    xformers: bool,
+) -> None:
     """U-Net and text encoders in `dtype`; the VAE and the applied networks stay float32 (autocast mixes them)."""
     place(model.unet, device, dtype)
     for text_encoder in model.text_encoders:

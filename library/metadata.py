@@ -7,8 +7,8 @@ import datetime
 import hashlib
 import importlib.metadata
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 
@@ -39,12 +39,16 @@ def checkpoint_modelspec(family: ModelFamily, v_prediction: bool, title: str) ->
     return _modelspec(family, v_prediction, title, lora=False, resolution=None)
 
 
-def lora_modelspec(family: ModelFamily, v_prediction: bool, title: str, resolution: str | None = None) -> dict[str, str]:
+def lora_modelspec(
+    family: ModelFamily, v_prediction: bool, title: str, resolution: str | None = None
+) -> dict[str, str]:
     """ModelSpec of a LoRA; sd-scripts names the implementation `diffusers` for SD1/SD2 LoRAs."""
     return _modelspec(family, v_prediction, title, lora=True, resolution=resolution)
 
 
-def _modelspec(family: ModelFamily, v_prediction: bool, title: str, lora: bool, resolution: str | None) -> dict[str, str]:
+def _modelspec(
+    family: ModelFamily, v_prediction: bool, title: str, lora: bool, resolution: str | None
+) -> dict[str, str]:
     return {
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": modelspec_architecture(family, v_prediction, lora),
@@ -102,7 +106,12 @@ def common_value(values: list[str], fallback: str) -> str:
 
 
 def lora_network_metadata(
-    network_module: str, dim: str, alpha: str, network_args: Mapping[str, str] | None, family: ModelFamily | None, v_prediction: bool
+    network_module: str,
+    dim: str,
+    alpha: str,
+    network_args: Mapping[str, str] | None,
+    family: ModelFamily | None,
+    v_prediction: bool,
 ) -> dict[str, str]:
     """The minimum `ss_*` keys every LoRA file carries (what `--no_metadata` keeps); without a family (a tool's
     inputs did not tell it) `ss_v2` and `ss_base_model_version` are left out."""

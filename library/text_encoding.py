@@ -8,7 +8,7 @@ window by window, and stitched back into one sequence of 75n + 2 states, as sd-s
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from transformers import CLIPTokenizer
@@ -30,7 +30,9 @@ def token_length(max_token_length: int | None) -> int:
 def tokenize(tokenizer: CLIPTokenizer, captions: Sequence[str], max_token_length: int | None) -> torch.LongTensor:
     """Token ids of shape (B, n, 77), n = 1, 2 or 3 windows; overlong captions are cut silently."""
     total = token_length(max_token_length)
-    ids = tokenizer(list(captions), padding="max_length", truncation=True, max_length=total, return_tensors="pt").input_ids
+    ids = tokenizer(
+        list(captions), padding="max_length", truncation=True, max_length=total, return_tensors="pt"
+    ).input_ids
     if total == WINDOW:
         return ids.unsqueeze(1)
     bos, last = ids[:, :1], ids[:, -1:]
@@ -84,7 +86,9 @@ class CaptionStates:
     def __init__(self):
         self.outputs: dict[bytes, tuple[torch.Tensor, ...]] = {}
 
-    def encode(self, encode: Callable[[list[torch.Tensor]], tuple[torch.Tensor, ...]], input_ids: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    def encode(
+        self, encode: Callable[[list[torch.Tensor]], tuple[torch.Tensor, ...]], input_ids: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, ...]:
         """`encode` (token ids of each tokenizer -> batched outputs) for the captions not seen yet, and every
         caption's outputs stacked in batch order."""
         keys = [self._key(input_ids, row) for row in range(len(input_ids[0]))]
@@ -92,8 +96,12 @@ class CaptionStates:
         if missing:
             with torch.no_grad():
                 encoded = encode([ids[missing] for ids in input_ids])
-            self.outputs.update((keys[index], tuple(output[row] for output in encoded)) for row, index in enumerate(missing))
-        return tuple(torch.stack([self.outputs[key][part] for key in keys]) for part in range(len(self.outputs[keys[0]])))
+            self.outputs.update(
+                (keys[index], tuple(output[row] for output in encoded)) for row, index in enumerate(missing)
+            )
+        return tuple(
+            torch.stack([self.outputs[key][part] for key in keys]) for part in range(len(self.outputs[keys[0]]))
+        )
 
     def put(self, input_ids: list[torch.Tensor], outputs: tuple[torch.Tensor, ...]) -> None:
         """Store one caption's outputs (computed ahead, or read from a cache file) under its token ids (1, n, 77)."""

@@ -23,7 +23,9 @@ from library.model_files.tokenizer import load_tokenizers
 TEXT_WIDTH = 64
 TINY_UNET = {
     ModelFamily.SD1: dict(block_out_channels=[32, 32, 64, 64], cross_attention_dim=TEXT_WIDTH),
-    ModelFamily.SD2: dict(block_out_channels=[64, 64, 128, 128], attention_head_dim=[1, 1, 2, 2], cross_attention_dim=TEXT_WIDTH),
+    ModelFamily.SD2: dict(
+        block_out_channels=[64, 64, 128, 128], attention_head_dim=[1, 1, 2, 2], cross_attention_dim=TEXT_WIDTH
+    ),
     ModelFamily.SDXL: dict(
         block_out_channels=[64, 128, 128],
         attention_head_dim=[1, 2, 2],
@@ -32,8 +34,16 @@ TINY_UNET = {
         projection_class_embeddings_input_dim=TEXT_WIDTH + 6 * 256,
     ),
 }
-TINY_VAE = dict(block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
-TINY_TEXT = dict(hidden_size=TEXT_WIDTH, intermediate_size=2 * TEXT_WIDTH, num_attention_heads=TEXT_WIDTH // ATTENTION_HEAD_WIDTH, num_hidden_layers=3, projection_dim=TEXT_WIDTH)
+TINY_VAE = dict(
+    block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2
+)
+TINY_TEXT = dict(
+    hidden_size=TEXT_WIDTH,
+    intermediate_size=2 * TEXT_WIDTH,
+    num_attention_heads=TEXT_WIDTH // ATTENTION_HEAD_WIDTH,
+    num_hidden_layers=3,
+    projection_dim=TEXT_WIDTH,
+)
 
 
 def make_tiny_model(family: ModelFamily, seed: int = 0, v_prediction: bool = False) -> StableDiffusionModel:
@@ -47,7 +57,15 @@ def make_tiny_model(family: ModelFamily, seed: int = 0, v_prediction: bool = Fal
         text_encoders.append(text_encoder_class(layout)(config))
     for module in (unet, vae, *text_encoders):
         module.eval()
-    return StableDiffusionModel(family, v_prediction, unet, vae, text_encoders, load_tokenizers(family), source=f"tiny {family.label} (seed {seed})")
+    return StableDiffusionModel(
+        family,
+        v_prediction,
+        unet,
+        vae,
+        text_encoders,
+        load_tokenizers(family),
+        source=f"tiny {family.label} (seed {seed})",
+    )
 
 
 def _without_private(config: dict) -> dict:
@@ -59,7 +77,14 @@ SHAPES = ("circle", "square")
 SIZES = ((64, 64), (96, 64), (64, 96))
 
 
-def make_tiny_dataset(folder: str | Path, images: int = 8, repeats: int = 10, identifier: str = "shp", class_name: str = "shape", seed: int = 0) -> Path:
+def make_tiny_dataset(
+    folder: str | Path,
+    images: int = 8,
+    repeats: int = 10,
+    identifier: str = "shp",
+    class_name: str = "shape",
+    seed: int = 0,
+) -> Path:
     """A DreamBooth-style dataset `<folder>/<repeats>_<identifier> <class>/` of simple coloured shapes on a
     contrasting background, each with a `.txt` caption that says what is drawn. Returns the image folder."""
     rng = random.Random(seed)
@@ -76,5 +101,7 @@ def make_tiny_dataset(folder: str | Path, images: int = 8, repeats: int = 10, id
         (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLORS[color])
         stem = image_dir / f"{index:03d}"
         picture.save(stem.with_suffix(".png"))
-        stem.with_suffix(".txt").write_text(f"{identifier} {class_name}, a {color} {shape} on a {background} background\n", encoding="utf-8")
+        stem.with_suffix(".txt").write_text(
+            f"{identifier} {class_name}, a {color} {shape} on a {background} background\n", encoding="utf-8"
+        )
     return image_dir

@@ -20,7 +20,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -61,8 +61,12 @@ class DyLoRAModule(LayerAdapter):
         super().__init__(lora_name, org_module, multiplier, lora_dim, alpha, block)
         down, up = _initial_factors(org_module, lora_dim)
         self.unit = unit
-        self.lora_down_units = torch.nn.ParameterList(chunk.clone(memory_format=torch.contiguous_format) for chunk in down.split(unit, 0))
-        self.lora_up_units = torch.nn.ParameterList(chunk.clone(memory_format=torch.contiguous_format) for chunk in up.split(unit, 1))
+        self.lora_down_units = torch.nn.ParameterList(
+            chunk.clone(memory_format=torch.contiguous_format) for chunk in down.split(unit, 0)
+        )
+        self.lora_up_units = torch.nn.ParameterList(
+            chunk.clone(memory_format=torch.contiguous_format) for chunk in up.split(unit, 1)
+        )
         self.alpha_value = float(self.alpha)
         self.rank: int | None = None  # the rank used outside training (set_rank); None: the full rank
         self.step_rank: int | None = None  # the rank drawn for the current training step (on_step_start)
@@ -97,7 +101,9 @@ class DyLoRAModule(LayerAdapter):
             )
         return self.factors_at(self.step_rank, train_last_unit_only=True)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         """Take a LoRA module's `lora_down.weight` and `lora_up.weight` and split them into the units."""
         for key, units_name, axis in UNIT_PARTS:
             full = state_dict.pop(prefix + key, None)
@@ -106,11 +112,15 @@ class DyLoRAModule(LayerAdapter):
             units = getattr(self, units_name)
             expected = _concatenated_shape(units, axis)
             if full.shape != expected:
-                error_msgs.append(f"size mismatch for {prefix}{key}: the file's shape is {tuple(full.shape)}, this network's {tuple(expected)}.")
+                error_msgs.append(
+                    f"size mismatch for {prefix}{key}: the file's shape is {tuple(full.shape)}, this network's {tuple(expected)}."
+                )
                 continue
             for index, chunk in enumerate(full.split(self.unit, axis)):
                 state_dict[f"{prefix}{units_name}.{index}"] = chunk
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         self.alpha_value = float(self.alpha)
 
 
@@ -136,7 +146,9 @@ def _units_as_lora_factors(module: DyLoRAModule, state_dict, prefix: str, local_
     """State-dict hook: the units' entries become one `lora_down.weight` and one `lora_up.weight`."""
     for key, units_name, axis in UNIT_PARTS:
         count = len(getattr(module, units_name))
-        state_dict[prefix + key] = torch.cat([state_dict.pop(f"{prefix}{units_name}.{index}") for index in range(count)], axis)
+        state_dict[prefix + key] = torch.cat(
+            [state_dict.pop(f"{prefix}{units_name}.{index}") for index in range(count)], axis
+        )
 
 
 class DyLoRANetwork(LoRANetwork):
@@ -157,7 +169,9 @@ class DyLoRANetwork(LoRANetwork):
         modules_alpha: Mapping[str, float] | None = None,
         network_args: Mapping[str, str] | None = None,
     ):
-        super().__init__(text_encoder, unet, multiplier, lora_dim, alpha, None, args, modules_dim, modules_alpha, network_args)
+        super().__init__(
+            text_encoder, unet, multiplier, lora_dim, alpha, None, args, modules_dim, modules_alpha, network_args
+        )
         self.unit = args.unit
         self.rank: int | None = None
         self.step_rank: int | None = None
@@ -201,7 +215,9 @@ class DyLoRANetwork(LoRANetwork):
 # ---------------------------------------------------------------- --network_args
 
 
-def parse_dylora_args(kwargs: Mapping[str, object], network_dim: int, network_alpha: float | None, sdxl: bool) -> DyLoRAArgs:
+def parse_dylora_args(
+    kwargs: Mapping[str, object], network_dim: int, network_alpha: float | None, sdxl: bool
+) -> DyLoRAArgs:
     """`unit` (default 1), `conv_dim` (must equal network_dim; turns DyLoRA-C3Lier on), `conv_alpha` (default:
     network_alpha) and the LoRA+ ratios."""
     unknown = sorted(set(kwargs) - set(KNOWN_KEYS))
@@ -211,7 +227,9 @@ def parse_dylora_args(kwargs: Mapping[str, object], network_dim: int, network_al
             " is drawn per step for the whole network, so there are no block-wise ranks or learning rates and no dropouts); remove it."
         )
     if unknown:
-        raise UserError(f"--network_args: unknown argument '{unknown[0]}' for networks.dylora; the known ones are {', '.join(KNOWN_KEYS)}.")
+        raise UserError(
+            f"--network_args: unknown argument '{unknown[0]}' for networks.dylora; the known ones are {', '.join(KNOWN_KEYS)}."
+        )
     given = {key: value for key, value in kwargs.items() if value is not None and str(value).strip() != ""}
     unit = parse_number("unit", given["unit"], int) if "unit" in given else DEFAULT_UNIT
     if unit < 1:
@@ -229,7 +247,9 @@ def parse_dylora_args(kwargs: Mapping[str, object], network_dim: int, network_al
 def check_unit_divides(rank: int, unit: int, what: str, fix: str) -> None:
     """`what` names the rank (`--network_dim 10`, `FILE: its rank 10`), `fix` says what to change."""
     if rank % unit:
-        raise UserError(f"{what} is not a multiple of unit={unit}; DyLoRA's ranks are unit, 2*unit, ... up to the full rank, so {fix}.")
+        raise UserError(
+            f"{what} is not a multiple of unit={unit}; DyLoRA's ranks are unit, 2*unit, ... up to the full rank, so {fix}."
+        )
 
 
 def unit_from_metadata(metadata: Mapping[str, str]) -> int | None:
@@ -258,11 +278,18 @@ def create_network(
     """A new DyLoRA network from `--network_dim`, `--network_alpha` and `--network_args` (unit, conv_dim,
     conv_alpha, loraplus_*). `vae` is not adapted; it is taken for sd-scripts' signature."""
     if neuron_dropout is not None:
-        raise UserError(f"--network_dropout {neuron_dropout}: networks.dylora has no dropout (nor has sd-scripts' DyLoRA); remove it.")
+        raise UserError(
+            f"--network_dropout {neuron_dropout}: networks.dylora has no dropout (nor has sd-scripts' DyLoRA); remove it."
+        )
     lora_dim, alpha = dim_and_alpha(network_dim, network_alpha)
     args = parse_dylora_args(kwargs, lora_dim, alpha, is_sdxl_unet(unet))
     nearest = f"{lora_dim // args.unit * args.unit or args.unit} or {(lora_dim // args.unit + 1) * args.unit}"
-    check_unit_divides(lora_dim, args.unit, f"--network_dim {lora_dim}", f"use a rank such as {nearest}, or a unit that divides {lora_dim}")
+    check_unit_divides(
+        lora_dim,
+        args.unit,
+        f"--network_dim {lora_dim}",
+        f"use a rank such as {nearest}, or a unit that divides {lora_dim}",
+    )
     network_args = {**{key: str(value) for key, value in kwargs.items()}, "unit": str(args.unit)}
     return DyLoRANetwork(text_encoder, unet, multiplier, lora_dim, alpha, args, network_args=network_args)
 
@@ -284,12 +311,23 @@ def create_network_from_weights(
     ranks = sorted(set(loaded.ranks().values()))
     if len(ranks) != 1:
         found = f"modules of ranks {', '.join(map(str, ranks))}" if ranks else "no LoRA modules"
-        raise UserError(f"{loaded.source}: it has {found}; a DyLoRA network needs one rank for all modules, so load it with networks.lora.")
+        raise UserError(
+            f"{loaded.source}: it has {found}; a DyLoRA network needs one rank for all modules, so load it with networks.lora."
+        )
     unit = kwargs.pop("unit", None) or unit_from_metadata(loaded.metadata) or DEFAULT_UNIT
     args = parse_dylora_args({**kwargs, "unit": unit}, ranks[0], None, is_sdxl_unet(unet))
-    check_unit_divides(ranks[0], args.unit, f"{loaded.source}: its rank {ranks[0]}", f"give a unit that divides {ranks[0]}")
+    check_unit_divides(
+        ranks[0], args.unit, f"{loaded.source}: its rank {ranks[0]}", f"give a unit that divides {ranks[0]}"
+    )
     network = DyLoRANetwork(
-        loaded.text_encoders, unet, multiplier, ranks[0], None, args, modules_dim=loaded.ranks(), modules_alpha=loaded.alphas()
+        loaded.text_encoders,
+        unet,
+        multiplier,
+        ranks[0],
+        None,
+        args,
+        modules_dim=loaded.ranks(),
+        modules_alpha=loaded.alphas(),
     )
     return network, loaded.weights
 

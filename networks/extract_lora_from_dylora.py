@@ -10,8 +10,8 @@ the file applies exactly what the DyLoRA network applies at that rank. See docs/
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
@@ -24,8 +24,15 @@ from networks.dylora import DEFAULT_UNIT, NETWORK_MODULE, check_unit_divides, un
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="the DyLoRA file (.safetensors, .ckpt or .pt)")
-    parser.add_argument("--save_to", required=True, help="base name of the output files; each gets -<rank> before its suffix")
-    parser.add_argument("--unit", type=int, default=None, help="rank step of the output files (default: the unit the file was trained with)")
+    parser.add_argument(
+        "--save_to", required=True, help="base name of the output files; each gets -<rank> before its suffix"
+    )
+    parser.add_argument(
+        "--unit",
+        type=int,
+        default=None,
+        help="rank step of the output files (default: the unit the file was trained with)",
+    )
     return parser
 
 
@@ -52,7 +59,9 @@ def rank_slice(modules: Mapping[str, ModuleFactors], rank: int) -> dict[str, tor
     for name, factors in modules.items():
         tensors[f"{name}.{DOWN}"] = factors.down[:rank]
         tensors[f"{name}.{UP}"] = factors.up[:, :rank]
-        tensors[f"{name}.{ALPHA}"] = factors.alpha if factors.alpha is not None else torch.tensor(factors.alpha_value, dtype=factors.down.dtype)
+        tensors[f"{name}.{ALPHA}"] = (
+            factors.alpha if factors.alpha is not None else torch.tensor(factors.alpha_value, dtype=factors.down.dtype)
+        )
     return tensors
 
 
@@ -62,7 +71,9 @@ def _checked_unit(model: Path, metadata: Mapping[str, str], unit: int | None) ->
         raise UserError(f"--unit {unit}: the unit must be at least 1.")
     network_module = metadata.get("ss_network_module")
     if network_module is None and model.suffix.lower() == ".safetensors":
-        raise UserError(f"{model}: the file has no ss_network_module metadata, so it is not a DyLoRA saved by train_network.py; give a file trained with --network_module {NETWORK_MODULE}.")
+        raise UserError(
+            f"{model}: the file has no ss_network_module metadata, so it is not a DyLoRA saved by train_network.py; give a file trained with --network_module {NETWORK_MODULE}."
+        )
     if network_module is not None and network_module != NETWORK_MODULE:
         raise UserError(
             f"{model}: the file was trained with {network_module}, not {NETWORK_MODULE}; only a DyLoRA has a good LoRA in"
@@ -71,7 +82,9 @@ def _checked_unit(model: Path, metadata: Mapping[str, str], unit: int | None) ->
     # A DyLoRA's metadata lacks the unit when it was trained with sd-scripts' default of 1; a torch pickle has none.
     trained_unit = unit_from_metadata(metadata) or DEFAULT_UNIT if network_module == NETWORK_MODULE else None
     if unit is None and trained_unit is None:
-        raise UserError(f"{model}: the file does not say which unit it was trained with ({model.suffix} files carry no metadata); give it with --unit.")
+        raise UserError(
+            f"{model}: the file does not say which unit it was trained with ({model.suffix} files carry no metadata); give it with --unit."
+        )
     if unit is not None and trained_unit is not None and unit % trained_unit:
         raise UserError(
             f"--unit {unit}: {model} was trained with unit={trained_unit}, so only ranks that are multiples of {trained_unit} were"
@@ -84,7 +97,9 @@ def _full_rank(model: Path, modules: Mapping[str, ModuleFactors]) -> int:
     ranks = sorted({factors.rank for factors in modules.values()})
     if len(ranks) != 1:
         found = f"modules of ranks {', '.join(map(str, ranks))}" if ranks else "no LoRA modules"
-        raise UserError(f"{model}: it has {found}, but every module of a DyLoRA has the same rank; the file is not a DyLoRA.")
+        raise UserError(
+            f"{model}: it has {found}, but every module of a DyLoRA has the same rank; the file is not a DyLoRA."
+        )
     return ranks[0]
 
 
@@ -95,7 +110,9 @@ def _slice_metadata(metadata: Mapping[str, str], full_rank: int, rank: int, titl
     if not sliced:
         return {}
     comment = metadata.get("ss_training_comment")
-    sliced["ss_training_comment"] = f"split from DyLoRA, rank {full_rank} to {rank}" + (f"; {comment}" if comment and comment != "None" else "")
+    sliced["ss_training_comment"] = f"split from DyLoRA, rank {full_rank} to {rank}" + (
+        f"; {comment}" if comment and comment != "None" else ""
+    )
     sliced["ss_network_dim"] = str(rank)
     if "modelspec.title" in sliced:
         sliced["modelspec.title"] = title

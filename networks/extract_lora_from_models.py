@@ -82,31 +82,59 @@ class ExtractedModule(NamedTuple):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model_org", required=True, help="the original model: a .safetensors/.ckpt file or a Diffusers folder")
-    parser.add_argument("--model_tuned", required=True, help="the fine-tuned model, of the same family and architecture")
+    parser.add_argument(
+        "--model_org", required=True, help="the original model: a .safetensors/.ckpt file or a Diffusers folder"
+    )
+    parser.add_argument(
+        "--model_tuned", required=True, help="the fine-tuned model, of the same family and architecture"
+    )
     parser.add_argument("--save_to", required=True, help="the LoRA file to write (.safetensors, .ckpt or .pt)")
     parser.add_argument("--v2", action="store_true", help="the models are SD2.x (checked against the files)")
     parser.add_argument("--sdxl", action="store_true", help="the models are SDXL (checked against the files)")
     parser.add_argument(
-        "--v_parameterization", action="store_true", default=None,
+        "--v_parameterization",
+        action="store_true",
+        default=None,
         help="mark the LoRA as v-prediction (default: with --v2, as sd-scripts does, or when a file is marked as v-prediction)",
     )
-    parser.add_argument("--dim", type=int, default=DEFAULT_DIM, help=f"rank of Linear and 1x1 conv layers (default {DEFAULT_DIM})")
-    parser.add_argument("--conv_dim", type=int, default=None, help="rank of the 3x3 convs (LoRA-C3Lier); without it they are left out")
     parser.add_argument(
-        "--clamp_quantile", type=float, default=DEFAULT_CLAMP_QUANTILE,
+        "--dim", type=int, default=DEFAULT_DIM, help=f"rank of Linear and 1x1 conv layers (default {DEFAULT_DIM})"
+    )
+    parser.add_argument(
+        "--conv_dim", type=int, default=None, help="rank of the 3x3 convs (LoRA-C3Lier); without it they are left out"
+    )
+    parser.add_argument(
+        "--clamp_quantile",
+        type=float,
+        default=DEFAULT_CLAMP_QUANTILE,
         help=f"clamp the factors' entries to this quantile of their values, as sd-scripts does (default {DEFAULT_CLAMP_QUANTILE}); 1 = no clamp",
     )
     parser.add_argument(
-        "--min_diff", type=float, default=DEFAULT_MIN_DIFF,
+        "--min_diff",
+        type=float,
+        default=DEFAULT_MIN_DIFF,
         help=f"text encoders whose weights differ by at most this much are taken as unchanged and left out (default {DEFAULT_MIN_DIFF})",
     )
-    parser.add_argument("--device", default=None, help="device for the differences and SVDs, e.g. cuda (default: the CPU)")
-    parser.add_argument("--load_precision", choices=PRECISION_CHOICES, default=None, help="dtype to load the models in (default float)")
-    parser.add_argument("--save_precision", choices=PRECISION_CHOICES, default=None, help="dtype of the saved LoRA (default float)")
-    parser.add_argument("--no_metadata", action="store_true", help="leave the ModelSpec (modelspec.*) out; the ss_* keys and hashes stay")
-    parser.add_argument("--load_original_model_to", default=None, help="device to keep the original model's weights on (default cpu)")
-    parser.add_argument("--load_tuned_model_to", default=None, help="device to keep the fine-tuned model's weights on (default cpu)")
+    parser.add_argument(
+        "--device", default=None, help="device for the differences and SVDs, e.g. cuda (default: the CPU)"
+    )
+    parser.add_argument(
+        "--load_precision", choices=PRECISION_CHOICES, default=None, help="dtype to load the models in (default float)"
+    )
+    parser.add_argument(
+        "--save_precision", choices=PRECISION_CHOICES, default=None, help="dtype of the saved LoRA (default float)"
+    )
+    parser.add_argument(
+        "--no_metadata",
+        action="store_true",
+        help="leave the ModelSpec (modelspec.*) out; the ss_* keys and hashes stay",
+    )
+    parser.add_argument(
+        "--load_original_model_to", default=None, help="device to keep the original model's weights on (default cpu)"
+    )
+    parser.add_argument(
+        "--load_tuned_model_to", default=None, help="device to keep the fine-tuned model's weights on (default cpu)"
+    )
     return parser
 
 
@@ -143,7 +171,9 @@ def _clamp_quantile(quantile: float) -> float | None:
 # ---------------------------------------------------------------- extracting
 
 
-def extract_lora(model_org: str | Path, model_tuned: str | Path, save_to: str | Path, options: ExtractOptions = ExtractOptions()) -> dict[str, ExtractedModule]:
+def extract_lora(
+    model_org: str | Path, model_tuned: str | Path, save_to: str | Path, options: ExtractOptions = ExtractOptions()
+) -> dict[str, ExtractedModule]:
     """Write the LoRA of tuned - original to `save_to` (atomically); returns what each module holds."""
     save_to = check_lora_output(save_to)
     original = load_model(model_org, options.family, options.load_precision, options.original_device)
@@ -159,12 +189,16 @@ def extract_lora(model_org: str | Path, model_tuned: str | Path, save_to: str | 
     tensors = {}
     for name, module in modules.items():
         tensors.update(module_tensors(name, module.up, module.down, alpha=module.rank))
-    metadata = extracted_metadata(pairs, modules, original.family, _v_prediction(options, original, tuned), options, save_to.stem)
+    metadata = extracted_metadata(
+        pairs, modules, original.family, _v_prediction(options, original, tuned), options, save_to.stem
+    )
     save_lora_file(save_to, tensors, metadata, options.save_precision)
     return modules
 
 
-def load_model(path: str | Path, family: ModelFamily | None, dtype: torch.dtype, device: torch.device) -> StableDiffusionModel:
+def load_model(
+    path: str | Path, family: ModelFamily | None, dtype: torch.dtype, device: torch.device
+) -> StableDiffusionModel:
     """The model's text encoders and U-Net in `dtype` on `device` (its VAE is not needed)."""
     model = load_stable_diffusion(path, family=family, dtype=dtype)
     model.vae = None
@@ -173,7 +207,9 @@ def load_model(path: str | Path, family: ModelFamily | None, dtype: torch.dtype,
     return model
 
 
-def paired_layers(original: StableDiffusionModel, tuned: StableDiffusionModel, options: ExtractOptions) -> list[LayerPair]:
+def paired_layers(
+    original: StableDiffusionModel, tuned: StableDiffusionModel, options: ExtractOptions
+) -> list[LayerPair]:
     """The layers networks.lora adapts, matched by name; both models must have the same ones with the same shapes."""
     if original.family is not tuned.family:
         raise UserError(
@@ -192,12 +228,17 @@ def paired_layers(original: StableDiffusionModel, tuned: StableDiffusionModel, o
     return pairs
 
 
-def _adapted_layers(model: StableDiffusionModel, options: ExtractOptions) -> list[tuple[str, torch.nn.Module, int, bool]]:
+def _adapted_layers(
+    model: StableDiffusionModel, options: ExtractOptions
+) -> list[tuple[str, torch.nn.Module, int, bool]]:
     """(module name, layer, rank, uses conv rank) of every layer a networks.lora network of these ranks adapts."""
     conv_args = {"conv_dim": options.conv_dim, "conv_alpha": options.conv_dim} if options.conv_dim else {}
     network = create_network(1.0, 1, 1.0, None, model.text_encoders, model.unet, **conv_args)
     loras = network.text_encoder_loras + network.unet_loras
-    return [(lora.lora_name, lora.org_module, options.conv_dim if lora.uses_conv_rank else options.dim, lora.uses_conv_rank) for lora in loras]
+    return [
+        (lora.lora_name, lora.org_module, options.conv_dim if lora.uses_conv_rank else options.dim, lora.uses_conv_rank)
+        for lora in loras
+    ]
 
 
 def _report_architectures(original: StableDiffusionModel, tuned: StableDiffusionModel, name: str, layer, other) -> None:
@@ -212,10 +253,14 @@ def _report_architectures(original: StableDiffusionModel, tuned: StableDiffusion
 
 def weight_delta(pair: LayerPair, device: torch.device) -> torch.Tensor:
     """tuned - original in float32 on `device`, shaped like the layer's weight."""
-    return pair.tuned.weight.detach().to(device, torch.float32) - pair.original.weight.detach().to(device, torch.float32)
+    return pair.tuned.weight.detach().to(device, torch.float32) - pair.original.weight.detach().to(
+        device, torch.float32
+    )
 
 
-def _without_unchanged_text_encoders(pairs: list[LayerPair], family: ModelFamily, options: ExtractOptions) -> list[LayerPair]:
+def _without_unchanged_text_encoders(
+    pairs: list[LayerPair], family: ModelFamily, options: ExtractOptions
+) -> list[LayerPair]:
     """All pairs, or only the U-Net's when no text-encoder weight changed by more than --min_diff (all text encoders
     are judged together, as sd-scripts does)."""
     text_encoder_pairs = [pair for pair in pairs if pair.is_text_encoder]
@@ -236,7 +281,9 @@ def extracted_modules(pairs: list[LayerPair], options: ExtractOptions) -> dict[s
     for pair in tqdm(pairs, desc="extracting", unit="module", disable=not options.progress):
         delta = weight_delta(pair, options.device)
         factors = factors_from_delta(delta, pair.rank, options.clamp_quantile)
-        modules[pair.name] = ExtractedModule(factors.up.cpu(), factors.down.cpu(), _relative_error(delta, factors.up, factors.down))
+        modules[pair.name] = ExtractedModule(
+            factors.up.cpu(), factors.down.cpu(), _relative_error(delta, factors.up, factors.down)
+        )
     return modules
 
 
@@ -265,7 +312,12 @@ def _v_prediction(options: ExtractOptions, original: StableDiffusionModel, tuned
 
 
 def extracted_metadata(
-    pairs: list[LayerPair], modules: dict[str, ExtractedModule], family: ModelFamily, v_prediction: bool, options: ExtractOptions, title: str
+    pairs: list[LayerPair],
+    modules: dict[str, ExtractedModule],
+    family: ModelFamily,
+    v_prediction: bool,
+    options: ExtractOptions,
+    title: str,
 ) -> dict[str, str]:
     """sd-scripts' keys of an extracted LoRA: ranks and alphas as the modules have them (`Dynamic` when a layer is
     narrower than the rank asked for), `ss_network_args` always (`{}` without --conv_dim), and the ModelSpec
@@ -277,7 +329,10 @@ def extracted_metadata(
     network_args = {}
     if options.conv_dim:
         conv = [str(ranks[pair.name]) for pair in pairs if pair.uses_conv_rank]
-        network_args = {"conv_dim": common_value(conv, str(options.conv_dim)), "conv_alpha": common_value([str(float(r)) for r in conv], str(float(options.conv_dim)))}
+        network_args = {
+            "conv_dim": common_value(conv, str(options.conv_dim)),
+            "conv_alpha": common_value([str(float(r)) for r in conv], str(float(options.conv_dim))),
+        }
     metadata = lora_network_metadata(NETWORK_MODULE, dim, alpha, network_args, family, v_prediction)
     metadata["ss_network_args"] = json.dumps(network_args)
     if options.modelspec:

@@ -21,8 +21,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +72,14 @@ class LoRAModule(LayerAdapter):
     ):
         super().__init__(lora_name, org_module, multiplier, lora_dim, alpha, block)
         if isinstance(org_module, torch.nn.Conv2d):
-            self.lora_down = torch.nn.Conv2d(org_module.in_channels, lora_dim, org_module.kernel_size, org_module.stride, org_module.padding, bias=False)
+            self.lora_down = torch.nn.Conv2d(
+                org_module.in_channels,
+                lora_dim,
+                org_module.kernel_size,
+                org_module.stride,
+                org_module.padding,
+                bias=False,
+            )
             self.lora_up = torch.nn.Conv2d(lora_dim, org_module.out_channels, 1, bias=False)
         else:
             self.lora_down = torch.nn.Linear(org_module.in_features, lora_dim, bias=False)
@@ -165,7 +173,17 @@ class LoRANetwork(torch.nn.Module):
         return modules
 
     def _new_module(self, target: LoraTarget, rank: int, alpha: float | None) -> LoRAModule:
-        return LoRAModule(target.name, target.layer, self.multiplier, rank, alpha, self._dropout, self.args.rank_dropout, self.args.module_dropout, target.block)
+        return LoRAModule(
+            target.name,
+            target.layer,
+            self.multiplier,
+            rank,
+            alpha,
+            self._dropout,
+            self.args.rank_dropout,
+            self.args.module_dropout,
+            target.block,
+        )
 
     def _rank_and_alpha(self, target: LoraTarget) -> tuple[int, float] | None:
         """The module's rank and alpha, or None when the layer gets no module: a file that lacks it, a 3x3 conv
@@ -207,7 +225,14 @@ class LoRANetwork(torch.nn.Module):
     def is_mergeable(self) -> bool:
         return True
 
-    def merge_to(self, text_encoder=None, unet=None, weights_sd: Mapping[str, torch.Tensor] | None = None, dtype=None, device=None) -> None:
+    def merge_to(
+        self,
+        text_encoder=None,
+        unet=None,
+        weights_sd: Mapping[str, torch.Tensor] | None = None,
+        dtype=None,
+        device=None,
+    ) -> None:
         """Add each module's delta into its layer's weight, from `weights_sd` (a LoRA state dict, with its own
         ranks and alphas) or, when it is None, from the network's own weights. Modules the state dict does not
         mention are left alone; a module the network lacks, or factors of the wrong shape, are an error."""
@@ -217,7 +242,9 @@ class LoRANetwork(torch.nn.Module):
                 lora.merge_to(None, dtype, device)
             return
         modules = split_modules(_canonical_names(weights_sd, self._aliases), "the weights to merge")
-        _check_modules_fit(modules, {name: lora.org_module for name, lora in loras.items()}, "the weights to merge", {}, "this network")
+        _check_modules_fit(
+            modules, {name: lora.org_module for name, lora in loras.items()}, "the weights to merge", {}, "this network"
+        )
         for name, factors in modules.items():
             sd = {DOWN: factors.down, UP: factors.up}
             if factors.alpha is not None:
@@ -267,7 +294,9 @@ class LoRANetwork(torch.nn.Module):
 
     # ---------------------------------------------------------------- training
 
-    def prepare_optimizer_params(self, text_encoder_lr=None, unet_lr=None, default_lr=None) -> tuple[list[dict], list[str]]:
+    def prepare_optimizer_params(
+        self, text_encoder_lr=None, unet_lr=None, default_lr=None
+    ) -> tuple[list[dict], list[str]]:
         """Optimizer parameter groups and their descriptions (`textencoder`, `unet`, `unet_block{i}`, each with a
         ` plus` part for LoRA+'s lora_up weights). A group whose learning rate is 0 or None is left out."""
         if isinstance(text_encoder_lr, (list, tuple)):  # --text_encoder_lr takes several values; one is used
@@ -275,11 +304,18 @@ class LoRANetwork(torch.nn.Module):
         text_encoder_lr = default_lr if text_encoder_lr is None else text_encoder_lr
         unet_lr = default_lr if unet_lr is None else unet_lr
         groups: list[tuple[dict, str]] = []
-        groups += _param_groups(self.text_encoder_loras, text_encoder_lr, self.args.loraplus_text_encoder_lr_ratio, "textencoder")
+        groups += _param_groups(
+            self.text_encoder_loras, text_encoder_lr, self.args.loraplus_text_encoder_lr_ratio, "textencoder"
+        )
         if self.args.block_lr_weights:
             for slot, weight in enumerate(self.args.block_lr_weights):
                 loras = [lora for lora in self.unet_loras if lora.block == slot]
-                groups += _param_groups(loras, unet_lr * weight if unet_lr else unet_lr, self.args.loraplus_unet_lr_ratio, f"unet_block{slot}")
+                groups += _param_groups(
+                    loras,
+                    unet_lr * weight if unet_lr else unet_lr,
+                    self.args.loraplus_unet_lr_ratio,
+                    f"unet_block{slot}",
+                )
         else:
             groups += _param_groups(self.unet_loras, unet_lr, self.args.loraplus_unet_lr_ratio, "unet")
         kept = [(group, description) for group, description in groups if group["lr"]]
@@ -299,7 +335,9 @@ class LoRANetwork(torch.nn.Module):
         encoders' own checkpointed blocks."""
 
     @torch.no_grad()
-    def apply_max_norm_regularization(self, max_norm_value: float, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def apply_max_norm_regularization(
+        self, max_norm_value: float, device=None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`--scale_weight_norms`: scale up and down of every module whose ||scale * up @ down||_F exceeds the
         maximum so that it equals it. Returns (modules scaled, mean norm, largest norm) after the scaling, as
         tensors, so that no host sync happens unless they are printed. The norm comes from the rank x rank Gram matrices
@@ -320,7 +358,9 @@ class LoRANetwork(torch.nn.Module):
         base = [lora for lora in self.text_encoder_loras + self.unet_loras if not lora.uses_conv_rank]
         dim = common_value([str(lora.lora_dim) for lora in base], str(self.lora_dim))
         alpha = common_value([str(float(lora.alpha)) for lora in base], str(float(self.alpha or self.lora_dim)))
-        metadata = lora_network_metadata(self.network_module, dim, alpha, self._metadata_network_args(), self.family, self.v_prediction)
+        metadata = lora_network_metadata(
+            self.network_module, dim, alpha, self._metadata_network_args(), self.family, self.v_prediction
+        )
         metadata["ss_output_name"] = title
         return {**metadata, **lora_modelspec(self.family, self.v_prediction, title)}
 
@@ -338,7 +378,9 @@ class LoRANetwork(torch.nn.Module):
             "conv_alpha": common_value([str(float(lora.alpha)) for lora in convs], ""),
         }
 
-    def save_weights(self, file: str | os.PathLike, dtype: torch.dtype | None = None, metadata: Mapping[str, str] | None = None) -> None:
+    def save_weights(
+        self, file: str | os.PathLike, dtype: torch.dtype | None = None, metadata: Mapping[str, str] | None = None
+    ) -> None:
         """Save the LoRA weights (cast to `dtype` when given) with the network's metadata, updated by `metadata`
         (the trainer's `ss_*` keys), and the `sshs_*` hashes; written atomically."""
         metadata = dict(metadata or {})
@@ -346,7 +388,9 @@ class LoRANetwork(torch.nn.Module):
         save_lora_file(file, self.state_dict(), full, dtype)
 
 
-def _param_groups(loras: list[LoRAModule], lr: float | None, plus_ratio: float | None, description: str) -> list[tuple[dict, str]]:
+def _param_groups(
+    loras: list[LoRAModule], lr: float | None, plus_ratio: float | None, description: str
+) -> list[tuple[dict, str]]:
     plain, plus = [], []
     for lora in loras:
         for name, parameter in lora.named_parameters():
@@ -409,7 +453,9 @@ def dim_and_alpha(network_dim: int | None, network_alpha: float | None) -> tuple
     """`--network_dim` and `--network_alpha` with sd-scripts' defaults (4 and 1) for values not given."""
     if network_dim is not None and int(network_dim) < 1:
         raise UserError(f"--network_dim {network_dim}: the rank must be at least 1.")
-    return (DEFAULT_DIM if network_dim is None else int(network_dim)), (DEFAULT_ALPHA if network_alpha is None else float(network_alpha))
+    return (DEFAULT_DIM if network_dim is None else int(network_dim)), (
+        DEFAULT_ALPHA if network_alpha is None else float(network_alpha)
+    )
 
 
 def create_network_from_weights(
@@ -454,7 +500,9 @@ class WeightsForModel(NamedTuple):
         return {name: factors.alpha_value for name, factors in self.modules.items()}
 
 
-def read_weights_for_model(file: str | os.PathLike | None, text_encoder, unet, weights_sd: Mapping[str, torch.Tensor] | None = None) -> WeightsForModel:
+def read_weights_for_model(
+    file: str | os.PathLike | None, text_encoder, unet, weights_sd: Mapping[str, torch.Tensor] | None = None
+) -> WeightsForModel:
     """Read a LoRA file (unless `weights_sd` is given) and check it against the model: SDXL files with
     diffusers-style U-Net names are renamed to sd-scripts' names, text-encoder modules are dropped when there is no
     text encoder, and every module must name a layer of the model and fit its shape."""
@@ -483,7 +531,7 @@ def _canonical_names(weights: Mapping[str, torch.Tensor], aliases: Mapping[str, 
     renamed = {}
     for key, tensor in weights.items():
         name = module_name(key)
-        renamed[aliases[name] + key[len(name):] if name in aliases else key] = tensor
+        renamed[aliases[name] + key[len(name) :] if name in aliases else key] = tensor
     return renamed
 
 
@@ -494,7 +542,13 @@ def _without_text_encoder_modules(weights: Mapping[str, torch.Tensor], source: s
     return kept
 
 
-def _check_modules_fit(modules: Mapping[str, ModuleFactors], layers: Mapping[str, torch.nn.Module], source: str, metadata: Mapping[str, str], owner: str) -> None:
+def _check_modules_fit(
+    modules: Mapping[str, ModuleFactors],
+    layers: Mapping[str, torch.nn.Module],
+    source: str,
+    metadata: Mapping[str, str],
+    owner: str,
+) -> None:
     """Every module must name one of `layers` and have factors of that layer's shape."""
     unknown = [name for name in modules if name not in layers]
     if unknown:

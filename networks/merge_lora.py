@@ -29,9 +29,9 @@ import argparse
 import logging
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 from tqdm import tqdm
@@ -40,13 +40,35 @@ from library.compute_options import PRECISION_CHOICES, parse_device, parse_preci
 from library.errors import UserError, run_cli
 from library.lora.block_weights import BlockWeights, check_layout_family, parse_block_weights
 from library.lora.factors import lora_scale, merge_into
-from library.lora.files import LoraInput, Member, ModuleFactors, check_lora_output, inputs_family, module_tensors, modules_by_name, read_lora_inputs, save_lora_file
+from library.lora.files import (
+    LoraInput,
+    Member,
+    ModuleFactors,
+    check_lora_output,
+    inputs_family,
+    module_tensors,
+    modules_by_name,
+    read_lora_inputs,
+    save_lora_file,
+)
 from library.lora.naming import CheckpointWeight, checkpoint_weights
-from library.metadata import checkpoint_modelspec, common_value, declared_base_model, lora_modelspec, lora_network_metadata, merged_from
+from library.metadata import (
+    checkpoint_modelspec,
+    common_value,
+    declared_base_model,
+    lora_modelspec,
+    lora_network_metadata,
+    merged_from,
+)
 from library.model_files.containers import CHECKPOINT_SUFFIXES, TensorInfo
 from library.model_files.family import ModelFamily
 from library.model_files.key_maps import to_model_tensor
-from library.model_files.stable_diffusion import AliasedCheckpoint, StableDiffusionModel, open_single_file_model, write_single_file
+from library.model_files.stable_diffusion import (
+    AliasedCheckpoint,
+    StableDiffusionModel,
+    open_single_file_model,
+    write_single_file,
+)
 from networks.lora import NETWORK_MODULE
 
 logger = logging.getLogger(__name__)
@@ -61,7 +83,9 @@ class MergeOptions:
     sdxl: bool = False  # sdxl_merge_lora.py: merges into SDXL checkpoints; merge_lora.py into SD1.x/SD2.x ones
     v2: bool = False  # --v2: the checkpoint must be SD2.x; outputs without a prediction mark are marked v-prediction
     precision: torch.dtype = torch.float32  # the dtype the merged weights are computed in
-    save_precision: torch.dtype | None = None  # None: checkpoint tensors keep their file's dtype, a LoRA gets `precision`
+    save_precision: torch.dtype | None = (
+        None  # None: checkpoint tensors keep their file's dtype, a LoRA gets `precision`
+    )
     device: torch.device = torch.device("cpu")
     concat: bool = False
     shuffle: bool = False
@@ -78,29 +102,64 @@ def build_parser(sdxl: bool = False) -> argparse.ArgumentParser:
     what = "an SDXL checkpoint, or several SDXL LoRAs" if sdxl else "an SD1.x/SD2.x checkpoint, or several LoRAs"
     parser = argparse.ArgumentParser(description=f"Merge LoRAs into {what} into one, with sd-scripts' flags.")
     if not sdxl:
-        parser.add_argument("--v2", action="store_true", help="the checkpoint is SD2.x (checked against the file); marks outputs as v-prediction as sd-scripts does")
-    parser.add_argument("--sd_model", default=None, help="the checkpoint to merge into (.safetensors or .ckpt); without it the LoRAs are merged into one LoRA")
-    parser.add_argument("--save_to", required=True, help="the file to write: a checkpoint with --sd_model, else a LoRA (.safetensors, .ckpt or .pt)")
+        parser.add_argument(
+            "--v2",
+            action="store_true",
+            help="the checkpoint is SD2.x (checked against the file); marks outputs as v-prediction as sd-scripts does",
+        )
+    parser.add_argument(
+        "--sd_model",
+        default=None,
+        help="the checkpoint to merge into (.safetensors or .ckpt); without it the LoRAs are merged into one LoRA",
+    )
+    parser.add_argument(
+        "--save_to",
+        required=True,
+        help="the file to write: a checkpoint with --sd_model, else a LoRA (.safetensors, .ckpt or .pt)",
+    )
     parser.add_argument("--models", nargs="+", required=True, help="the LoRA files, merged in this order")
     parser.add_argument("--ratios", type=float, nargs="*", default=[], help="one ratio (multiplier) per LoRA")
     if sdxl:
-        parser.add_argument("--lbws", nargs="*", default=None, help="block-wise ratios, one JSON list per model (12 or 20 values for SDXL, 17 or 26 for SD1/SD2)")
-    parser.add_argument("--precision", choices=PRECISION_CHOICES, default=None, help="dtype the merge is computed in (default float)")
+        parser.add_argument(
+            "--lbws",
+            nargs="*",
+            default=None,
+            help="block-wise ratios, one JSON list per model (12 or 20 values for SDXL, 17 or 26 for SD1/SD2)",
+        )
     parser.add_argument(
-        "--save_precision", choices=PRECISION_CHOICES, default=None,
+        "--precision", choices=PRECISION_CHOICES, default=None, help="dtype the merge is computed in (default float)"
+    )
+    parser.add_argument(
+        "--save_precision",
+        choices=PRECISION_CHOICES,
+        default=None,
         help="dtype of the saved tensors (default: --precision when given; otherwise a checkpoint's tensors keep their dtype and a LoRA is float)",
     )
     parser.add_argument("--device", default=None, help="device for the computation, e.g. cuda (default: the CPU)")
-    parser.add_argument("--no_metadata", action="store_true", help="write no ModelSpec (modelspec.*); a LoRA keeps its ss_* keys and hashes")
-    parser.add_argument("--concat", action="store_true", help="LoRA + LoRA: stack the ranks, so the result applies exactly the sum of the ratio-weighted LoRAs")
-    parser.add_argument("--shuffle", action="store_true", help="LoRA + LoRA: permute each module's rank dimension randomly (the product is unchanged)")
+    parser.add_argument(
+        "--no_metadata",
+        action="store_true",
+        help="write no ModelSpec (modelspec.*); a LoRA keeps its ss_* keys and hashes",
+    )
+    parser.add_argument(
+        "--concat",
+        action="store_true",
+        help="LoRA + LoRA: stack the ranks, so the result applies exactly the sum of the ratio-weighted LoRAs",
+    )
+    parser.add_argument(
+        "--shuffle",
+        action="store_true",
+        help="LoRA + LoRA: permute each module's rank dimension randomly (the product is unchanged)",
+    )
     return parser
 
 
 def options_from_args(args: argparse.Namespace, sdxl: bool) -> MergeOptions:
     precision = parse_precision(args.precision, torch.float32)
     if args.sd_model and (args.concat or args.shuffle):
-        logger.warning("--concat and --shuffle only apply when LoRAs are merged into one LoRA; with --sd_model they change nothing")
+        logger.warning(
+            "--concat and --shuffle only apply when LoRAs are merged into one LoRA; with --sd_model they change nothing"
+        )
     return MergeOptions(
         sdxl=sdxl,
         v2=getattr(args, "v2", False),
@@ -117,11 +176,18 @@ def options_from_args(args: argparse.Namespace, sdxl: bool) -> MergeOptions:
 # ---------------------------------------------------------------- LoRAs into a checkpoint
 
 
-def merge_into_checkpoint(sd_model: str | os.PathLike, save_to: str | os.PathLike, loras: Sequence[LoraInput], options: MergeOptions = MergeOptions()) -> Path:
+def merge_into_checkpoint(
+    sd_model: str | os.PathLike,
+    save_to: str | os.PathLike,
+    loras: Sequence[LoraInput],
+    options: MergeOptions = MergeOptions(),
+) -> Path:
     """Write `sd_model` with each LoRA's ratio-weighted delta added, in order, to `save_to` (atomically)."""
     save_to = Path(save_to)
     if save_to.suffix.lower() not in CHECKPOINT_SUFFIXES:
-        raise UserError(f"--save_to {save_to}: unknown checkpoint file type '{save_to.suffix}'; use .safetensors or .ckpt.")
+        raise UserError(
+            f"--save_to {save_to}: unknown checkpoint file type '{save_to.suffix}'; use .safetensors or .ckpt."
+        )
     if Path(sd_model).is_dir():
         raise UserError(
             f"--sd_model {sd_model}: a Diffusers folder; LoRAs are merged into a single .safetensors/.ckpt checkpoint (write"
@@ -134,16 +200,28 @@ def merge_into_checkpoint(sd_model: str | os.PathLike, save_to: str | os.PathLik
     matched = [_modules_in_checkpoint(lora, weights, model) for lora in loras]
     merged: dict[str, torch.Tensor] = {}  # file tensor (current key name) -> its merged value, in --precision
     for position, (lora, modules) in enumerate(zip(loras, matched)):
-        for name, factors in tqdm(modules.items(), desc=f"merging {lora.path.name}", unit="module", disable=not options.progress):
+        for name, factors in tqdm(
+            modules.items(), desc=f"merging {lora.path.name}", unit="module", disable=not options.progress
+        ):
             link = weights[name].link
             if link.file_key not in merged:
                 merged[link.file_key] = checkpoint.read(link.file_key).to(options.device, options.precision, copy=True)
-            layer_weight = to_model_tensor(merged[link.file_key], link)  # a view: merging into it changes the file tensor
-            merge_into(layer_weight, factors.up, factors.down, options.ratio(lora, position, name) * lora_scale(factors.alpha, factors.rank))
+            layer_weight = to_model_tensor(
+                merged[link.file_key], link
+            )  # a view: merging into it changes the file tensor
+            merge_into(
+                layer_weight,
+                factors.up,
+                factors.down,
+                options.ratio(lora, position, name) * lora_scale(factors.alpha, factors.rank),
+            )
     metadata = None
     if options.modelspec:
         sources = [(Path(sd_model), checkpoint.metadata)] + [(lora.path, lora.metadata) for lora in loras]
-        metadata = {**checkpoint_modelspec(model.family, model.v_prediction or options.v2, save_to.stem), **merged_from(sources)}
+        metadata = {
+            **checkpoint_modelspec(model.family, model.v_prediction or options.v2, save_to.stem),
+            **merged_from(sources),
+        }
     write_single_file(save_to, _checkpoint_entries(checkpoint, merged, options.save_precision), metadata)
     print(f"saved {save_to}: {len(merged)} tensors changed by {sum(len(modules) for modules in matched)} LoRA modules")
     return save_to
@@ -155,7 +233,9 @@ def _check_script_family(model: StableDiffusionModel, options: MergeOptions) -> 
         raise UserError(f"{model.source}: the file is an {model.family.label} checkpoint; merge into it with {other}.")
 
 
-def _modules_in_checkpoint(lora: LoraInput, weights: Mapping[str, CheckpointWeight], model: StableDiffusionModel) -> dict[str, ModuleFactors]:
+def _modules_in_checkpoint(
+    lora: LoraInput, weights: Mapping[str, CheckpointWeight], model: StableDiffusionModel
+) -> dict[str, ModuleFactors]:
     """The LoRA's modules that name a layer of the checkpoint, checked against the layer's shape. Modules naming no
     layer are skipped with a warning, as sd-scripts skips them; a LoRA of another family, or one none of whose modules
     fits, is refused."""
@@ -173,7 +253,11 @@ def _modules_in_checkpoint(lora: LoraInput, weights: Mapping[str, CheckpointWeig
     if unknown:
         logger.warning(
             "%s: %d of its %d modules name no layer of %s and are skipped, as sd-scripts skips them (first: '%s')",
-            lora.path, len(unknown), len(lora.modules), model.source, unknown[0],
+            lora.path,
+            len(unknown),
+            len(lora.modules),
+            model.source,
+            unknown[0],
         )
     matched = {name: factors for name, factors in lora.modules.items() if name in weights}
     for name, factors in matched.items():
@@ -222,7 +306,9 @@ def merge_loras(save_to: str | os.PathLike, loras: Sequence[LoraInput], options:
     dtype = options.save_precision or options.precision
     tensors = {}
     for name, module in merged.items():  # alpha stays a 0-dim float32 whatever the save dtype
-        tensors.update(module_tensors(name, module.up.to("cpu", dtype), module.down.to("cpu", dtype), module.alpha_value))
+        tensors.update(
+            module_tensors(name, module.up.to("cpu", dtype), module.down.to("cpu", dtype), module.alpha_value)
+        )
     save_lora_file(save_to, tensors, _lora_metadata(merged, loras, options, save_to.stem))
     ranks = sorted({module.rank for module in merged.values()})
     print(f"saved {save_to}: {len(merged)} modules of rank {', '.join(map(str, ranks))}")
@@ -233,7 +319,9 @@ def _note_missing_modules(loras: Sequence[LoraInput], names: Sequence[str]) -> N
     for lora in loras:
         missing = [name for name in names if name not in lora.modules]
         if missing:
-            print(f"{lora.path} has no module for {len(missing)} of the {len(names)} modules (first: '{missing[0]}'); it adds nothing there")
+            print(
+                f"{lora.path} has no module for {len(missing)} of the {len(names)} modules (first: '{missing[0]}'); it adds nothing there"
+            )
 
 
 def _prepared(factors: ModuleFactors, like: ModuleFactors, options: MergeOptions) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,9 +378,14 @@ def shuffled(module: ModuleFactors) -> ModuleFactors:
 
 def deviation_from_sum(module: ModuleFactors, members: Sequence[Member]) -> float:
     """|| merged delta - sum ratio_i * scale_i * up_i @ down_i ||_F / || the sum ||_F, from the factors (float64)."""
-    exact = [(member.ratio * lora_scale(member.factors.alpha, member.factors.rank), member.factors.up, member.factors.down) for member in members]
+    exact = [
+        (member.ratio * lora_scale(member.factors.alpha, member.factors.rank), member.factors.up, member.factors.down)
+        for member in members
+    ]
     target = _norm_of_sum(exact)
-    difference = _norm_of_sum([(lora_scale(module.alpha, module.rank), module.up, module.down)] + [(-c, up, down) for c, up, down in exact])
+    difference = _norm_of_sum(
+        [(lora_scale(module.alpha, module.rank), module.up, module.down)] + [(-c, up, down) for c, up, down in exact]
+    )
     return difference / target if target else (0.0 if difference == 0 else math.inf)
 
 
@@ -307,21 +400,33 @@ def _norm_of_sum(terms: Sequence[tuple[float, torch.Tensor, torch.Tensor]]) -> f
 
 def _report_factor_sum(deviations: Mapping[str, float], loras: Sequence[LoraInput]) -> None:
     """Say whether the factor sum applied what the ratios ask for: sum ratio_i * delta_i."""
-    wanted = " ".join(f"{'-' if lora.ratio < 0 else '+' if index else ''} {abs(lora.ratio):g} x {lora.path.name}" for index, lora in enumerate(loras)).strip()
+    wanted = " ".join(
+        f"{'-' if lora.ratio < 0 else '+' if index else ''} {abs(lora.ratio):g} x {lora.path.name}"
+        for index, lora in enumerate(loras)
+    ).strip()
     worst = max(deviations, key=deviations.get)
     if deviations[worst] <= EXACT:
-        print(f"the factor sum is exact here: the merged LoRA applies {wanted} (largest relative deviation {deviations[worst]:.1e})")
+        print(
+            f"the factor sum is exact here: the merged LoRA applies {wanted} (largest relative deviation {deviations[worst]:.1e})"
+        )
         return
-    why = "each ratio enters as ratio*|ratio|" + (" and factors of different files multiply each other" if len(loras) > 1 else "")
+    why = "each ratio enters as ratio*|ratio|" + (
+        " and factors of different files multiply each other" if len(loras) > 1 else ""
+    )
     logger.warning(
         "the default merge adds the LoRAs' factors (sd-scripts' formula), which is not the sum of their deltas: the merged"
         " LoRA differs from %s by up to %.1f%% (module '%s'), as %s; use --concat for the exact sum, or svd_merge_lora.py"
         " for a rank you choose",
-        wanted, 100 * deviations[worst], worst, why,
+        wanted,
+        100 * deviations[worst],
+        worst,
+        why,
     )
 
 
-def _lora_metadata(merged: Mapping[str, ModuleFactors], loras: Sequence[LoraInput], options: MergeOptions, title: str) -> dict[str, str]:
+def _lora_metadata(
+    merged: Mapping[str, ModuleFactors], loras: Sequence[LoraInput], options: MergeOptions, title: str
+) -> dict[str, str]:
     """The minimum ss_* keys with the merged ranks and alphas (`Dynamic` when modules differ; kxk convs as conv_dim /
     conv_alpha in ss_network_args), the family of the inputs (else the script's: SDXL, or SD2 with --v2), and the
     ModelSpec unless --no_metadata or the family is unknown."""
@@ -334,7 +439,10 @@ def _lora_metadata(merged: Mapping[str, ModuleFactors], loras: Sequence[LoraInpu
     alpha = common_value([str(module.alpha_value) for module in base], "None")
     network_args = None
     if convs:
-        network_args = {"conv_dim": common_value([str(m.rank) for m in convs], ""), "conv_alpha": common_value([str(m.alpha_value) for m in convs], "")}
+        network_args = {
+            "conv_dim": common_value([str(m.rank) for m in convs], ""),
+            "conv_alpha": common_value([str(m.alpha_value) for m in convs], ""),
+        }
     metadata = lora_network_metadata(NETWORK_MODULE, dim, alpha, network_args, family, v_prediction)
     if options.modelspec and family is not None:
         metadata.update(lora_modelspec(family, v_prediction, title))

@@ -14,9 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, NamedTuple
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -24,7 +25,14 @@ from tqdm import tqdm
 from library.compute_options import PRECISION_CHOICES, parse_device, parse_precision
 from library.errors import UserError, run_cli
 from library.lora.factors import lora_scale
-from library.lora.files import ModuleFactors, check_lora_output, module_tensors, read_lora_file, save_lora_file, split_modules
+from library.lora.files import (
+    ModuleFactors,
+    check_lora_output,
+    module_tensors,
+    read_lora_file,
+    save_lora_file,
+    split_modules,
+)
 from library.lora.low_rank import DYNAMIC_METHODS, NewRanks, Retained, Term, chosen_rank, retained, svd_of_sum
 from library.metadata import common_value
 
@@ -34,15 +42,43 @@ DEFAULT_RANK = 4
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="the LoRA to resize (.safetensors, .ckpt or .pt)")
-    parser.add_argument("--save_to", required=True, help="the resized LoRA; the suffix picks the format (.safetensors, .ckpt, .pt, .pth)")
-    parser.add_argument("--new_rank", type=int, default=DEFAULT_RANK, help="rank of the Linear and 1x1 conv modules; the largest rank with a dynamic method (default 4)")
-    parser.add_argument("--new_conv_rank", type=int, default=None, help="the same for the 3x3 conv modules (default: --new_rank)")
-    parser.add_argument("--save_precision", choices=PRECISION_CHOICES, default=None, help="dtype of the saved tensors (default float)")
+    parser.add_argument(
+        "--save_to",
+        required=True,
+        help="the resized LoRA; the suffix picks the format (.safetensors, .ckpt, .pt, .pth)",
+    )
+    parser.add_argument(
+        "--new_rank",
+        type=int,
+        default=DEFAULT_RANK,
+        help="rank of the Linear and 1x1 conv modules; the largest rank with a dynamic method (default 4)",
+    )
+    parser.add_argument(
+        "--new_conv_rank", type=int, default=None, help="the same for the 3x3 conv modules (default: --new_rank)"
+    )
+    parser.add_argument(
+        "--save_precision", choices=PRECISION_CHOICES, default=None, help="dtype of the saved tensors (default float)"
+    )
     parser.add_argument("--device", default=None, help="where to compute, e.g. cuda (default: the CPU)")
     parser.add_argument("--verbose", action="store_true", help="print what each module keeps")
-    parser.add_argument("--dynamic_method", choices=DYNAMIC_METHODS, default=None, help="choose each module's rank from its singular values")
-    parser.add_argument("--dynamic_param", type=float, default=None, help="the target of the dynamic method (sv_ratio: >= 1; sv_fro, sv_cumulative: 0 to 1)")
-    parser.add_argument("--svd_lowrank_niter", type=int, default=2, help="accepted for sd-scripts' command lines; the SVD here is exact and needs no iterations")
+    parser.add_argument(
+        "--dynamic_method",
+        choices=DYNAMIC_METHODS,
+        default=None,
+        help="choose each module's rank from its singular values",
+    )
+    parser.add_argument(
+        "--dynamic_param",
+        type=float,
+        default=None,
+        help="the target of the dynamic method (sv_ratio: >= 1; sv_fro, sv_cumulative: 0 to 1)",
+    )
+    parser.add_argument(
+        "--svd_lowrank_niter",
+        type=int,
+        default=2,
+        help="accepted for sd-scripts' command lines; the SVD here is exact and needs no iterations",
+    )
     return parser
 
 
@@ -75,14 +111,20 @@ def options_from_flags(args: argparse.Namespace) -> ResizeOptions:
 def _check_dynamic(method: str | None, parameter: float | None) -> None:
     if method is None:
         if parameter is not None:
-            raise UserError(f"--dynamic_param {parameter} is given without --dynamic_method; add --dynamic_method sv_ratio, sv_fro or sv_cumulative, or drop it.")
+            raise UserError(
+                f"--dynamic_param {parameter} is given without --dynamic_method; add --dynamic_method sv_ratio, sv_fro or sv_cumulative, or drop it."
+            )
         return
     if parameter is None:
         raise UserError(f"--dynamic_method {method} needs --dynamic_param (its target).")
     if method == "sv_ratio" and parameter < 1:
-        raise UserError(f"--dynamic_param {parameter}: sv_ratio keeps the singular values above S_max / p, so p must be at least 1 (e.g. 8).")
+        raise UserError(
+            f"--dynamic_param {parameter}: sv_ratio keeps the singular values above S_max / p, so p must be at least 1 (e.g. 8)."
+        )
     if method != "sv_ratio" and not 0 < parameter <= 1:
-        raise UserError(f"--dynamic_param {parameter}: {method} takes the share to keep, more than 0 and at most 1 (e.g. 0.9).")
+        raise UserError(
+            f"--dynamic_param {parameter}: {method} takes the share to keep, more than 0 and at most 1 (e.g. 0.9)."
+        )
 
 
 class ResizedModule(NamedTuple):
@@ -114,10 +156,19 @@ def _resize_module(factors: ModuleFactors, options: ResizeOptions) -> tuple[torc
     """The module's delta up @ down truncated to its new rank, with alpha' = scale * r' so the scale stays."""
     up, down = factors.up.to(options.device, torch.float32), factors.down.to(options.device, torch.float32)
     svd = svd_of_sum([Term(up, down, 1.0)])
-    rank = chosen_rank(svd.singular_values, options.ranks.for_module(factors.uses_conv_rank), options.dynamic_method, options.dynamic_param)
+    rank = chosen_rank(
+        svd.singular_values,
+        options.ranks.for_module(factors.uses_conv_rank),
+        options.dynamic_method,
+        options.dynamic_param,
+    )
     low_rank = svd.truncated(rank, factors.weight_shape)
     alpha = lora_scale(factors.alpha_value, factors.rank) * rank
-    return low_rank.up, low_rank.down, ResizedModule(factors.rank, rank, alpha, factors.uses_conv_rank, retained(svd.singular_values, rank))
+    return (
+        low_rank.up,
+        low_rank.down,
+        ResizedModule(factors.rank, rank, alpha, factors.uses_conv_rank, retained(svd.singular_values, rank)),
+    )
 
 
 def report_line(name: str, module: ResizedModule, dynamic: bool) -> str:
@@ -133,7 +184,9 @@ def summary(resized: Mapping[str, ResizedModule]) -> str:
     return f"Average Frobenius norm retention: {statistics.fmean(shares):.2%} | std: {spread:0.3f}"
 
 
-def _resized_metadata(metadata: Mapping[str, str], resized: Mapping[str, ResizedModule], options: ResizeOptions) -> dict[str, str]:
+def _resized_metadata(
+    metadata: Mapping[str, str], resized: Mapping[str, ResizedModule], options: ResizeOptions
+) -> dict[str, str]:
     """The input's metadata with the new ranks and alphas (the values all modules share, or `Dynamic`), a note in
     `ss_training_comment`, the conv rank in `ss_network_args` and the new title; the hashes are recomputed on save."""
     updated = {key: value for key, value in metadata.items() if not key.startswith("sshs_")}
@@ -141,7 +194,9 @@ def _resized_metadata(metadata: Mapping[str, str], resized: Mapping[str, Resized
     convs = [module for module in resized.values() if module.uses_conv_rank]
     updated["ss_training_comment"] = _comment(metadata.get("ss_training_comment", ""), resized, options)
     updated["ss_network_dim"] = common_value([str(module.rank) for module in base], str(options.ranks.new_rank))
-    updated["ss_network_alpha"] = common_value([str(module.alpha) for module in base], str(float(options.ranks.new_rank)))
+    updated["ss_network_alpha"] = common_value(
+        [str(module.alpha) for module in base], str(float(options.ranks.new_rank))
+    )
     if convs and "ss_network_args" in updated:
         updated["ss_network_args"] = _with_conv_rank(updated["ss_network_args"], convs)
     if "modelspec.title" in updated:
@@ -156,7 +211,9 @@ def _comment(old: str, resized: Mapping[str, ResizedModule], options: ResizeOpti
         note = f"Dynamic resize with {options.dynamic_method}: {options.dynamic_param} from {old_rank}"
     else:
         new_rank, conv_rank = options.ranks.new_rank, options.ranks.for_module(uses_conv_rank=True)
-        note = f"dimension is resized from {old_rank} to {new_rank}" + ("" if conv_rank == new_rank else f" (conv: {conv_rank})")
+        note = f"dimension is resized from {old_rank} to {new_rank}" + (
+            "" if conv_rank == new_rank else f" (conv: {conv_rank})"
+        )
     return note + (f"; {old}" if old and old != "None" else "")
 
 

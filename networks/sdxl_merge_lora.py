@@ -16,6 +16,5 @@ from __future__ import annotations
 from library.errors import run_cli
 from networks.merge_lora import main
 
-
 if __name__ == "__main__":
     run_cli(lambda: main(sdxl=True))

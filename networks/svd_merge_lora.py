@@ -13,19 +13,28 @@ See docs/lora_tools.md.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
-
 from tqdm import tqdm
 
 from library.compute_options import PRECISION_CHOICES, parse_device, parse_precision
 from library.errors import run_cli
 from library.lora.block_weights import BlockWeights, check_layout_family, parse_block_weights
 from library.lora.factors import lora_scale
-from library.lora.files import LoraInput, Member, check_lora_output, inputs_family, module_tensors, modules_by_name, read_lora_inputs, save_lora_file
+from library.lora.files import (
+    LoraInput,
+    Member,
+    check_lora_output,
+    inputs_family,
+    module_tensors,
+    modules_by_name,
+    read_lora_inputs,
+    save_lora_file,
+)
 from library.lora.low_rank import NewRanks, Term, retained, svd_of_sum
 from library.metadata import common_value, declared_base_model, lora_modelspec, lora_network_metadata, merged_from
 
@@ -35,14 +44,39 @@ DEFAULT_RANK = 4
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", required=True, help="the LoRA files to merge (.safetensors, .ckpt or .pt)")
-    parser.add_argument("--ratios", type=float, nargs="+", required=True, help="one ratio per model (the weight of its delta)")
-    parser.add_argument("--lbws", nargs="*", default=None, help="block-wise ratios, one JSON list per model (17 or 26 values for SD1/SD2, 12 or 20 for SDXL)")
-    parser.add_argument("--save_to", required=True, help="the merged LoRA; the suffix picks the format (.safetensors, .ckpt, .pt)")
-    parser.add_argument("--new_rank", type=int, default=DEFAULT_RANK, help="rank of the merged Linear and 1x1 conv modules (default 4)")
-    parser.add_argument("--new_conv_rank", type=int, default=None, help="rank of the merged 3x3 conv modules (default: --new_rank)")
-    parser.add_argument("--precision", choices=PRECISION_CHOICES, default="float", help="dtype the inputs are read in (default float); the SVD runs in float32")
-    parser.add_argument("--save_precision", choices=PRECISION_CHOICES, default=None, help="dtype of the saved tensors (default: --precision)")
+    parser.add_argument(
+        "--models", nargs="+", required=True, help="the LoRA files to merge (.safetensors, .ckpt or .pt)"
+    )
+    parser.add_argument(
+        "--ratios", type=float, nargs="+", required=True, help="one ratio per model (the weight of its delta)"
+    )
+    parser.add_argument(
+        "--lbws",
+        nargs="*",
+        default=None,
+        help="block-wise ratios, one JSON list per model (17 or 26 values for SD1/SD2, 12 or 20 for SDXL)",
+    )
+    parser.add_argument(
+        "--save_to", required=True, help="the merged LoRA; the suffix picks the format (.safetensors, .ckpt, .pt)"
+    )
+    parser.add_argument(
+        "--new_rank", type=int, default=DEFAULT_RANK, help="rank of the merged Linear and 1x1 conv modules (default 4)"
+    )
+    parser.add_argument(
+        "--new_conv_rank", type=int, default=None, help="rank of the merged 3x3 conv modules (default: --new_rank)"
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISION_CHOICES,
+        default="float",
+        help="dtype the inputs are read in (default float); the SVD runs in float32",
+    )
+    parser.add_argument(
+        "--save_precision",
+        choices=PRECISION_CHOICES,
+        default=None,
+        help="dtype of the saved tensors (default: --precision)",
+    )
     parser.add_argument("--device", default=None, help="where to compute, e.g. cuda (default: the CPU)")
     parser.add_argument("--no_metadata", action="store_true", help="leave out the SAI ModelSpec (modelspec.*) keys")
     return parser
@@ -99,7 +133,9 @@ def svd_merge(options: SvdMergeOptions) -> dict[str, MergedModule]:
     return merged
 
 
-def _merge_module(members: Sequence[Member], options: SvdMergeOptions) -> tuple[torch.Tensor, torch.Tensor, MergedModule]:
+def _merge_module(
+    members: Sequence[Member], options: SvdMergeOptions
+) -> tuple[torch.Tensor, torch.Tensor, MergedModule]:
     """The best factors of sum_i ratio_i * scale_i * up_i @ down_i of the module's new rank, shaped like the first
     input's tensors."""
     terms = [
@@ -114,17 +150,28 @@ def _merge_module(members: Sequence[Member], options: SvdMergeOptions) -> tuple[
     svd = svd_of_sum(terms)
     low_rank = svd.truncated(options.ranks.for_module(first.uses_conv_rank), first.weight_shape)
     rank = low_rank.down.shape[0]
-    kept = MergedModule(rank, first.uses_conv_rank, retained(svd.singular_values, rank).frobenius_share, rank == svd.singular_values.shape[0])
+    kept = MergedModule(
+        rank,
+        first.uses_conv_rank,
+        retained(svd.singular_values, rank).frobenius_share,
+        rank == svd.singular_values.shape[0],
+    )
     return low_rank.up, low_rank.down, kept
 
 
-def _merged_metadata(options: SvdMergeOptions, inputs: Sequence[LoraInput], merged: dict[str, MergedModule]) -> dict[str, str]:
+def _merged_metadata(
+    options: SvdMergeOptions, inputs: Sequence[LoraInput], merged: dict[str, MergedModule]
+) -> dict[str, str]:
     """The minimum `ss_*` keys with the merged ranks (alpha = rank), the family of the inputs, and unless
     --no_metadata the ModelSpec with the inputs' titles as `merged_from`."""
     base_ranks = [str(module.rank) for module in merged.values() if not module.uses_conv_rank]
     conv_ranks = [str(module.rank) for module in merged.values() if module.uses_conv_rank]
     dim = common_value(base_ranks, str(options.ranks.new_rank))
-    conv_args = {"conv_dim": common_value(conv_ranks, ""), "conv_alpha": _as_alpha(common_value(conv_ranks, ""))} if conv_ranks else None
+    conv_args = (
+        {"conv_dim": common_value(conv_ranks, ""), "conv_alpha": _as_alpha(common_value(conv_ranks, ""))}
+        if conv_ranks
+        else None
+    )
     family = inputs_family(inputs)
     v_prediction = any(declared[1] for each in inputs if (declared := declared_base_model(each.metadata)))
     metadata = lora_network_metadata(NETWORK_MODULE, dim, _as_alpha(dim), conv_args, family, v_prediction)

@@ -11,7 +11,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-OFFLINE_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DIFFUSERS_OFFLINE": "1"}
+OFFLINE_ENVIRONMENT = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "DIFFUSERS_OFFLINE": "1",
+}
 os.environ.update(OFFLINE_ENVIRONMENT)
 
 _real_connect = socket.socket.connect
@@ -35,7 +40,9 @@ def empty_hf_home(tmp_path_factory):
 def run_script(*arguments: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run one of the project's scripts as a user would, offline; returns the finished process."""
     environment = {**os.environ, **OFFLINE_ENVIRONMENT, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, *arguments], cwd=cwd or ROOT, capture_output=True, text=True, env=environment, timeout=600)
+    return subprocess.run(
+        [sys.executable, *arguments], cwd=cwd or ROOT, capture_output=True, text=True, env=environment, timeout=600
+    )
 
 
 @pytest.fixture(scope="session")

@@ -37,7 +37,12 @@ class ModelProbe:
         self.added = {}
         if model.family is ModelFamily.SDXL:
             pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-            self.added = {"added_cond_kwargs": {"text_embeds": torch.randn(2, pooled, generator=generator), "time_ids": torch.randn(2, 6, generator=generator)}}
+            self.added = {
+                "added_cond_kwargs": {
+                    "text_embeds": torch.randn(2, pooled, generator=generator),
+                    "time_ids": torch.randn(2, 6, generator=generator),
+                }
+            }
 
     @torch.no_grad()
     def outputs(self, text_encoders, unet) -> list[torch.Tensor]:
@@ -60,9 +65,20 @@ def diffusers_pipeline(model):
     parts = dict(vae=model.vae, unet=model.unet, scheduler=DDIMScheduler.from_config(model.scheduler_config()))
     if model.family is ModelFamily.SDXL:
         encoders, tokenizers = model.text_encoders, model.tokenizers
-        return StableDiffusionXLPipeline(text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], **parts)
+        return StableDiffusionXLPipeline(
+            text_encoder=encoders[0],
+            text_encoder_2=encoders[1],
+            tokenizer=tokenizers[0],
+            tokenizer_2=tokenizers[1],
+            **parts,
+        )
     return StableDiffusionPipeline(
-        text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0], safety_checker=None, feature_extractor=None, requires_safety_checker=False, **parts
+        text_encoder=model.text_encoders[0],
+        tokenizer=model.tokenizers[0],
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        **parts,
     )
 
 

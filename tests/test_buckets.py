@@ -163,7 +163,10 @@ def test_crop_offsets_center_and_random():
         left, top = crop_offsets((300, 200), (256, 192), True, random.Random(seed))
         assert 0 <= left <= 44 and 0 <= top <= 8
     reference = random.Random(7)
-    assert crop_offsets((300, 200), (256, 192), True, random.Random(7)) == (reference.randint(0, 44), reference.randint(0, 8))
+    assert crop_offsets((300, 200), (256, 192), True, random.Random(7)) == (
+        reference.randint(0, 44),
+        reference.randint(0, 8),
+    )
     # no draw for a side without excess: the generator's next number is untouched
     rng, untouched = random.Random(3), random.Random(3)
     crop_offsets((256, 192), (256, 192), True, rng)
@@ -197,4 +200,6 @@ def test_mean_aspect_error_and_summary():
 
 def test_a_minimum_below_one_step_is_refused():
     settings = BucketSettings(resolution=(64, 64), enable_bucket=True, min_bucket_reso=32, max_bucket_reso=128)
-    assert check_bucket_settings(settings, "here") == ["here: min_bucket_reso is 32, smaller than one bucket_reso_steps (64); set it to 64 or more."]
+    assert check_bucket_settings(settings, "here") == [
+        "here: min_bucket_reso is 32, smaller than one bucket_reso_steps (64); set it to 64 or more."
+    ]

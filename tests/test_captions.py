@@ -135,12 +135,23 @@ def test_caption_dropout_every_n_epochs():
     def at(epoch):
         return process("cat, dog", epoch=epoch, caption_dropout_every_n_epochs=3)
 
-    assert [at(epoch) for epoch in (1, 2, 3, 4, 5, 6, 7)] == ["cat, dog", "cat, dog", "", "cat, dog", "cat, dog", "", "cat, dog"]
+    assert [at(epoch) for epoch in (1, 2, 3, 4, 5, 6, 7)] == [
+        "cat, dog",
+        "cat, dog",
+        "",
+        "cat, dog",
+        "cat, dog",
+        "",
+        "cat, dog",
+    ]
 
 
 def test_tag_dropout_rate_one_keeps_only_fixed_tags():
     assert process("sks, girl, smile, hat", keep_tokens=2, caption_tag_dropout_rate=1.0) == "sks, girl"
-    assert process("sks ||| smile, hat ||| detailed", keep_tokens_separator="|||", caption_tag_dropout_rate=1.0) == "sks, detailed"
+    assert (
+        process("sks ||| smile, hat ||| detailed", keep_tokens_separator="|||", caption_tag_dropout_rate=1.0)
+        == "sks, detailed"
+    )
 
 
 TEN_TAGS = ", ".join(f"t{i}" for i in range(10))

@@ -19,7 +19,13 @@ from library.model_files.family import ModelFamily
 from library.model_files.tokenizer import shipped_tokenizer
 from library.tiny_models import make_tiny_dataset, make_tiny_model
 
-BUCKETED = {"resolution": "128", "enable_bucket": True, "min_bucket_reso": 64, "max_bucket_reso": 256, "caption_extension": ".txt"}
+BUCKETED = {
+    "resolution": "128",
+    "enable_bucket": True,
+    "min_bucket_reso": 64,
+    "max_bucket_reso": 256,
+    "caption_extension": ".txt",
+}
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +36,18 @@ def tokenizer():
 def write_images(folder, sizes, caption="a photo"):
     folder.mkdir(parents=True, exist_ok=True)
     for index, (width, height) in enumerate(sizes):
-        Image.new("RGBA" if index % 2 else "RGB", (width, height), (40 * index % 256, 90, 160, 128)).save(folder / f"{index:03d}.png")
+        Image.new("RGBA" if index % 2 else "RGB", (width, height), (40 * index % 256, 90, 160, 128)).save(
+            folder / f"{index:03d}.png"
+        )
         (folder / f"{index:03d}.txt").write_text(f"{caption} {index}, red, blue, green", encoding="utf-8")
 
 
 def plans_for(tmp_path, **options):
     write_images(tmp_path / "train" / "3_sks dog", [(128, 128), (192, 96), (96, 192), (128, 128), (200, 100)])
     write_images(tmp_path / "reg" / "1_dog", [(128, 128)] * 4, caption="a dog")
-    plans, _ = prepare_datasets(None, {**BUCKETED, **options}, train_data_dir=str(tmp_path / "train"), reg_data_dir=str(tmp_path / "reg"))
+    plans, _ = prepare_datasets(
+        None, {**BUCKETED, **options}, train_data_dir=str(tmp_path / "train"), reg_data_dir=str(tmp_path / "reg")
+    )
     return plans
 
 
@@ -111,18 +121,26 @@ def test_image_batches_hold_the_bucket_pixels_tokens_and_loss_weights(tmp_path, 
         assert batch["images"].shape == (len(chosen), 3, height, width)
         assert batch["images"].min() >= -1 and batch["images"].max() <= 1
         assert batch["captions"] == [sample.image.caption for sample in chosen]
-        expected_ids = tokenizer(batch["captions"], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        expected_ids = tokenizer(
+            batch["captions"], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids
         assert torch.equal(batch["input_ids"][:, 0], expected_ids)
         assert batch["loss_weights"].tolist() == [0.25 if sample.is_reg else 1.0 for sample in chosen]
         assert batch["target_sizes_hw"].tolist() == [[height, width]] * len(chosen)
-        assert batch["original_sizes_hw"].tolist() == [[sample.image.size[1], sample.image.size[0]] for sample in chosen]
+        assert batch["original_sizes_hw"].tolist() == [
+            [sample.image.size[1], sample.image.size[0]] for sample in chosen
+        ]
         assert batch["network_multipliers"].tolist() == [1.0] * len(chosen)
 
 
 def test_alpha_masks_are_stacked_with_ones_for_images_without_alpha(tmp_path, tokenizer):
     folder = tmp_path / "1_masked"
     write_images(folder, [(64, 64)] * 4)  # odd indices are RGBA with alpha 128, even ones RGB
-    plans, _ = prepare_datasets(None, {"resolution": "64", "caption_extension": ".txt", "alpha_mask": True, "train_batch_size": 4}, train_data_dir=str(tmp_path))
+    plans, _ = prepare_datasets(
+        None,
+        {"resolution": "64", "caption_extension": ".txt", "alpha_mask": True, "train_batch_size": 4},
+        train_data_dir=str(tmp_path),
+    )
     (batch,) = all_batches(plans, tokenizer)
     key = EpochBatches(plans, 7).keys()[0]
     expected = [128 / 255 if index % 2 else 1.0 for index in key.samples]
@@ -131,7 +149,14 @@ def test_alpha_masks_are_stacked_with_ones_for_images_without_alpha(tmp_path, to
 
 
 def test_the_same_seed_gives_the_same_batches_for_any_worker_count(tmp_path, tokenizer):
-    plans = plans_for(tmp_path, train_batch_size=2, shuffle_caption=True, flip_aug=True, random_crop=True, caption_tag_dropout_rate=0.3)
+    plans = plans_for(
+        tmp_path,
+        train_batch_size=2,
+        shuffle_caption=True,
+        flip_aug=True,
+        random_crop=True,
+        caption_tag_dropout_rate=0.3,
+    )
     in_process = all_batches(plans, tokenizer)
     with_workers = all_batches(plans, tokenizer, workers=2)
     assert [batch["captions"] for batch in in_process] == [batch["captions"] for batch in with_workers]
@@ -140,13 +165,17 @@ def test_the_same_seed_gives_the_same_batches_for_any_worker_count(tmp_path, tok
         assert torch.equal(ours["images"], theirs["images"])
     shuffled = [caption for batch in in_process for caption in batch["captions"]]
     assert any(not caption.startswith("a ") for caption in shuffled)  # shuffle_caption did reorder tags
-    assert any(flip for batch in in_process for flip in batch["flippeds"]) and not all(flip for batch in in_process for flip in batch["flippeds"])
+    assert any(flip for batch in in_process for flip in batch["flippeds"]) and not all(
+        flip for batch in in_process for flip in batch["flippeds"]
+    )
 
 
 def test_persistent_workers_see_the_new_epoch(tmp_path, tokenizer):
     plans = plans_for(tmp_path, train_batch_size=5, caption_dropout_every_n_epochs=2)
     sampler = EpochBatches(plans, seed=7)
-    loader = make_data_loader(TrainingBatches(plans, tokenizer, BatchSettings(seed=7)), sampler, workers=1, persistent_workers=True)
+    loader = make_data_loader(
+        TrainingBatches(plans, tokenizer, BatchSettings(seed=7)), sampler, workers=1, persistent_workers=True
+    )
     captions = {}
     for epoch in (1, 2):
         sampler.set_epoch(epoch)
@@ -156,7 +185,11 @@ def test_persistent_workers_see_the_new_epoch(tmp_path, tokenizer):
 
 def test_cached_batches_hold_the_cached_latents_flipped_or_not(tmp_path, tokenizer):
     make_tiny_dataset(tmp_path, images=3, repeats=2)
-    plans, _ = prepare_datasets(None, {"resolution": "64", "caption_extension": ".txt", "flip_aug": True, "train_batch_size": 2}, train_data_dir=str(tmp_path))
+    plans, _ = prepare_datasets(
+        None,
+        {"resolution": "64", "caption_extension": ".txt", "flip_aug": True, "train_batch_size": 2},
+        train_data_dir=str(tmp_path),
+    )
     vae = make_tiny_model(ModelFamily.SD1).vae
     latents, _, _ = cache_latents(plans, vae, "cpu", torch.float32, 2, to_disk=False, progress=False)
     samples = plans[0].samples
@@ -216,7 +249,17 @@ def datasets_from_arguments(args):
 
 def test_command_line_options_reach_the_dataset_config(tmp_path):
     make_tiny_dataset(tmp_path / "data", images=2, repeats=3)
-    args = parse("--train_data_dir", str(tmp_path / "data"), "--resolution", "64,96", "--caption_extention", ".txt", "--flip_aug", "--train_batch_size", "2")
+    args = parse(
+        "--train_data_dir",
+        str(tmp_path / "data"),
+        "--resolution",
+        "64,96",
+        "--caption_extention",
+        ".txt",
+        "--flip_aug",
+        "--train_batch_size",
+        "2",
+    )
     assert config_fallbacks(args)["caption_extension"] == ".txt"
     plans, notes = datasets_from_arguments(args)
     (plan,) = plans
@@ -229,14 +272,24 @@ def test_unsupported_and_ignored_options_say_so(tmp_path):
     with pytest.raises(UserError, match="--dataset_class"):
         datasets_from_arguments(parse("--dataset_class", "my.Dataset", "--train_data_dir", str(tmp_path)))
     make_tiny_dataset(tmp_path / "data", images=1)
-    args = parse("--train_data_dir", str(tmp_path / "data"), "--resolution", "64", "--persistent_data_loader_workers", "--max_data_loader_n_workers", "0")
+    args = parse(
+        "--train_data_dir",
+        str(tmp_path / "data"),
+        "--resolution",
+        "64",
+        "--persistent_data_loader_workers",
+        "--max_data_loader_n_workers",
+        "0",
+    )
     _, notes = datasets_from_arguments(args)
     assert any("--persistent_data_loader_workers ignored" in note for note in notes)
 
 
 def test_an_image_left_out_when_caching_is_left_out_of_its_batches(tmp_path, tokenizer):
     make_tiny_dataset(tmp_path, images=3, repeats=2)
-    plans, _ = prepare_datasets(None, {"resolution": "64", "caption_extension": ".txt", "train_batch_size": 6}, train_data_dir=str(tmp_path))
+    plans, _ = prepare_datasets(
+        None, {"resolution": "64", "caption_extension": ".txt", "train_batch_size": 6}, train_data_dir=str(tmp_path)
+    )
     samples = plans[0].samples
     latents = {sample.image.path: CachedLatents(torch.zeros(4, 8, 8), None, None) for sample in samples[1:]}
     (batch,) = all_batches(plans, tokenizer, latents=latents)

@@ -94,7 +94,10 @@ def test_every_config_mistake_is_in_one_report_with_its_place(tmp_path):
     assert f"{config}, [general]: unknown key 'batch_sise' (did you mean 'batch_size'?)." in message
     assert f"{config}, datasets[0]: 'is_reg' is not allowed in a dataset table; put it in a subset table." in message
     assert f"{config}, datasets[0].subsets[0]: num_repeats = 1.5 should be a whole number." in message
-    assert f"{config}, datasets[0]: DreamBooth subsets (image_dir) and fine-tuning subsets (metadata_file) are mixed" in message
+    assert (
+        f"{config}, datasets[0]: DreamBooth subsets (image_dir) and fine-tuning subsets (metadata_file) are mixed"
+        in message
+    )
 
 
 def test_folder_problems_are_reported_together(tmp_path):
@@ -128,17 +131,23 @@ def test_folder_problems_are_reported_together(tmp_path):
 def test_truncated_images_are_skipped_with_a_note_when_asked(tmp_path):
     images = write_images(tmp_path / "10_sks dog", 3)
     Image.effect_noise((256, 256), 60).convert("RGB").save(images / "cut.jpg", quality=95)
-    (images / "cut.jpg").write_bytes((images / "cut.jpg").read_bytes()[:-2000])  # an interrupted copy: the header is intact
+    (images / "cut.jpg").write_bytes(
+        (images / "cut.jpg").read_bytes()[:-2000]
+    )  # an interrupted copy: the header is intact
     with pytest.raises(UserError, match=r"cut\.jpg: it is truncated; replace or delete it"):
         prepare_datasets(None, {"resolution": "64", "caption_extension": ".txt"}, train_data_dir=str(tmp_path))
-    (plan,), notes = prepare_datasets(None, {"resolution": "64", "caption_extension": ".txt"}, train_data_dir=str(tmp_path), skip_bad_images=True)
+    (plan,), notes = prepare_datasets(
+        None, {"resolution": "64", "caption_extension": ".txt"}, train_data_dir=str(tmp_path), skip_bad_images=True
+    )
     assert len(plan.samples) == 3 and any("cut.jpg: skipped, it is truncated" in note for note in notes)
 
 
 def test_legacy_folders_give_repeats_class_tokens_and_regularization(tmp_path):
     write_images(tmp_path / "train" / "10_sks dog", 4, captions=None)
     write_images(tmp_path / "reg" / "1_dog", 30, captions=None)
-    (plan,), notes = prepare_datasets(None, {"resolution": "64"}, train_data_dir=str(tmp_path / "train"), reg_data_dir=str(tmp_path / "reg"))
+    (plan,), notes = prepare_datasets(
+        None, {"resolution": "64"}, train_data_dir=str(tmp_path / "train"), reg_data_dir=str(tmp_path / "reg")
+    )
     train = [sample for sample in plan.samples if not sample.is_reg]
     reg = [sample for sample in plan.samples if sample.is_reg]
     assert {sample.image.caption for sample in train} == {"sks dog"} and {s.repeats for s in train} == {10}
@@ -150,7 +159,9 @@ def test_legacy_folders_give_repeats_class_tokens_and_regularization(tmp_path):
 def test_a_folder_name_without_repeats_is_named_with_the_fix(tmp_path):
     write_images(tmp_path / "10_sks dog", 1)
     write_images(tmp_path / "sks cat", 1)
-    with pytest.raises(UserError, match=r"folder 'sks cat' is not named <repeats>_<identifier> <class> \(e\.g\. '10_sks cat'\)"):
+    with pytest.raises(
+        UserError, match=r"folder 'sks cat' is not named <repeats>_<identifier> <class> \(e\.g\. '10_sks cat'\)"
+    ):
         prepare_datasets(None, {"resolution": "64"}, train_data_dir=str(tmp_path))
 
 
@@ -164,7 +175,9 @@ def test_txt_captions_are_used_when_there_are_no_caption_files(tmp_path):
 def test_caching_conflicts_are_reported_before_anything_loads(tmp_path):
     write_images(tmp_path / "5_sks dog", 2)
     with pytest.raises(UserError, match="random_crop changes the image every epoch, so its latents cannot be cached"):
-        prepare_datasets(None, {"resolution": "64", "random_crop": True}, train_data_dir=str(tmp_path), cache_latents=True)
+        prepare_datasets(
+            None, {"resolution": "64", "random_crop": True}, train_data_dir=str(tmp_path), cache_latents=True
+        )
 
 
 @pytest.mark.parametrize(
@@ -178,7 +191,9 @@ def test_caching_conflicts_are_reported_before_anything_loads(tmp_path):
 )
 def test_values_training_cannot_use_are_refused_up_front(tmp_path, options, message):
     write_images(tmp_path / "images", 2)
-    (tmp_path / "data.toml").write_text(f"[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = '{tmp_path / 'images'}'\n", encoding="utf-8")
+    (tmp_path / "data.toml").write_text(
+        f"[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = '{tmp_path / 'images'}'\n", encoding="utf-8"
+    )
     with pytest.raises(UserError, match=message):
         prepare_datasets(str(tmp_path / "data.toml"), options)
 
@@ -209,12 +224,20 @@ def test_plans_survive_pickling_into_data_loader_workers(tmp_path):
 def test_epoch_batches_keep_buckets_apart_and_follow_the_seed(tmp_path):
     write_images(tmp_path / "3_wide", 5, size=(300, 100))
     write_images(tmp_path / "2_tall", 4, size=(100, 300))
-    cli = {"resolution": "128", "enable_bucket": True, "min_bucket_reso": 64, "max_bucket_reso": 256, "train_batch_size": 4}
+    cli = {
+        "resolution": "128",
+        "enable_bucket": True,
+        "min_bucket_reso": 64,
+        "max_bucket_reso": 256,
+        "train_batch_size": 4,
+    }
     (plan,), _ = prepare_datasets(None, cli, train_data_dir=str(tmp_path))
     batches = plan.epoch_batches(seed=7, epoch=1)
     assert all(len({plan.samples[i].placement.bucket for i in batch}) == 1 for batch in batches)
     counts = Counter(index for batch in batches for index in batch)
-    assert {plan.samples[i].repeats for i in counts} == {3, 2} and all(counts[i] == plan.samples[i].repeats for i in counts)
+    assert {plan.samples[i].repeats for i in counts} == {3, 2} and all(
+        counts[i] == plan.samples[i].repeats for i in counts
+    )
     assert len(batches) == math.ceil(15 / 4) + math.ceil(8 / 4)  # 15 wide samples, 8 tall ones
     assert plan.epoch_batches(seed=7, epoch=1) == batches and plan.epoch_batches(seed=7, epoch=2) != batches
     assert plan.bucket_counts() == {(64, 192): 8, (192, 64): 15}  # aspect 3 and 1/3 buckets of 128x128's area

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import run_script
 from PIL import Image
 
-from conftest import run_script
 from library.dataset.inspection import SHEET_GAP, SHEET_TILE, dataset_summary_lines, debug_dataset
 from library.dataset.latent_cache import cache_file_path
 from library.dataset.loader import BatchSettings, EpochBatches, TrainingBatches
@@ -30,9 +30,18 @@ def solid_images(folder, sizes):
 def plans(tmp_path):
     solid_images(tmp_path / "train" / "2_sks thing", [(64, 64), (64, 64), (64, 64), (128, 64)])
     solid_images(tmp_path / "reg" / "1_thing", [(64, 64)] * 3)
-    options = {"resolution": "64,128", "enable_bucket": True, "min_bucket_reso": 64, "train_batch_size": 4, "caption_extension": ".txt",
-               "shuffle_caption": True, "flip_aug": True}
-    made, _ = prepare_datasets(None, options, train_data_dir=str(tmp_path / "train"), reg_data_dir=str(tmp_path / "reg"))
+    options = {
+        "resolution": "64,128",
+        "enable_bucket": True,
+        "min_bucket_reso": 64,
+        "train_batch_size": 4,
+        "caption_extension": ".txt",
+        "shuffle_caption": True,
+        "flip_aug": True,
+    }
+    made, _ = prepare_datasets(
+        None, options, train_data_dir=str(tmp_path / "train"), reg_data_dir=str(tmp_path / "reg")
+    )
     return made
 
 
@@ -79,7 +88,15 @@ def test_debug_dataset_shows_each_bucket_once_with_captions_as_trained(plans, tm
 def test_cache_latents_tool_writes_then_reuses_the_files(tiny_checkpoints, tmp_path):
     _, model_file, _ = tiny_checkpoints[ModelFamily.SD1]
     image_dir = make_tiny_dataset(tmp_path / "data", images=3)
-    arguments = ["tools/cache_latents.py", "--pretrained_model_name_or_path", str(model_file), "--train_data_dir", str(tmp_path / "data"), "--resolution", "64"]
+    arguments = [
+        "tools/cache_latents.py",
+        "--pretrained_model_name_or_path",
+        str(model_file),
+        "--train_data_dir",
+        str(tmp_path / "data"),
+        "--resolution",
+        "64",
+    ]
     first = run_script(*arguments, "--vae_batch_size", "2")
     assert first.returncode == 0, first.stderr
     assert "3 images encoded" in first.stdout and "0 up-to-date cache files reused" in first.stdout
@@ -95,7 +112,14 @@ def test_cache_latents_tool_refuses_conflicts_before_loading(tiny_checkpoints, t
     _, model_file, _ = tiny_checkpoints[ModelFamily.SD1]
     make_tiny_dataset(tmp_path / "data", images=1)
     result = run_script(
-        "tools/cache_latents.py", "--pretrained_model_name_or_path", str(model_file), "--train_data_dir", str(tmp_path / "data"), "--resolution", "64", "--random_crop"
+        "tools/cache_latents.py",
+        "--pretrained_model_name_or_path",
+        str(model_file),
+        "--train_data_dir",
+        str(tmp_path / "data"),
+        "--resolution",
+        "64",
+        "--random_crop",
     )
     assert result.returncode == 2
     assert "random_crop changes the image every epoch" in result.stderr and "Traceback" not in result.stderr

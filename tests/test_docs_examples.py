@@ -11,10 +11,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import OFFLINE_ENVIRONMENT, ROOT
 from safetensors import safe_open
 from safetensors.torch import load_file
-
-from conftest import OFFLINE_ENVIRONMENT, ROOT
 
 
 def try_it_commands(document: str, heading: str = "## Try it") -> list[str]:
@@ -30,7 +29,9 @@ def run_as_user(command: str, cwd) -> subprocess.CompletedProcess:
     arguments = shlex.split(command)
     assert arguments[0] == "python", command
     environment = {**os.environ, **OFFLINE_ENVIRONMENT, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, *arguments[1:]], cwd=cwd, capture_output=True, text=True, env=environment, timeout=600)
+    return subprocess.run(
+        [sys.executable, *arguments[1:]], cwd=cwd, capture_output=True, text=True, env=environment, timeout=600
+    )
 
 
 @pytest.mark.slow
@@ -45,8 +46,14 @@ def test_dataset_guide_commands(tmp_path):
     assert "0 images encoded" in reused.stdout and "8 up-to-date cache files reused" in reused.stdout
     shown = run_as_user(debug, tmp_path)
     assert shown.returncode == 0, shown.stderr
-    assert "bucket 0: resolution (64, 64), count: 60" in shown.stdout and "bucket 1: resolution (64, 128), count: 20" in shown.stdout
-    assert sorted(path.name for path in (tmp_path / "tiny" / "debug_dataset").iterdir()) == ["dataset0_bucket_64x128.png", "dataset0_bucket_64x64.png"]
+    assert (
+        "bucket 0: resolution (64, 64), count: 60" in shown.stdout
+        and "bucket 1: resolution (64, 128), count: 20" in shown.stdout
+    )
+    assert sorted(path.name for path in (tmp_path / "tiny" / "debug_dataset").iterdir()) == [
+        "dataset0_bucket_64x128.png",
+        "dataset0_bucket_64x64.png",
+    ]
 
 
 def run_line(command: str, cwd) -> subprocess.CompletedProcess:
@@ -71,10 +78,18 @@ def test_training_guide_commands(tmp_path):
     out = tmp_path / "tiny" / "out"
     assert "network: networks.lora, rank 4, alpha 1 (scale 0.25)" in trained.stdout
     assert "text encoder: frozen, each caption encoded once at its first use" in trained.stdout
-    assert sorted(path.name for path in out.iterdir()) == ["demo-state", "demo-step00000010-state", "demo-step00000010.safetensors", "demo.safetensors", "sample"]
+    assert sorted(path.name for path in out.iterdir()) == [
+        "demo-state",
+        "demo-step00000010-state",
+        "demo-step00000010.safetensors",
+        "demo.safetensors",
+        "sample",
+    ]
     assert (out / "demo-step00000010-state" / "train_state.json").is_file()
     samples = sorted(path.name for path in (out / "sample").iterdir())
-    assert [name.split("_")[1] for name in samples] == ["000010", "000020", "e000000"] and all(name.endswith("_1.png") for name in samples)
+    assert [name.split("_")[1] for name in samples] == ["000010", "000020", "e000000"] and all(
+        name.endswith("_1.png") for name in samples
+    )
 
     resumed = run_line(commands[3], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
@@ -116,7 +131,9 @@ def test_generation_guide_commands(tmp_path):
     assert all(run.returncode == 0 for run in finished), [run.stderr for run in finished if run.returncode]
     assert "applied tiny/loras/shapes.safetensors (networks.lora) with multiplier 0.8" in finished[2].stdout
     [applied], [merged] = (list((tmp_path / "tiny" / folder).glob("im_*_000_1.png")) for folder in ("images", "merged"))
-    difference = np.abs(np.asarray(Image.open(applied), dtype=np.int16) - np.asarray(Image.open(merged), dtype=np.int16))
+    difference = np.abs(
+        np.asarray(Image.open(applied), dtype=np.int16) - np.asarray(Image.open(merged), dtype=np.int16)
+    )
     assert difference.max() <= 2
     names = sorted(path.name.split("_", 2)[2] for path in (tmp_path / "tiny" / "from_file").iterdir())
     assert names == ["000_5.png", "001_6.png", "002_12.png", "003_13.png"]

@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ROOT, run_script
-from lora_helpers import ModelProbe, assert_outputs_close, diffusers_pipeline, fill_randomly, peft_layer_count, text_encoder_argument, tiny_model_pair
 
 from library.errors import UserError
 from library.lora.files import read_lora_file
@@ -22,6 +21,15 @@ from library.model_files.family import ModelFamily
 from library.model_files.stable_diffusion import save_stable_diffusion_checkpoint
 from library.tiny_models import make_tiny_dataset, make_tiny_model
 from library.training.script import run_training_script
+from lora_helpers import (
+    ModelProbe,
+    assert_outputs_close,
+    diffusers_pipeline,
+    fill_randomly,
+    peft_layer_count,
+    text_encoder_argument,
+    tiny_model_pair,
+)
 from networks import dylora, lora
 from networks.extract_lora_from_dylora import extract_ranks
 
@@ -32,14 +40,18 @@ CONV_3X3 = "lora_unet_down_blocks_0_resnets_0_conv1"
 
 
 def c3lier(model, multiplier=1.0, dim=8, alpha=4.0, unit=2):
-    return dylora.create_network(multiplier, dim, alpha, None, text_encoder_argument(model), model.unet, unit=str(unit), conv_dim=str(dim))
+    return dylora.create_network(
+        multiplier, dim, alpha, None, text_encoder_argument(model), model.unet, unit=str(unit), conv_dim=str(dim)
+    )
 
 
 def delta_by_hand(up, down, rank, scale):
     """scale * up[:, :rank] @ down[:rank], written with einsum, shaped like the layer's weight."""
     up2 = up[:, :rank].reshape(up.shape[0], rank)
     down = down[:rank]
-    return scale * (torch.einsum("oj,ji->oi", up2, down) if down.dim() == 2 else torch.einsum("oj,jihw->oihw", up2, down))
+    return scale * (
+        torch.einsum("oj,ji->oi", up2, down) if down.dim() == 2 else torch.einsum("oj,jihw->oihw", up2, down)
+    )
 
 
 def layer_output(layer, x, weight):
@@ -49,7 +61,11 @@ def layer_output(layer, x, weight):
 
 
 def layer_input(layer):
-    return torch.randn(2, layer.in_channels, 6, 6) if isinstance(layer, torch.nn.Conv2d) else torch.randn(2, 5, layer.in_features)
+    return (
+        torch.randn(2, layer.in_channels, 6, 6)
+        if isinstance(layer, torch.nn.Conv2d)
+        else torch.randn(2, 5, layer.in_features)
+    )
 
 
 # ---------------------------------------------------------------- the network
@@ -66,7 +82,11 @@ def test_the_file_is_networks_loras_with_dylora_metadata(tmp_path):
 
     network.save_weights(tmp_path / "dy.safetensors", torch.float16)
     metadata = open_checkpoint(tmp_path / "dy.safetensors").metadata
-    assert (metadata["ss_network_module"], metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("networks.dylora", "8", "4.0")
+    assert (metadata["ss_network_module"], metadata["ss_network_dim"], metadata["ss_network_alpha"]) == (
+        "networks.dylora",
+        "8",
+        "4.0",
+    )
     assert json.loads(metadata["ss_network_args"]) == {"unit": "4", "conv_dim": "8"}
     assert {tensor.dtype for tensor in read_lora_file(tmp_path / "dy.safetensors")[0].values()} == {torch.float16}
 
@@ -92,7 +112,9 @@ def test_at_rank_r_each_module_adds_multiplier_alpha_over_r_times_the_first_r_ra
         for name, original in originals.items():
             layer = loras[name].org_module
             used = rank or 6
-            weight = original + delta_by_hand(full[f"{name}.lora_up.weight"], full[f"{name}.lora_down.weight"], used, 0.6 * 3 / used)
+            weight = original + delta_by_hand(
+                full[f"{name}.lora_up.weight"], full[f"{name}.lora_down.weight"], used, 0.6 * 3 / used
+            )
             x = layer_input(layer)
             with torch.no_grad():
                 torch.testing.assert_close(layer(x), layer_output(layer, x, weight), atol=1e-5, rtol=1e-5)
@@ -114,7 +136,12 @@ def test_a_training_step_uses_the_drawn_rank_and_only_its_last_unit_learns():
         before = [unit.detach().clone() for unit in (*module.lora_down_units, *module.lora_up_units)]
         full = network.state_dict()
         output = layer(x)
-        expected = layer_output(layer, x, layer.weight + delta_by_hand(full[f"{CONV_3X3}.lora_up.weight"], full[f"{CONV_3X3}.lora_down.weight"], rank, 8 / rank))
+        expected = layer_output(
+            layer,
+            x,
+            layer.weight
+            + delta_by_hand(full[f"{CONV_3X3}.lora_up.weight"], full[f"{CONV_3X3}.lora_down.weight"], rank, 8 / rank),
+        )
         torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
         output.square().mean().backward()
         learning = rank // 2 - 1
@@ -160,7 +187,11 @@ def test_one_rank_is_drawn_per_step_for_the_whole_network_and_inference_uses_the
         (16, {"unit": "0"}, r"unit=0 must be at least 1"),
         (16, {"unit": "two"}, r"unit=two is not a number"),
         (16, {"unit": "4", "conv_dim": "8"}, r"conv_dim=8 must equal --network_dim 16.*write conv_dim=16"),
-        (16, {"block_dims": ",".join(["4"] * 25)}, r"'block_dims' is an option of networks.lora that networks.dylora does not have"),
+        (
+            16,
+            {"block_dims": ",".join(["4"] * 25)},
+            r"'block_dims' is an option of networks.lora that networks.dylora does not have",
+        ),
         (16, {"rank_dropout": "0.1"}, r"'rank_dropout' is an option of networks.lora"),
         (16, {"unti": "4"}, r"unknown argument 'unti' for networks.dylora; the known ones are unit, conv_dim"),
     ],
@@ -198,10 +229,21 @@ def test_each_extracted_rank_applied_by_networks_lora_and_diffusers_equals_dylor
     network = c3lier(model, multiplier=0.7, dim=6, alpha=3, unit=2)
     fill_randomly(network, std=0.1)
     network.save_weights(tmp_path / "dy.safetensors", metadata={"ss_training_comment": "shapes"})
-    finished = run_script(EXTRACT, "--model", str(tmp_path / "dy.safetensors"), "--save_to", str(tmp_path / "out.safetensors"), "--unit", "2")
+    finished = run_script(
+        EXTRACT,
+        "--model",
+        str(tmp_path / "dy.safetensors"),
+        "--save_to",
+        str(tmp_path / "out.safetensors"),
+        "--unit",
+        "2",
+    )
     assert finished.returncode == 0, finished.stderr
     files = {rank: tmp_path / f"out-{rank}.safetensors" for rank in (2, 4, 6)}
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["dy.safetensors", *sorted(path.name for path in files.values())]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "dy.safetensors",
+        *sorted(path.name for path in files.values()),
+    ]
 
     network.apply_to(model.text_encoders[0], model.unet)
     network.eval()
@@ -231,7 +273,9 @@ def test_each_extracted_rank_applied_by_networks_lora_and_diffusers_equals_dylor
     pipeline = diffusers_pipeline(copy.deepcopy(untouched))
     pipeline.load_lora_weights(str(files[4]))
     assert peft_layer_count(pipeline.unet) == len(network.unet_loras)
-    assert_outputs_close(probe.outputs(model.text_encoders, model.unet), probe.outputs([pipeline.text_encoder], pipeline.unet))
+    assert_outputs_close(
+        probe.outputs(model.text_encoders, model.unet), probe.outputs([pipeline.text_encoder], pipeline.unet)
+    )
 
 
 def assert_same_state(network, other):
@@ -244,7 +288,9 @@ def test_a_dylora_file_loads_back_with_its_unit_and_resumes_exactly(tmp_path):
     network = c3lier(model, dim=8, alpha=2, unit=4)
     fill_randomly(network)
     network.save_weights(tmp_path / "dy.safetensors")
-    loaded, weights = dylora.create_network_from_weights(1.0, tmp_path / "dy.safetensors", None, untouched.text_encoders[0], untouched.unet)
+    loaded, weights = dylora.create_network_from_weights(
+        1.0, tmp_path / "dy.safetensors", None, untouched.text_encoders[0], untouched.unet
+    )
     loaded.load_state_dict(weights)
     assert (loaded.unit, loaded.ranks) == (4, [4, 8])
     assert_same_state(loaded, network)
@@ -253,7 +299,9 @@ def test_a_dylora_file_loads_back_with_its_unit_and_resumes_exactly(tmp_path):
     assert {module.alpha_value for module in resumed.unet_loras} == {2.0}
     assert_same_state(resumed, network)
     with pytest.raises(UserError, match=r"dy\.safetensors: its rank 8 is not a multiple of unit=3"):
-        dylora.create_network_from_weights(1.0, tmp_path / "dy.safetensors", None, untouched.text_encoders[0], untouched.unet, unit=3)
+        dylora.create_network_from_weights(
+            1.0, tmp_path / "dy.safetensors", None, untouched.text_encoders[0], untouched.unet, unit=3
+        )
 
 
 @pytest.fixture
@@ -261,7 +309,9 @@ def files(tmp_path):
     model, _ = tiny_model_pair(ModelFamily.SD1)
     c3lier(model, dim=8, unit=4).save_weights(tmp_path / "dy.safetensors")
     c3lier(model, dim=8, unit=4).save_weights(tmp_path / "dy.pt")
-    lora.create_network(1.0, 8, 1, None, model.text_encoders[0], model.unet).save_weights(tmp_path / "plain.safetensors")
+    lora.create_network(1.0, 8, 1, None, model.text_encoders[0], model.unet).save_weights(
+        tmp_path / "plain.safetensors"
+    )
     return tmp_path
 
 
@@ -269,7 +319,11 @@ def files(tmp_path):
     ("model", "unit", "message"),
     [
         ("plain.safetensors", 4, r"plain\.safetensors: the file was trained with networks\.lora, not networks\.dylora"),
-        ("dy.safetensors", 3, r"--unit 3: .*dy\.safetensors was trained with unit=4.*give --unit 4 or a multiple of it"),
+        (
+            "dy.safetensors",
+            3,
+            r"--unit 3: .*dy\.safetensors was trained with unit=4.*give --unit 4 or a multiple of it",
+        ),
         ("dy.safetensors", 16, r"dy\.safetensors: its rank 8 is not a multiple of unit=16"),
         ("dy.pt", None, r"dy\.pt: the file does not say which unit it was trained with.*give it with --unit"),
     ],
@@ -281,9 +335,14 @@ def test_the_extractor_refuses_what_is_not_a_dylora_or_not_a_trained_rank(files,
 
 
 def test_the_extractor_takes_the_files_unit_and_a_pickle_with_unit(files):
-    assert [path.name for path in extract_ranks(files / "dy.safetensors", files / "a.safetensors")] == ["a-4.safetensors", "a-8.safetensors"]
+    assert [path.name for path in extract_ranks(files / "dy.safetensors", files / "a.safetensors")] == [
+        "a-4.safetensors",
+        "a-8.safetensors",
+    ]
     assert [path.name for path in extract_ranks(files / "dy.pt", files / "b.safetensors", 8)] == ["b-8.safetensors"]
-    finished = run_script(EXTRACT, "--model", str(files / "plain.safetensors"), "--save_to", str(files / "c.safetensors"))
+    finished = run_script(
+        EXTRACT, "--model", str(files / "plain.safetensors"), "--save_to", str(files / "c.safetensors")
+    )
     assert finished.returncode == 2 and finished.stderr.count("\n") == 1 and finished.stderr.startswith("error: ")
 
 
@@ -307,12 +366,36 @@ def trained(tmp_path_factory, request):
     patch = pytest.MonkeyPatch()
     patch.setattr(dylora.DyLoRANetwork, "on_step_start", recording)
     try:
-        final = run_training_script(sdxl=False, argv=[
-            "--pretrained_model_name_or_path", str(folder / "tiny.safetensors"), "--train_data_dir", str(folder / "data"),
-            "--resolution", "32", "--output_dir", str(folder / "out"), "--output_name", "dy", "--seed", "1",
-            "--network_module", "networks.dylora", "--network_dim", "16", "--network_args", "unit=4",
-            "--max_train_steps", "20", "--learning_rate", "1e-3", "--cache_latents", "--max_data_loader_n_workers", "0",
-        ])
+        final = run_training_script(
+            sdxl=False,
+            argv=[
+                "--pretrained_model_name_or_path",
+                str(folder / "tiny.safetensors"),
+                "--train_data_dir",
+                str(folder / "data"),
+                "--resolution",
+                "32",
+                "--output_dir",
+                str(folder / "out"),
+                "--output_name",
+                "dy",
+                "--seed",
+                "1",
+                "--network_module",
+                "networks.dylora",
+                "--network_dim",
+                "16",
+                "--network_args",
+                "unit=4",
+                "--max_train_steps",
+                "20",
+                "--learning_rate",
+                "1e-3",
+                "--cache_latents",
+                "--max_data_loader_n_workers",
+                "0",
+            ],
+        )
     finally:
         patch.undo()
     return final, drawn

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, run_script
-from lora_helpers import fill_randomly
 
 from library.model_files.family import ModelFamily
+from lora_helpers import fill_randomly
 from networks.lora import create_network
 
 EXAMPLE = ROOT / "examples" / "diffusers_pipeline_with_lora.py"
@@ -99,6 +99,15 @@ def test_multipliers_change_the_image_and_merge_matches_apply(example, sd1_folde
 
 
 def test_the_multipliers_must_match_the_loras(sd1_folder, lora_files):
-    finished = run_script(str(EXAMPLE.relative_to(ROOT)), "--model", str(sd1_folder), "--loras", *lora_files, "--multipliers", "0.5", "0.7")
+    finished = run_script(
+        str(EXAMPLE.relative_to(ROOT)),
+        "--model",
+        str(sd1_folder),
+        "--loras",
+        *lora_files,
+        "--multipliers",
+        "0.5",
+        "0.7",
+    )
     assert finished.returncode == 2
     assert "give one per LoRA file (3), not 2" in finished.stderr

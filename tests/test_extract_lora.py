@@ -10,7 +10,6 @@ import json
 import pytest
 import torch
 from conftest import run_script
-from lora_helpers import fill_randomly
 
 from library.errors import UserError
 from library.lora.files import read_lora_file, split_modules
@@ -19,7 +18,15 @@ from library.metadata import sshs_hashes
 from library.model_files.family import ModelFamily
 from library.model_files.stable_diffusion import save_stable_diffusion_checkpoint
 from library.tiny_models import make_tiny_model
-from networks.extract_lora_from_models import ExtractOptions, build_parser, extract_lora, options_from_args, paired_layers, summary
+from lora_helpers import fill_randomly
+from networks.extract_lora_from_models import (
+    ExtractOptions,
+    build_parser,
+    extract_lora,
+    options_from_args,
+    paired_layers,
+    summary,
+)
 from networks.lora import create_network
 
 EXTRACT = "networks/extract_lora_from_models.py"
@@ -98,7 +105,9 @@ def test_c3lier_extract_with_conv_dim_recovers_the_3x3_convs_too(sd1_tuned, tmp_
     out = tmp_path / "c3lier.safetensors"
     modules = extract_lora(single_file, tuned, out, ExtractOptions(dim=RANK, conv_dim=RANK, progress=False, **EXACT))
     assert max(module.relative_error for module in modules.values()) < 1e-4
-    assert summary(modules).startswith(f"{len(deltas)} modules (18 text encoder, {len(deltas) - 18} U-Net); relative error ||dW - up @ down|| / ||dW||: 0.0% on average")
+    assert summary(modules).startswith(
+        f"{len(deltas)} modules (18 text encoder, {len(deltas) - 18} U-Net); relative error ||dW - up @ down|| / ||dW||: 0.0% on average"
+    )
     assert any(delta.dim() == 4 and delta.shape[-1] == 3 for delta in deltas.values())
     assert_recovers(out, deltas)
     weights, metadata = read_lora_file(out)
@@ -112,7 +121,9 @@ def test_a_lower_rank_keeps_the_best_approximation_and_the_default_clamp_is_sd_s
     out = extract(single_file, tuned, tmp_path / "r2.safetensors", dim=2)
     expected = factors_from_delta(deltas[name], 2, 0.99)  # sd-scripts' default --clamp_quantile
     factors = split_modules(read_lora_file(out)[0], "out")[name]
-    torch.testing.assert_close(known_delta(factors.up, factors.down), known_delta(expected.up, expected.down), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        known_delta(factors.up, factors.down), known_delta(expected.up, expected.down), atol=2e-5, rtol=1e-4
+    )
     assert factors.rank == 2 and float(factors.alpha) == 2.0
 
 
@@ -144,11 +155,21 @@ def test_a_text_encoder_within_min_diff_is_left_out_with_a_message(sd1_small_tex
 def test_sdxl_extract_names_both_text_encoders_and_recovers_the_delta(tiny_checkpoints, tmp_path):
     model, single_file, _ = tiny_checkpoints[ModelFamily.SDXL]
     deltas = tuned_copy(model, tmp_path / "tuned-sdxl.safetensors", conv=False, seed=30)
-    out = extract(single_file, tmp_path / "tuned-sdxl.safetensors", tmp_path / "xl.safetensors", dim=RANK, family=ModelFamily.SDXL, **EXACT)
+    out = extract(
+        single_file,
+        tmp_path / "tuned-sdxl.safetensors",
+        tmp_path / "xl.safetensors",
+        dim=RANK,
+        family=ModelFamily.SDXL,
+        **EXACT,
+    )
     assert {name.split("_")[1] for name in deltas} == {"te1", "te2", "unet"}
     assert_recovers(out, deltas)
     metadata = read_lora_file(out)[1]
-    assert metadata["ss_base_model_version"] == "sdxl_base_v1-0" and metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert (
+        metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+        and metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    )
 
 
 def test_unchanged_sdxl_text_encoders_are_judged_together(tiny_checkpoints, tmp_path, capsys):
@@ -182,24 +203,42 @@ def test_models_of_different_architectures_are_one_error_naming_both(tiny_checkp
     with pytest.raises(UserError, match="different architectures") as caught:
         paired_layers(model, narrower, ExtractOptions())
     message = str(caught.value)
-    assert model.source in message and "narrower.safetensors" in message and "64x64 in the first, 32x64 in the second" in message
+    assert (
+        model.source in message
+        and "narrower.safetensors" in message
+        and "64x64 in the first, 32x64 in the second" in message
+    )
 
 
 # ---------------------------------------------------------------- as a user runs it
 
 
 def flags(*extra: str) -> ExtractOptions:
-    return options_from_args(build_parser().parse_args(["--model_org", "a", "--model_tuned", "b", "--save_to", "c.safetensors", *extra]))
+    return options_from_args(
+        build_parser().parse_args(["--model_org", "a", "--model_tuned", "b", "--save_to", "c.safetensors", *extra])
+    )
 
 
 def test_the_flags_keep_sd_scripts_defaults_and_refuse_nonsense():
     default = flags()
-    assert (default.dim, default.conv_dim, default.clamp_quantile, default.min_diff, default.save_precision) == (4, None, 0.99, 0.01, torch.float32)
+    assert (default.dim, default.conv_dim, default.clamp_quantile, default.min_diff, default.save_precision) == (
+        4,
+        None,
+        0.99,
+        0.01,
+        torch.float32,
+    )
     assert default.v_parameterization is None and default.family is None and default.device == torch.device("cpu")
     v2 = flags("--v2")
-    assert v2.family is ModelFamily.SD2 and v2.v_parameterization is True  # sd-scripts: --v_parameterization defaults to --v2
+    assert (
+        v2.family is ModelFamily.SD2 and v2.v_parameterization is True
+    )  # sd-scripts: --v_parameterization defaults to --v2
     assert flags("--clamp_quantile", "1").clamp_quantile is None and flags("--no_metadata").modelspec is False
-    for wrong, message in ((("--v2", "--sdxl"), "give at most one"), (("--dim", "0"), "at least 1"), (("--clamp_quantile", "1.5"), "lies in")):
+    for wrong, message in (
+        (("--v2", "--sdxl"), "give at most one"),
+        (("--dim", "0"), "at least 1"),
+        (("--clamp_quantile", "1.5"), "lies in"),
+    ):
         with pytest.raises(UserError, match=message):
             flags(*wrong)
 
@@ -232,7 +271,9 @@ def test_the_script_writes_an_fp16_lora_with_metadata_and_fresh_hashes(sd1_tuned
 @pytest.mark.slow
 def test_the_script_reports_a_mismatch_in_one_line_and_writes_nothing(tiny_checkpoints, tmp_path):
     sd1, sdxl = tiny_checkpoints[ModelFamily.SD1][1], tiny_checkpoints[ModelFamily.SDXL][1]
-    failed = run_script(EXTRACT, "--model_org", str(sd1), "--model_tuned", str(sdxl), "--save_to", str(tmp_path / "x.safetensors"))
+    failed = run_script(
+        EXTRACT, "--model_org", str(sd1), "--model_tuned", str(sdxl), "--save_to", str(tmp_path / "x.safetensors")
+    )
     assert failed.returncode == 2 and failed.stderr.count("\n") == 1
     assert failed.stderr.startswith(f"error: {sd1} is an SD1.x model but {sdxl} is an SDXL model")
     assert not list(tmp_path.iterdir())
@@ -245,7 +286,10 @@ def test_sd2_v_prediction_metadata_and_no_metadata_drops_the_modelspec(tmp_path)
     with_v2 = extract(base, tuned, tmp_path / "v.safetensors", family=ModelFamily.SD2, v_parameterization=True)
     metadata = read_lora_file(with_v2)[1]
     assert metadata["ss_v2"] == "True" and metadata["ss_base_model_version"] == "sd_v2_v"
-    assert metadata["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora" and metadata["modelspec.prediction_type"] == "v"
+    assert (
+        metadata["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+        and metadata["modelspec.prediction_type"] == "v"
+    )
     plain = extract(base, tuned, tmp_path / "eps.safetensors", modelspec=False)
     metadata = read_lora_file(plain)[1]
     assert metadata["ss_base_model_version"] == "sd_v2" and not any(key.startswith("modelspec.") for key in metadata)

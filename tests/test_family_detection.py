@@ -23,7 +23,10 @@ def test_a_lora_file_is_not_a_checkpoint():
 
 
 def test_refiner_is_refused():
-    shapes = {"model.diffusion_model.input_blocks.0.0.weight": (384, 4, 3, 3), "conditioner.embedders.0.model.ln_final.weight": (1280,)}
+    shapes = {
+        "model.diffusion_model.input_blocks.0.0.weight": (384, 4, 3, 3),
+        "conditioner.embedders.0.model.ln_final.weight": (1280,),
+    }
     with pytest.raises(UserError, match="refiner"):
         detect_family(shapes, "refiner.safetensors")
 
@@ -63,13 +66,21 @@ def test_v_prediction_survives_a_save(tiny_checkpoints, tmp_path):
 def test_legacy_sd1_text_keys_and_stray_position_ids_are_accepted(tiny_checkpoints, tmp_path):
     model, single_file, _ = tiny_checkpoints[ModelFamily.SD1]
     tensors = load_file(single_file)
-    legacy = {key.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): value for key, value in tensors.items()}
+    legacy = {
+        key.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): value
+        for key, value in tensors.items()
+    }
     import torch
 
-    legacy["cond_stage_model.transformer.embeddings.position_ids"] = torch.arange(77.0)[None]  # float, as broken merges have it
+    legacy["cond_stage_model.transformer.embeddings.position_ids"] = torch.arange(77.0)[
+        None
+    ]  # float, as broken merges have it
     save_file(legacy, tmp_path / "legacy.safetensors")
     loaded = load_stable_diffusion(tmp_path / "legacy.safetensors")
-    assert torch.equal(loaded.text_encoders[0].embeddings.token_embedding.weight, model.text_encoders[0].embeddings.token_embedding.weight)
+    assert torch.equal(
+        loaded.text_encoders[0].embeddings.token_embedding.weight,
+        model.text_encoders[0].embeddings.token_embedding.weight,
+    )
 
 
 def test_ema_copies_and_schedule_buffers_are_ignored(tiny_checkpoints, tmp_path):
@@ -77,7 +88,9 @@ def test_ema_copies_and_schedule_buffers_are_ignored(tiny_checkpoints, tmp_path)
 
     model, single_file, _ = tiny_checkpoints[ModelFamily.SD1]
     tensors = load_file(single_file)
-    tensors["model_ema.diffusion_modelinput_blocks00weight"] = torch.zeros_like(tensors["model.diffusion_model.input_blocks.0.0.weight"])
+    tensors["model_ema.diffusion_modelinput_blocks00weight"] = torch.zeros_like(
+        tensors["model.diffusion_model.input_blocks.0.0.weight"]
+    )
     tensors["model_ema.decay"] = torch.tensor(0.9999)
     tensors["betas"] = torch.linspace(0.00085, 0.012, 1000)
     tensors["alphas_cumprod"] = torch.ones(1000)

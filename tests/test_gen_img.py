@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import run_script
-from lora_helpers import fill_randomly
 from PIL import Image
 
 from library.errors import UserError
 from library.generation import build_parser, generate, options_from_arguments
 from library.model_files.family import ModelFamily
+from lora_helpers import fill_randomly
 from networks.lora import create_network
 
 SCRIPT = "gen_img_diffusers.py"
@@ -62,7 +62,18 @@ def test_multiplier_zero_gives_the_base_image_and_apply_equals_merge(sd1, lora_f
 def test_two_networks_at_once_apply_and_merge_agree(sd1, lora_files, tmp_path):
     ckpt = sd1[1]
     flags = ["--prompt", "a dog", "--seed", "4", "--network_weights", *lora_files, "--network_mul", "0.7", "0.5"]
-    [one] = draw(ckpt, tmp_path / "one", "--prompt", "a dog", "--seed", "4", "--network_weights", lora_files[0], "--network_mul", "0.7")
+    [one] = draw(
+        ckpt,
+        tmp_path / "one",
+        "--prompt",
+        "a dog",
+        "--seed",
+        "4",
+        "--network_weights",
+        lora_files[0],
+        "--network_mul",
+        "0.7",
+    )
     [applied] = draw(ckpt, tmp_path / "applied", *flags)
     [merged] = draw(ckpt, tmp_path / "merged", *flags, "--network_merge")
     assert max_difference(applied, merged) <= 2
@@ -70,8 +81,21 @@ def test_two_networks_at_once_apply_and_merge_agree(sd1, lora_files, tmp_path):
 
 
 def test_same_seed_same_image_and_seeds_count_up(sd1, tmp_path):
-    first = draw(sd1[2], tmp_path / "a", "--prompt", "a tree", "--seed", "10", "--images_per_prompt", "2", "--sampler", "k_euler_a")
-    again = draw(sd1[2], tmp_path / "b", "--prompt", "a tree", "--seed", "11", "--sampler", "k_euler_a")  # Diffusers folder too
+    first = draw(
+        sd1[2],
+        tmp_path / "a",
+        "--prompt",
+        "a tree",
+        "--seed",
+        "10",
+        "--images_per_prompt",
+        "2",
+        "--sampler",
+        "k_euler_a",
+    )
+    again = draw(
+        sd1[2], tmp_path / "b", "--prompt", "a tree", "--seed", "11", "--sampler", "k_euler_a"
+    )  # Diffusers folder too
     assert max_difference(first[0], first[1]) > 0
     assert np.array_equal(first[1], again[0])
     assert sorted(path.name.split("_")[-1] for path in (tmp_path / "a").iterdir()) == ["10.png", "11.png"]
@@ -79,9 +103,13 @@ def test_same_seed_same_image_and_seeds_count_up(sd1, tmp_path):
 
 def test_prompt_file_with_options_per_line(sd1, tmp_path):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("# a comment\na red house --w 128 --h 64 --d 7 --s 3 --n blurry --ss euler\na blue car\n", encoding="utf-8")
+    prompts.write_text(
+        "# a comment\na red house --w 128 --h 64 --d 7 --s 3 --n blurry --ss euler\na blue car\n", encoding="utf-8"
+    )
     out = tmp_path / "out"
-    args = build_parser().parse_args(["--ckpt", str(sd1[1]), "--outdir", str(out), "--from_file", str(prompts), *FAST, "--seed", "100"])
+    args = build_parser().parse_args(
+        ["--ckpt", str(sd1[1]), "--outdir", str(out), "--from_file", str(prompts), *FAST, "--seed", "100"]
+    )
     files = generate(options_from_arguments(args, []))
     first, second = (Image.open(path) for path in files)
     assert first.size == (128, 64) and second.size == (64, 64)
@@ -93,23 +121,58 @@ def test_prompt_file_with_options_per_line(sd1, tmp_path):
 def test_prompt_longer_than_75_tokens_uses_every_token(sd1, tmp_path):
     words = " ".join(f"word{index}" for index in range(40))  # about 115 tokens: two 75-token windows
     [short] = draw(sd1[1], tmp_path / "short", "--prompt", words, "--seed", "1")
-    [longer] = draw(sd1[1], tmp_path / "long", "--prompt", words + ", and a very long tail of extra words at the end", "--seed", "1")
+    [longer] = draw(
+        sd1[1], tmp_path / "long", "--prompt", words + ", and a very long tail of extra words at the end", "--seed", "1"
+    )
     assert max_difference(short, longer) > 0
     assert Image.open(next((tmp_path / "long").iterdir())).text["prompt"].endswith("at the end")
 
 
 def test_script_writes_png_with_prompt_and_seed(sd1, lora_files, tmp_path):
-    result = run_script(SCRIPT, "--ckpt", str(sd1[1]), "--outdir", str(tmp_path), *FAST, "--prompt", "a small boat --n fog",
-                        "--seed", "42", "--network_module", "networks.lora", "--network_weights", lora_files[0], "--network_mul", "0.8")
+    result = run_script(
+        SCRIPT,
+        "--ckpt",
+        str(sd1[1]),
+        "--outdir",
+        str(tmp_path),
+        *FAST,
+        "--prompt",
+        "a small boat --n fog",
+        "--seed",
+        "42",
+        "--network_module",
+        "networks.lora",
+        "--network_weights",
+        lora_files[0],
+        "--network_mul",
+        "0.8",
+    )
     assert result.returncode == 0, result.stderr
     [path] = tmp_path.glob("im_*_000_42.png")
     text = Image.open(path).text
-    assert (text["prompt"], text["negative-prompt"], text["seed"], text["steps"], text["scale"]) == ("a small boat", "fog", "42", "2", "7.5")
+    assert (text["prompt"], text["negative-prompt"], text["seed"], text["steps"], text["scale"]) == (
+        "a small boat",
+        "fog",
+        "42",
+        "2",
+        "7.5",
+    )
 
 
 def test_lora_for_another_family_is_one_sentence_and_writes_nothing(tiny_checkpoints, lora_files, tmp_path):
     sd2_file = tiny_checkpoints[ModelFamily.SD2][1]
-    result = run_script(SCRIPT, "--ckpt", str(sd2_file), "--outdir", str(tmp_path / "out"), *FAST, "--prompt", "x", "--network_weights", lora_files[0])
+    result = run_script(
+        SCRIPT,
+        "--ckpt",
+        str(sd2_file),
+        "--outdir",
+        str(tmp_path / "out"),
+        *FAST,
+        "--prompt",
+        "x",
+        "--network_weights",
+        lora_files[0],
+    )
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: {lora_files[0]}:") and result.stderr.count("\n") == 1
     assert "use the model the LoRA was trained for" in result.stderr
@@ -133,8 +196,12 @@ def sdxl_lora(sdxl, tmp_path_factory):
 
 
 def test_sdxl_same_seed_same_image_of_the_requested_size(sdxl, tmp_path):
-    [first, other] = draw(sdxl[1], tmp_path / "a", "--prompt", "a tree --n fog", "--seed", "10", "--images_per_prompt", "2", "--W", "96")
-    [again] = draw(sdxl[2], tmp_path / "b", "--prompt", "a tree --n fog", "--seed", "10", "--W", "96")  # Diffusers folder too
+    [first, other] = draw(
+        sdxl[1], tmp_path / "a", "--prompt", "a tree --n fog", "--seed", "10", "--images_per_prompt", "2", "--W", "96"
+    )
+    [again] = draw(
+        sdxl[2], tmp_path / "b", "--prompt", "a tree --n fog", "--seed", "10", "--W", "96"
+    )  # Diffusers folder too
     assert first.shape == (64, 96, 3)
     assert np.array_equal(first, again)
     assert max_difference(first, other) > 0
@@ -157,8 +224,22 @@ def test_sdxl_lora_changes_the_image_and_multiplier_zero_gives_the_base(sdxl, sd
 
 
 def test_sdxl_script_writes_png(sdxl, sdxl_lora, tmp_path):
-    result = run_script(SCRIPT, "--ckpt", str(sdxl[1]), "--outdir", str(tmp_path), *FAST, "--prompt", "a small boat",
-                        "--seed", "42", "--network_weights", sdxl_lora, "--network_mul", "0.8")
+    result = run_script(
+        SCRIPT,
+        "--ckpt",
+        str(sdxl[1]),
+        "--outdir",
+        str(tmp_path),
+        *FAST,
+        "--prompt",
+        "a small boat",
+        "--seed",
+        "42",
+        "--network_weights",
+        sdxl_lora,
+        "--network_mul",
+        "0.8",
+    )
     assert result.returncode == 0, result.stderr
     [path] = tmp_path.glob("im_*_000_42.png")
     assert Image.open(path).size == (64, 64) and Image.open(path).text["prompt"] == "a small boat"
@@ -171,7 +252,10 @@ def test_sdxl_script_writes_png(sdxl, sdxl_lora, tmp_path):
         ([], "give the prompt with --prompt"),
         (["--from_file", "missing.txt"], "missing.txt: no such prompt file; check --from_file."),
         (["--prompt", "x", "--network_weights", "a.safetensors"], "a.safetensors: no such LoRA file"),
-        (["--prompt", "x", "--network_module", "networks.nothing", "--network_weights", __file__], "--network_module networks.nothing: no such module"),
+        (
+            ["--prompt", "x", "--network_module", "networks.nothing", "--network_weights", __file__],
+            "--network_module networks.nothing: no such module",
+        ),
         (["--prompt", "x", "--images_per_prompt", "0"], "--images_per_prompt is 0"),
     ],
 )

@@ -37,7 +37,9 @@ def data_root(tmp_path):
 
 
 def plan_for(root: Path, **options):
-    plans, _ = prepare_datasets(None, {"resolution": "64", "caption_extension": ".txt", "flip_aug": True, **options}, train_data_dir=str(root))
+    plans, _ = prepare_datasets(
+        None, {"resolution": "64", "caption_extension": ".txt", "flip_aug": True, **options}, train_data_dir=str(root)
+    )
     return plans
 
 
@@ -45,7 +47,9 @@ TINY_VAE_SCALE = 2  # the tiny VAE has two encoder blocks, so it downsamples by 
 
 
 def run(plans, vae, to_disk=True, batch_size=2, skip_bad_images=False):
-    return cache_latents(plans, vae, "cpu", torch.float32, batch_size, to_disk, progress=False, skip_bad_images=skip_bad_images)
+    return cache_latents(
+        plans, vae, "cpu", torch.float32, batch_size, to_disk, progress=False, skip_bad_images=skip_bad_images
+    )
 
 
 def test_file_name_is_sd_scripts_name():
@@ -134,7 +138,13 @@ def test_sd_scripts_file_without_our_keys_is_reused(data_root, vae):
     sample = plans[0].samples[0]
     latents = np.full((4, 32, 32), 0.5, dtype=np.float32)
     path = cache_file_path(sample.image.path, sample.image.size)
-    np.savez(path, latents=latents, latents_flipped=-latents, original_size=np.array(sample.image.size), crop_ltrb=np.zeros(4))
+    np.savez(
+        path,
+        latents=latents,
+        latents_flipped=-latents,
+        original_size=np.array(sample.image.size),
+        crop_ltrb=np.zeros(4),
+    )
     assert is_cache_valid(path, sample, TINY_VAE_SCALE)
     cached, encoded, reused = run(plans, vae)
     assert reused == 1 and encoded == len(plans[0].samples) - 1
@@ -142,7 +152,9 @@ def test_sd_scripts_file_without_our_keys_is_reused(data_root, vae):
 
 
 def test_nan_latents_name_the_image(data_root, vae, monkeypatch):
-    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: torch.full_like(self.mean, float("nan")))
+    monkeypatch.setattr(
+        DiagonalGaussianDistribution, "sample", lambda self, generator=None: torch.full_like(self.mean, float("nan"))
+    )
     plans = plan_for(data_root)
     with pytest.raises(UserError, match="--no_half_vae") as error:
         run(plans, vae, batch_size=1)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import math
 
 import pytest
-from lora_helpers import tiny_model_pair
 
 from library.errors import UserError
 from library.model_files.family import ModelFamily
+from lora_helpers import tiny_model_pair
 from networks.lora import create_network
 
 # The SD U-Net's LierLa modules sit in these block slots (specs/lora_format.md section 4.3).
@@ -31,7 +31,9 @@ def lr_by_description(net, text_encoder_lr=1e-5, unet_lr=1e-4, default_lr=1e-3):
 
 
 def test_block_lr_presets_offsets_and_mid_weight(sd1):
-    net = network(sd1, down_lr_weight="sine+.5", mid_lr_weight="1.5", up_lr_weight="cosine+.5", block_lr_zero_threshold="0.1")
+    net = network(
+        sd1, down_lr_weight="sine+.5", mid_lr_weight="1.5", up_lr_weight="cosine+.5", block_lr_zero_threshold="0.1"
+    )
     rates = lr_by_description(net)
     sine = [math.sin(math.pi / 2 * i / 11) + 0.5 for i in range(12)]
     expected = {"textencoder": 1e-5}
@@ -98,7 +100,18 @@ def test_conv_dim_alone_gives_c3lier_with_conv_alpha_default_one(sd1):
 
 
 def test_dropout_arguments_reach_every_module(sd1):
-    net = create_network(1.0, 4, 1, None, sd1.text_encoders[0], sd1.unet, neuron_dropout=None, dropout="0.1", rank_dropout="0.2", module_dropout="0.3")
+    net = create_network(
+        1.0,
+        4,
+        1,
+        None,
+        sd1.text_encoders[0],
+        sd1.unet,
+        neuron_dropout=None,
+        dropout="0.1",
+        rank_dropout="0.2",
+        module_dropout="0.3",
+    )
     assert {(lora.dropout, lora.rank_dropout, lora.module_dropout) for lora in net.unet_loras} == {(0.1, 0.2, 0.3)}
     with pytest.raises(UserError, match="--network_dropout 0.2 and --network_args dropout=0.1 disagree"):
         create_network(1.0, 4, 1, None, sd1.text_encoders[0], sd1.unet, neuron_dropout=0.2, dropout="0.1")
@@ -132,22 +145,43 @@ def test_a_rank_below_one_is_refused(sd1):
 
 def test_block_alphas_apply_without_block_dims(sd1):
     net = network(sd1, dim=8, block_alphas=",".join(["2"] * 12 + ["4"] * 13))
-    assert {(lora.block < 12, lora.lora_dim, lora.scale) for lora in net.unet_loras} == {(True, 8, 0.25), (False, 8, 0.5)}
+    assert {(lora.block < 12, lora.lora_dim, lora.scale) for lora in net.unet_loras} == {
+        (True, 8, 0.25),
+        (False, 8, 0.5),
+    }
 
 
 def test_sdxl_block_wise_arguments_follow_its_23_slots():
     model = tiny_model_pair(ModelFamily.SDXL)[0]
     dims = list(range(1, 24))
-    net = create_network(1.0, 4, 1, None, model.text_encoders, model.unet, block_dims=",".join(map(str, dims)), conv_dim="2",
-                         down_lr_weight="0.5", mid_lr_weight="1,0,1", up_lr_weight=",".join(["2"] * 9))
+    net = create_network(
+        1.0,
+        4,
+        1,
+        None,
+        model.text_encoders,
+        model.unet,
+        block_dims=",".join(map(str, dims)),
+        conv_dim="2",
+        down_lr_weight="0.5",
+        mid_lr_weight="1,0,1",
+        up_lr_weight=",".join(["2"] * 9),
+    )
     for lora in net.unet_loras:
         assert lora.block not in (0, 11, 22)  # no layers in the edge slots; the middle transformer (MID1) has weight 0
         if not lora.uses_conv_rank:
             assert lora.lora_dim == dims[lora.block]
     groups, descriptions = net.prepare_optimizer_params(None, 1e-3, 1e-3)
     rates = dict(zip(descriptions, (group["lr"] for group in groups)))
-    assert rates["unet_block2"] == pytest.approx(5e-4) and rates["unet_block13"] == pytest.approx(2e-3) and rates["unet_block10"] == 1e-3
-    with pytest.raises(UserError, match=r"block_dims has 25 values; it takes 23, one per U-Net block \(time embedding, IN00-IN08, MID0-MID2"):
+    assert (
+        rates["unet_block2"] == pytest.approx(5e-4)
+        and rates["unet_block13"] == pytest.approx(2e-3)
+        and rates["unet_block10"] == 1e-3
+    )
+    with pytest.raises(
+        UserError,
+        match=r"block_dims has 25 values; it takes 23, one per U-Net block \(time embedding, IN00-IN08, MID0-MID2",
+    ):
         create_network(1.0, 4, 1, None, model.text_encoders, model.unet, block_dims=",".join(["4"] * 25))
     with pytest.raises(UserError, match="mid_lr_weight has 2 values; it takes 3"):
         create_network(1.0, 4, 1, None, model.text_encoders, model.unet, mid_lr_weight="1,1")

@@ -8,9 +8,17 @@ import logging
 import pytest
 import torch
 from diffusers.utils import logging as diffusers_logging
-from lora_helpers import ModelProbe, assert_outputs_close, diffusers_pipeline, fill_randomly, peft_layer_count, text_encoder_argument, tiny_model_pair
 
 from library.model_files.family import ModelFamily
+from lora_helpers import (
+    ModelProbe,
+    assert_outputs_close,
+    diffusers_pipeline,
+    fill_randomly,
+    peft_layer_count,
+    text_encoder_argument,
+    tiny_model_pair,
+)
 from networks.lora import create_network, create_network_from_weights
 
 VARIANTS = {"LierLa": {}, "C3Lier": {"conv_dim": "4", "conv_alpha": "2"}}
@@ -54,6 +62,8 @@ def test_diffusers_loads_every_module_and_computes_the_same(family, variant, tmp
     assert_outputs_close(applied, probe.outputs(encoders, pipeline.unet))
 
     merge_target = tiny_model_pair(family)[0]
-    merging, weights = create_network_from_weights(1.0, lora_file, merge_target.vae, text_encoder_argument(merge_target), merge_target.unet)
+    merging, weights = create_network_from_weights(
+        1.0, lora_file, merge_target.vae, text_encoder_argument(merge_target), merge_target.unet
+    )
     merging.merge_to(text_encoder_argument(merge_target), merge_target.unet, weights)
     assert_outputs_close(applied, probe.outputs(merge_target.text_encoders, merge_target.unet))

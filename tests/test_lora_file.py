@@ -11,7 +11,6 @@ import pytest
 import safetensors.torch
 import torch
 from conftest import run_script
-from lora_helpers import fill_randomly, tiny_model_pair
 
 from library.errors import UserError
 from library.lora.files import save_lora_file
@@ -19,6 +18,7 @@ from library.metadata import sshs_hashes
 from library.model_files.containers import open_checkpoint
 from library.model_files.family import ModelFamily
 from library.model_files.stable_diffusion import empty_model
+from lora_helpers import fill_randomly, tiny_model_pair
 from networks.lora import create_network, create_network_from_weights
 
 
@@ -35,8 +35,12 @@ def reference_hashes(tensors, metadata):
 
 def lora_tensors(dtype):
     generator = torch.Generator().manual_seed(0)
-    tensors = {f"lora_unet_block_{i}.lora_down.weight": torch.randn(16, 1280, generator=generator).to(dtype) for i in range(40)}
-    tensors.update({f"lora_unet_block_{i}.alpha": torch.tensor(8) for i in range(40)})  # int64, as svd_merge_lora writes
+    tensors = {
+        f"lora_unet_block_{i}.lora_down.weight": torch.randn(16, 1280, generator=generator).to(dtype) for i in range(40)
+    }
+    tensors.update(
+        {f"lora_unet_block_{i}.alpha": torch.tensor(8) for i in range(40)}
+    )  # int64, as svd_merge_lora writes
     return tensors
 
 
@@ -130,4 +134,6 @@ def test_show_metadata_prints_the_files_metadata_as_json(tmp_path):
     assert json.loads(shown.stdout) == open_checkpoint(tmp_path / "lora.safetensors").metadata
 
     missing = run_script("tools/show_metadata.py", "--model", str(tmp_path / "absent.safetensors"))
-    assert missing.returncode == 2 and missing.stderr.startswith(f"error: {tmp_path / 'absent.safetensors'}: no such file")
+    assert missing.returncode == 2 and missing.stderr.startswith(
+        f"error: {tmp_path / 'absent.safetensors'}: no such file"
+    )

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from lora_helpers import ModelProbe, assert_outputs_close, fill_randomly, text_encoder_argument, tiny_model_pair
 from safetensors.torch import save_file
 
 from library.errors import UserError
 from library.model_files.family import ModelFamily
 from library.model_files.stable_diffusion import empty_model
+from lora_helpers import ModelProbe, assert_outputs_close, fill_randomly, text_encoder_argument, tiny_model_pair
 from networks.lora import create_network, create_network_from_weights
 
 # Module counts of the released models (specs/lora_format.md section 1): text encoder(s), U-Net LierLa, U-Net C3Lier.
@@ -31,7 +31,11 @@ def test_real_models_get_the_modules_sd_scripts_creates(family, real_models):
     text_count, lierla_count, c3lier_count = REAL_COUNTS[family]
     lierla = create_network(1.0, 1, 1, None, text_encoder_argument(model), model.unet)
     c3lier = create_network(1.0, 1, 1, None, text_encoder_argument(model), model.unet, conv_dim=1)
-    assert (len(lierla.text_encoder_loras), len(lierla.unet_loras), len(c3lier.unet_loras)) == (text_count, lierla_count, c3lier_count)
+    assert (len(lierla.text_encoder_loras), len(lierla.unet_loras), len(c3lier.unet_loras)) == (
+        text_count,
+        lierla_count,
+        c3lier_count,
+    )
     prefixes = {"lora_te1_", "lora_te2_", "lora_unet_"} if family is ModelFamily.SDXL else {"lora_te_", "lora_unet_"}
     assert {key[: key.index("_", 5) + 1] for key in c3lier.state_dict()} == prefixes
 
@@ -57,7 +61,11 @@ def test_sd15_names_and_shapes_match_the_spec_table(real_models):
         "lora_unet_up_blocks_0_upsamplers_0_conv": ((4, 1280, 3, 3), (1280, 4, 1, 1)),
     }
     for name, (down, up) in expected.items():
-        assert (shapes[f"{name}.lora_down.weight"], shapes[f"{name}.lora_up.weight"], shapes[f"{name}.alpha"]) == (down, up, ())
+        assert (shapes[f"{name}.lora_down.weight"], shapes[f"{name}.lora_up.weight"], shapes[f"{name}.alpha"]) == (
+            down,
+            up,
+            (),
+        )
     assert len(shapes) == 3 * (72 + 278)
 
 
@@ -82,7 +90,9 @@ def test_a_new_network_changes_nothing_and_scales_by_alpha_over_rank():
     assert all(torch.count_nonzero(lora.lora_up.weight) == 0 for lora in network.unet_loras)
     network.apply_to(model.text_encoders[0], model.unet)
     probe = ModelProbe(model)
-    assert_outputs_close(probe.outputs(untouched.text_encoders, untouched.unet), probe.outputs(model.text_encoders, model.unet), atol=0)
+    assert_outputs_close(
+        probe.outputs(untouched.text_encoders, untouched.unet), probe.outputs(model.text_encoders, model.unet), atol=0
+    )
 
 
 def merged_by_hand(weight, up, down, factor):
@@ -90,7 +100,9 @@ def merged_by_hand(weight, up, down, factor):
     up2 = up.reshape(up.shape[0], up.shape[1])
     if weight.dim() == 2:
         return weight + factor * torch.einsum("oj,ji->oi", up2, down.reshape(down.shape[0], -1))
-    return weight + factor * torch.einsum("oj,jihw->oihw", up2, down.reshape(down.shape[0], weight.shape[1], *weight.shape[2:]))
+    return weight + factor * torch.einsum(
+        "oj,jihw->oihw", up2, down.reshape(down.shape[0], weight.shape[1], *weight.shape[2:])
+    )
 
 
 def test_forward_and_merge_follow_the_formula_for_linear_1x1_and_3x3():
@@ -125,7 +137,12 @@ def hand_written_file(path, model):
     generator = torch.Generator().manual_seed(3)
 
     def factors(name, rank, in_shape, out, alpha):
-        tensors = {f"{name}.lora_down.weight": torch.randn(rank, *in_shape, generator=generator), f"{name}.lora_up.weight": torch.randn(out, rank, *([1, 1] if len(in_shape) == 3 else []), generator=generator)}
+        tensors = {
+            f"{name}.lora_down.weight": torch.randn(rank, *in_shape, generator=generator),
+            f"{name}.lora_up.weight": torch.randn(
+                out, rank, *([1, 1] if len(in_shape) == 3 else []), generator=generator
+            ),
+        }
         if alpha is not None:
             tensors[f"{name}.alpha"] = torch.tensor(alpha)
         return tensors
@@ -144,7 +161,9 @@ def hand_written_file(path, model):
 def test_network_from_a_hand_written_file_has_its_modules_ranks_and_outputs(tmp_path):
     model, untouched = tiny_model_pair(ModelFamily.SD1)
     tensors = hand_written_file(tmp_path / "hand.safetensors", model)
-    network, weights = create_network_from_weights(0.9, tmp_path / "hand.safetensors", None, model.text_encoders[0], model.unet)
+    network, weights = create_network_from_weights(
+        0.9, tmp_path / "hand.safetensors", None, model.text_encoders[0], model.unet
+    )
     ranks = {lora.lora_name: (lora.lora_dim, lora.scale) for lora in network.text_encoder_loras + network.unet_loras}
     assert ranks == {
         "lora_te_text_model_encoder_layers_1_self_attn_v_proj": (2, 0.5),
@@ -162,9 +181,18 @@ def test_network_from_a_hand_written_file_has_its_modules_ranks_and_outputs(tmp_
         root = by_hand.text_encoders[0] if prefix == "lora_te_" else by_hand.unet
         layer = _layer_by_underscored_path(root, path.removeprefix("text_model_"))
         with torch.no_grad():
-            layer.weight.copy_(merged_by_hand(layer.weight, tensors[f"{name}.lora_up.weight"], tensors[f"{name}.lora_down.weight"], 0.9 * ranks[name][1]))
+            layer.weight.copy_(
+                merged_by_hand(
+                    layer.weight,
+                    tensors[f"{name}.lora_up.weight"],
+                    tensors[f"{name}.lora_down.weight"],
+                    0.9 * ranks[name][1],
+                )
+            )
     probe = ModelProbe(model)
-    assert_outputs_close(probe.outputs(by_hand.text_encoders, by_hand.unet), probe.outputs(model.text_encoders, model.unet), atol=2e-5)
+    assert_outputs_close(
+        probe.outputs(by_hand.text_encoders, by_hand.unet), probe.outputs(model.text_encoders, model.unet), atol=2e-5
+    )
 
 
 def _layer_by_underscored_path(root, underscored):
@@ -178,12 +206,19 @@ def test_merging_a_state_dict_uses_its_own_alpha():
     model, untouched = tiny_model_pair(ModelFamily.SD1)
     network = create_network(0.5, 3, 1, None, model.text_encoders[0], model.unet)
     fill_randomly(network)
-    weights = {key: torch.tensor(6.0) if key.endswith(".alpha") else value * 2 for key, value in network.state_dict().items()}
+    weights = {
+        key: torch.tensor(6.0) if key.endswith(".alpha") else value * 2 for key, value in network.state_dict().items()
+    }
     network.merge_to(model.text_encoders[0], model.unet, weights)
     for lora in network.text_encoder_loras[:3] + network.unet_loras[-3:]:
         name = lora.lora_name
-        original = _layer_by_underscored_path(untouched.text_encoders[0] if name.startswith("lora_te_") else untouched.unet, name.split("_", 2)[2].removeprefix("text_model_")).weight
-        expected = merged_by_hand(original, weights[f"{name}.lora_up.weight"], weights[f"{name}.lora_down.weight"], 0.5 * 6.0 / 3)
+        original = _layer_by_underscored_path(
+            untouched.text_encoders[0] if name.startswith("lora_te_") else untouched.unet,
+            name.split("_", 2)[2].removeprefix("text_model_"),
+        ).weight
+        expected = merged_by_hand(
+            original, weights[f"{name}.lora_up.weight"], weights[f"{name}.lora_down.weight"], 0.5 * 6.0 / 3
+        )
         torch.testing.assert_close(lora.org_module.weight, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -223,10 +258,14 @@ def test_rank_mismatch_on_resume_names_the_file_and_the_fix(tmp_path):
 )
 def test_a_lora_for_another_model_is_refused_with_one_sentence(trained_for, used_with, message, tmp_path):
     source, _ = tiny_model_pair(trained_for)
-    create_network(1.0, 4, 1, None, text_encoder_argument(source), source.unet).save_weights(tmp_path / "other.safetensors")
+    create_network(1.0, 4, 1, None, text_encoder_argument(source), source.unet).save_weights(
+        tmp_path / "other.safetensors"
+    )
     target, _ = tiny_model_pair(used_with, seed=1)
     with pytest.raises(UserError, match=message):
-        create_network_from_weights(1.0, tmp_path / "other.safetensors", None, text_encoder_argument(target), target.unet)
+        create_network_from_weights(
+            1.0, tmp_path / "other.safetensors", None, text_encoder_argument(target), target.unet
+        )
 
 
 def test_a_lycoris_file_is_refused(tmp_path):
@@ -255,8 +294,12 @@ def test_sdxl_file_with_diffusers_unet_names_is_renamed():
     for diffusers_name, sgm_name in diffusers_to_sgm.items():
         for part in ("lora_down.weight", "lora_up.weight", "alpha"):
             diffusers_named[f"lora_unet_{diffusers_name}.{part}"] = ours[f"lora_unet_{sgm_name}.{part}"]
-    rebuilt, weights = create_network_from_weights(1.0, None, None, model.text_encoders, model.unet, weights_sd=diffusers_named)
-    assert sorted(lora.lora_name for lora in rebuilt.unet_loras) == sorted(f"lora_unet_{name}" for name in diffusers_to_sgm.values())
+    rebuilt, weights = create_network_from_weights(
+        1.0, None, None, model.text_encoders, model.unet, weights_sd=diffusers_named
+    )
+    assert sorted(lora.lora_name for lora in rebuilt.unet_loras) == sorted(
+        f"lora_unet_{name}" for name in diffusers_to_sgm.values()
+    )
     assert all(torch.equal(tensor, ours[key]) for key, tensor in weights.items())
 
 
@@ -264,9 +307,14 @@ def test_sd2_projection_factors_load_in_either_shape():
     model, _ = tiny_model_pair(ModelFamily.SD2)
     network = create_network(1.0, 4, 1, None, model.text_encoders[0], model.unet)
     fill_randomly(network)
-    four_d = {key: value[..., None, None] if "proj_" in key and "lora_" in key and value.dim() == 2 else value for key, value in network.state_dict().items()}
+    four_d = {
+        key: value[..., None, None] if "proj_" in key and "lora_" in key and value.dim() == 2 else value
+        for key, value in network.state_dict().items()
+    }
     assert any(value.dim() == 4 for value in four_d.values())
-    rebuilt, weights = create_network_from_weights(1.0, None, None, model.text_encoders[0], model.unet, weights_sd=four_d)
+    rebuilt, weights = create_network_from_weights(
+        1.0, None, None, model.text_encoders[0], model.unet, weights_sd=four_d
+    )
     rebuilt.load_state_dict(weights)
     for key, value in network.state_dict().items():
         torch.testing.assert_close(rebuilt.state_dict()[key], value)

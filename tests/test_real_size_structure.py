@@ -15,10 +15,19 @@ from library.model_files.stable_diffusion import empty_model, single_file_tensor
 FILE_TENSORS = {
     ModelFamily.SD1: {"model.diffusion_model.": 686, "first_stage_model.": 248, "cond_stage_model.": 196},
     ModelFamily.SD2: {"model.diffusion_model.": 686, "first_stage_model.": 248, "cond_stage_model.": 294},
-    ModelFamily.SDXL: {"model.diffusion_model.": 1680, "first_stage_model.": 248, "conditioner.embedders.0.": 196, "conditioner.embedders.1.": 390},
+    ModelFamily.SDXL: {
+        "model.diffusion_model.": 1680,
+        "first_stage_model.": 248,
+        "conditioner.embedders.0.": 196,
+        "conditioner.embedders.1.": 390,
+    },
 }
 UNET_PARAMETERS = {ModelFamily.SD1: 859_520_964, ModelFamily.SD2: 865_910_724, ModelFamily.SDXL: 2_567_463_684}
-TEXT_PARAMETERS = {ModelFamily.SD1: [123_060_480], ModelFamily.SD2: [340_387_840], ModelFamily.SDXL: [123_060_480, 694_659_840]}
+TEXT_PARAMETERS = {
+    ModelFamily.SD1: [123_060_480],
+    ModelFamily.SD2: [340_387_840],
+    ModelFamily.SDXL: [123_060_480, 694_659_840],
+}
 UPSAMPLERS = {
     ModelFamily.SD1: ["output_blocks.2.1.conv", "output_blocks.5.2.conv", "output_blocks.8.2.conv"],
     ModelFamily.SD2: ["output_blocks.2.1.conv", "output_blocks.5.2.conv", "output_blocks.8.2.conv"],
@@ -49,9 +58,13 @@ def test_diffusers_recognises_and_converts_our_layout(released):
     family, model, file_tensors = released
     assert oracle.infer_diffusers_model_type(file_tensors) == DIFFUSERS_TYPES[family]
     converted = oracle.convert_ldm_unet_checkpoint(file_tensors, dict(model.unet.config))
-    assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in model.unet.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in converted.items()} == {
+        k: tuple(v.shape) for k, v in model.unet.state_dict().items()
+    }
     converted = oracle.convert_ldm_vae_checkpoint(file_tensors, dict(model.vae.config))
-    assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in model.vae.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in converted.items()} == {
+        k: tuple(v.shape) for k, v in model.vae.state_dict().items()
+    }
 
 
 def test_shapes_give_back_the_family_and_the_released_configs(released):

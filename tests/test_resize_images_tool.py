@@ -6,9 +6,9 @@ from __future__ import annotations
 from unittest import mock
 
 import pytest
+from conftest import ROOT, run_script
 from PIL import Image
 
-from conftest import ROOT, run_script
 from library.dataset.resize import INTERPOLATIONS, center_crop, resize_image
 from library.errors import UserError
 
@@ -26,7 +26,15 @@ def sizes(folder):
 
 def test_non_square_image_keeps_its_aspect_and_is_cropped_to_the_multiple(tmp_path):
     make_image(tmp_path / "src" / "wide.png", (2000, 1000))
-    result = run_script(TOOL, str(tmp_path / "src"), str(tmp_path / "dst"), "--max_resolution", "512x512, 384x384", "--divisible_by", "8")
+    result = run_script(
+        TOOL,
+        str(tmp_path / "src"),
+        str(tmp_path / "dst"),
+        "--max_resolution",
+        "512x512, 384x384",
+        "--divisible_by",
+        "8",
+    )
     assert result.returncode == 0, result.stderr
     # 512x512: f = sqrt(262144 / 2e6) = 0.36204 -> 724x362 -> multiples of 8: 720x360
     # 384x384: f = sqrt(147456 / 2e6) = 0.27153 -> 543x271 -> 536x264
@@ -44,7 +52,15 @@ def test_each_resolution_is_computed_from_the_original_in_any_order(tmp_path):
 
 def test_small_image_is_never_upscaled_only_cropped(tmp_path):
     make_image(tmp_path / "src" / "small.png", (300, 200))
-    result = run_script(TOOL, str(tmp_path / "src"), str(tmp_path / "dst"), "--max_resolution", "512x512,128x128", "--divisible_by", "64")
+    result = run_script(
+        TOOL,
+        str(tmp_path / "src"),
+        str(tmp_path / "dst"),
+        "--max_resolution",
+        "512x512,128x128",
+        "--divisible_by",
+        "64",
+    )
     assert result.returncode == 0, result.stderr
     # 512x512: 60000 px <= 262144 -> kept 300x200 -> 256x192; 128x128: f = sqrt(16384 / 60000) = 0.52256 -> 156x104 -> 128x64
     assert sizes(tmp_path / "dst") == {"small+512x512.jpg": (256, 192), "small+128x128.jpg": (128, 64)}
@@ -52,7 +68,9 @@ def test_small_image_is_never_upscaled_only_cropped(tmp_path):
 
 def test_png_output_and_upper_case_extension(tmp_path):
     make_image(tmp_path / "src" / "photo.JPG", (100, 100))
-    result = run_script(TOOL, str(tmp_path / "src"), str(tmp_path / "dst"), "--max_resolution", "64x64", "--save_as_png")
+    result = run_script(
+        TOOL, str(tmp_path / "src"), str(tmp_path / "dst"), "--max_resolution", "64x64", "--save_as_png"
+    )
     assert result.returncode == 0, result.stderr
     assert [path.name for path in (tmp_path / "dst").iterdir()] == ["photo+64x64.png"]
     with Image.open(tmp_path / "dst" / "photo+64x64.png") as image:
@@ -73,19 +91,34 @@ def test_other_files_are_copied_and_associated_files_once_per_resolution(tmp_pat
     (source / "cat.caption").write_text("a cat, sitting")
     (source / "notes.md").write_text("notes")
     (source / "sub").mkdir()
-    result = run_script(TOOL, str(source), str(tmp_path / "dst"), "--max_resolution", "64x64,32x32", "--copy_associated_files")
+    result = run_script(
+        TOOL, str(source), str(tmp_path / "dst"), "--max_resolution", "64x64,32x32", "--copy_associated_files"
+    )
     assert result.returncode == 0, result.stderr
     assert "sub" in result.stdout
     names = sorted(path.name for path in (tmp_path / "dst").iterdir())
-    assert names == sorted(["cat.txt", "cat.caption", "notes.md", "cat+64x64.jpg", "cat+32x32.jpg",
-                            "cat+64x64.txt", "cat+32x32.txt", "cat+64x64.caption", "cat+32x32.caption"])
+    assert names == sorted(
+        [
+            "cat.txt",
+            "cat.caption",
+            "notes.md",
+            "cat+64x64.jpg",
+            "cat+32x32.jpg",
+            "cat+64x64.txt",
+            "cat+32x32.txt",
+            "cat+64x64.caption",
+            "cat+32x32.caption",
+        ]
+    )
     assert (tmp_path / "dst" / "cat+32x32.caption").read_text() == "a cat, sitting"
 
 
 def test_relative_source_folder_with_associated_files(tmp_path):
     make_image(tmp_path / "src" / "dog.bmp", (100, 100))
     (tmp_path / "src" / "dog.txt").write_text("a dog")
-    result = run_script(str(ROOT / TOOL), "src", "dst", "--max_resolution", "64x64", "--copy_associated_files", cwd=tmp_path)
+    result = run_script(
+        str(ROOT / TOOL), "src", "dst", "--max_resolution", "64x64", "--copy_associated_files", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     assert sorted(path.name for path in (tmp_path / "dst").iterdir()) == ["dog+64x64.jpg", "dog+64x64.txt", "dog.txt"]
 
@@ -118,8 +151,14 @@ def test_truncated_image_is_named_and_the_others_are_written(tmp_path):
     assert sorted(path.name for path in (tmp_path / "dst").iterdir()) == ["a+64x64.jpg", "c+64x64.jpg"]
 
 
-@pytest.mark.parametrize(("size", "expected"), [((50, 25), INTERPOLATIONS["area"]), ((200, 25), INTERPOLATIONS["lanczos"]),
-                                                 ((200, 100), INTERPOLATIONS["lanczos"])])
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        ((50, 25), INTERPOLATIONS["area"]),
+        ((200, 25), INTERPOLATIONS["lanczos"]),
+        ((200, 100), INTERPOLATIONS["lanczos"]),
+    ],
+)
 def test_default_filter_is_area_only_when_both_sides_shrink(size, expected):
     image = Image.new("RGB", (100, 50))
     with mock.patch.object(Image.Image, "resize", autospec=True, return_value=image) as resize:

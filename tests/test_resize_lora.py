@@ -9,7 +9,6 @@ import json
 import pytest
 import torch
 from conftest import run_script
-from lora_helpers import fill_randomly
 
 from library.errors import UserError
 from library.lora.factors import compose, lora_scale
@@ -18,6 +17,7 @@ from library.lora.low_rank import NewRanks, chosen_rank, dynamic_rank
 from library.model_files.containers import open_checkpoint
 from library.model_files.family import ModelFamily
 from library.tiny_models import make_tiny_model
+from lora_helpers import fill_randomly
 from networks import lora
 from networks.resize_lora import ResizeOptions, build_parser, options_from_flags, resize
 
@@ -34,7 +34,11 @@ def modules_of(path):
 def delta(factors):
     """alpha / rank * up @ down as a 2-D float64 matrix."""
     shape = (factors.up.shape[0], *factors.down.shape[1:])
-    return (lora_scale(factors.alpha_value, factors.rank) * compose(factors.up, factors.down, shape)).reshape(shape[0], -1).double()
+    return (
+        (lora_scale(factors.alpha_value, factors.rank) * compose(factors.up, factors.down, shape))
+        .reshape(shape[0], -1)
+        .double()
+    )
 
 
 def truncated_by_torch(matrix, rank):
@@ -64,7 +68,13 @@ def test_a_resized_module_is_the_truncated_svd_of_its_delta_with_the_same_scale(
         assert factors.rank == rank
         assert factors.alpha.dim() == 0 and factors.alpha.dtype == torch.float32
         assert factors.alpha_value / rank == pytest.approx(original.alpha_value / original.rank)  # the scale stays
-        torch.testing.assert_close(delta(factors), truncated_by_torch(delta(original), rank), atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            delta(factors),
+            truncated_by_torch(delta(original), rank),
+            atol=1e-5,
+            rtol=1e-4,
+            msg=lambda m: f"{name}: {m}",
+        )
         assert factors.down.dim() == original.down.dim() and factors.down.shape[1:] == original.down.shape[1:]
     assert resized[CONV_3X3].kept.frobenius_share < 1 and resized[LINEAR].old_rank == 6
 
@@ -128,22 +138,40 @@ def test_a_file_with_known_spectra_gets_the_documented_ranks_and_a_report(tmp_pa
     tensors = {}
     for index, name in enumerate((LINEAR, "lora_te_text_model_encoder_layers_0_mlp_fc1")):
         up, down = spectrum_module(32, 24, SPECTRUM * (index + 1), seed=index)
-        tensors.update({f"{name}.lora_up.weight": up, f"{name}.lora_down.weight": down, f"{name}.alpha": torch.tensor(3.0)})
+        tensors.update(
+            {f"{name}.lora_up.weight": up, f"{name}.lora_down.weight": down, f"{name}.alpha": torch.tensor(3.0)}
+        )
     save_lora_file(tmp_path / "known.safetensors", tensors, {})
-    resized = resize(ResizeOptions(tmp_path / "known.safetensors", tmp_path / "out.safetensors", ranks=NewRanks(6), dynamic_method="sv_ratio", dynamic_param=5), verbose=True)
+    resized = resize(
+        ResizeOptions(
+            tmp_path / "known.safetensors",
+            tmp_path / "out.safetensors",
+            ranks=NewRanks(6),
+            dynamic_method="sv_ratio",
+            dynamic_param=5,
+        ),
+        verbose=True,
+    )
     assert {module.rank for module in resized.values()} == {3}
     assert {module.alpha for module in resized.values()} == {1.5}  # 3 / 6 * 3
     report = capsys.readouterr().out
-    assert f"{LINEAR:75} | sum(S) retained: 88.9%, fro retained: 99.2%, max(S) ratio: 4.0, dynamic | dim: 3, alpha: 1.5" in report
+    assert (
+        f"{LINEAR:75} | sum(S) retained: 88.9%, fro retained: 99.2%, max(S) ratio: 4.0, dynamic | dim: 3, alpha: 1.5"
+        in report
+    )
     out = modules_of(tmp_path / "out.safetensors")[LINEAR]
     torch.testing.assert_close(torch.linalg.svdvals(delta(out)).float()[:3], SPECTRUM[:3] * 0.5, atol=1e-5, rtol=1e-5)
     metadata = open_checkpoint(tmp_path / "out.safetensors").metadata
     assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("3", "1.5")
-    assert metadata["ss_training_comment"] == "Dynamic resize with sv_ratio: 5 from 6"  # no "; " and old comment when there was none
+    assert (
+        metadata["ss_training_comment"] == "Dynamic resize with sv_ratio: 5 from 6"
+    )  # no "; " and old comment when there was none
 
 
 def parse(*arguments):
-    return options_from_flags(build_parser().parse_args(["--model", "in.safetensors", "--save_to", "out.safetensors", *arguments]))
+    return options_from_flags(
+        build_parser().parse_args(["--model", "in.safetensors", "--save_to", "out.safetensors", *arguments])
+    )
 
 
 @pytest.mark.parametrize(
@@ -151,8 +179,14 @@ def parse(*arguments):
     [
         (["--dynamic_method", "sv_fro"], r"--dynamic_method sv_fro needs --dynamic_param"),
         (["--dynamic_param", "0.9"], r"--dynamic_param 0.9 is given without --dynamic_method"),
-        (["--dynamic_method", "sv_fro", "--dynamic_param", "1.5"], r"--dynamic_param 1.5: sv_fro takes the share to keep, more than 0 and at most 1"),
-        (["--dynamic_method", "sv_ratio", "--dynamic_param", "0.5"], r"--dynamic_param 0.5: sv_ratio keeps the singular values above S_max / p, so p must be at least 1"),
+        (
+            ["--dynamic_method", "sv_fro", "--dynamic_param", "1.5"],
+            r"--dynamic_param 1.5: sv_fro takes the share to keep, more than 0 and at most 1",
+        ),
+        (
+            ["--dynamic_method", "sv_ratio", "--dynamic_param", "0.5"],
+            r"--dynamic_param 0.5: sv_ratio keeps the singular values above S_max / p, so p must be at least 1",
+        ),
         (["--new_conv_rank", "0"], r"--new_conv_rank 0: a rank must be at least 1"),
     ],
 )
@@ -163,7 +197,20 @@ def test_bad_flags_are_one_sentence(arguments, message):
 
 def test_the_script_runs_as_a_user_runs_it(c3lier, tmp_path):
     out = tmp_path / "small.safetensors"
-    finished = run_script(RESIZE, "--model", str(c3lier), "--save_to", str(out), "--new_rank", "2", "--verbose", "--save_precision", "fp16", "--svd_lowrank_niter", "0")
+    finished = run_script(
+        RESIZE,
+        "--model",
+        str(c3lier),
+        "--save_to",
+        str(out),
+        "--new_rank",
+        "2",
+        "--verbose",
+        "--save_precision",
+        "fp16",
+        "--svd_lowrank_niter",
+        "0",
+    )
     assert finished.returncode == 0, finished.stderr
     lines = finished.stdout.splitlines()
     assert len(lines) == len(modules_of(c3lier)) + 2

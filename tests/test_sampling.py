@@ -137,9 +137,21 @@ PROMPT_FILE_ERRORS = [
     ("prompts.toml", "[prompt\n", "not valid TOML"),
     ("prompts.toml", "[prompt]\nwidth = 512\n", "holds no prompt"),
     ("prompts.toml", "[other]\nx = 1\n", "unknown top-level key 'other'"),
-    ("prompts.toml", "[prompt]\n[[prompt.subset]]\nprompt = 'a'\nsteps = 4\n", "[[prompt.subset]] number 1: unknown key 'steps'"),
-    ("prompts.toml", "[prompt]\nwidth = 'big'\n[[prompt.subset]]\nprompt = 'a'\n", "[prompt], width: 'big' is not a whole number"),
-    ("prompts.toml", "[prompt]\n[[prompt.subset]]\nprompt = 'a'\n[[prompt.subset]]\nprompt = 'b'\nscale = 'x'\n", "[[prompt.subset]] number 2, scale: 'x' is not a number"),
+    (
+        "prompts.toml",
+        "[prompt]\n[[prompt.subset]]\nprompt = 'a'\nsteps = 4\n",
+        "[[prompt.subset]] number 1: unknown key 'steps'",
+    ),
+    (
+        "prompts.toml",
+        "[prompt]\nwidth = 'big'\n[[prompt.subset]]\nprompt = 'a'\n",
+        "[prompt], width: 'big' is not a whole number",
+    ),
+    (
+        "prompts.toml",
+        "[prompt]\n[[prompt.subset]]\nprompt = 'a'\n[[prompt.subset]]\nprompt = 'b'\nscale = 'x'\n",
+        "[[prompt.subset]] number 2, scale: 'x' is not a number",
+    ),
     ("prompts.toml", "[prompt]\nsubset = 3\n", "'subset' must be an array of tables"),
     ("prompts.toml", "[prompt]\n[[prompt.subset]]\nseed = 1\n", "[[prompt.subset]] number 1: no 'prompt' key"),
     ("prompts.json", '["a cat", ', "not valid JSON"),
@@ -198,7 +210,9 @@ def test_every_sampler_name_is_known():
 def test_each_sampler_builds_its_scheduler_with_the_training_schedule(name, v_prediction):
     expected = EXPECTED_SCHEDULERS[name]
     if isinstance(expected, str) and not SCIPY:
-        with pytest.raises(UserError, match=f"sampler '{name}' needs the scipy package; install it with `pip install scipy`"):
+        with pytest.raises(
+            UserError, match=f"sampler '{name}' needs the scipy package; install it with `pip install scipy`"
+        ):
             make_scheduler(name, v_prediction)
         return
     with warnings.catch_warnings():
@@ -206,7 +220,12 @@ def test_each_sampler_builds_its_scheduler_with_the_training_schedule(name, v_pr
         scheduler = make_scheduler(name, v_prediction)
     assert type(scheduler).__name__ == (expected if isinstance(expected, str) else expected.__name__)
     config = scheduler.config
-    assert (config.num_train_timesteps, config.beta_start, config.beta_end, config.beta_schedule) == (1000, 0.00085, 0.012, "scaled_linear")
+    assert (config.num_train_timesteps, config.beta_start, config.beta_end, config.beta_schedule) == (
+        1000,
+        0.00085,
+        0.012,
+        "scaled_linear",
+    )
     assert config.prediction_type == ("v_prediction" if v_prediction else "epsilon")
     assert config.get("clip_sample") == (True if name in ("ddim", "heun") else None)
     if name in ("dpmsolver", "dpmsolver++", "dpm++_2m", "dpm++_2m_karras"):
@@ -260,7 +279,9 @@ def drawn(tiny_sd1):
     model = tiny_sd1
     model.unet.train()
     model.unet.conv_in.eval()  # a submodule whose mode differs from its parent's must keep it too
-    prompt = SamplePrompt("shp shape, a red circle", negative_prompt="blurry, low quality", width=64, height=80, steps=1)
+    prompt = SamplePrompt(
+        "shp shape, a red circle", negative_prompt="blurry, low quality", width=64, height=80, steps=1
+    )
     rng_before = torch.get_rng_state()
     logged = ListHandler()
     for name in ("transformers", "diffusers"):
@@ -284,7 +305,9 @@ def drawn(tiny_sd1):
     model.unet.eval()
     seeded = SamplePrompt(prompt.prompt, prompt.negative_prompt, 64, 80, seed=first.seed, steps=1)
     result["again"] = draw(model, seeded)
-    result["next_seed"] = draw(model, SamplePrompt(prompt.prompt, prompt.negative_prompt, 64, 80, seed=first.seed + 1, steps=1))
+    result["next_seed"] = draw(
+        model, SamplePrompt(prompt.prompt, prompt.negative_prompt, 64, 80, seed=first.seed + 1, steps=1)
+    )
     result["clip_skip_2"] = draw(model, seeded, clip_skip=2)
     return result
 
@@ -334,10 +357,14 @@ def test_the_global_rng_state_is_restored_whatever_draws_from_it_during_generati
     ("words", "negative_words", "length"),
     [(3, 0, 77), (60, 0, 77), (100, 0, 152), (3, 100, 152), (160, 10, 227), (400, 0, 227)],
 )
-def test_prompt_embeddings_use_as_many_75_token_windows_as_the_longer_text_needs(tiny_sd1, words, negative_words, length):
+def test_prompt_embeddings_use_as_many_75_token_windows_as_the_longer_text_needs(
+    tiny_sd1, words, negative_words, length
+):
     prompt = SamplePrompt(" ".join(["cat"] * words), " ".join(["dog"] * negative_words) or None)
     with torch.no_grad():
-        positive, negative = _prompt_embeddings(tiny_sd1.text_encoders[0], tiny_sd1.tokenizers[0], prompt, clip_skip=None)
+        positive, negative = _prompt_embeddings(
+            tiny_sd1.text_encoders[0], tiny_sd1.tokenizers[0], prompt, clip_skip=None
+        )
     assert positive.shape == negative.shape == (1, length, tiny_sd1.text_encoders[0].config.hidden_size)
 
 
@@ -363,9 +390,17 @@ def test_saved_png_holds_the_prompt_and_settings_as_text(drawn, tmp_path):
 def test_sample_file_names_follow_sd_scripts(tmp_path):
     noon = datetime.datetime(2025, 1, 1, 12, 0, 0)
     one_pm = datetime.datetime(2025, 1, 1, 13, 0, 0)
-    assert sample_file_name(tmp_path, "mylora", step=500, index=0, seed=42, now=noon) == tmp_path / "sample" / "mylora_000500_00_20250101120000_42.png"
-    assert sample_file_name(tmp_path, "mylora", epoch=3, index=1, seed=None, now=one_pm) == tmp_path / "sample" / "mylora_e000003_01_20250101130000.png"
-    assert sample_file_name(tmp_path, None, epoch=0, index=12, seed=None, now=noon).name == "e000000_12_20250101120000.png"
+    assert (
+        sample_file_name(tmp_path, "mylora", step=500, index=0, seed=42, now=noon)
+        == tmp_path / "sample" / "mylora_000500_00_20250101120000_42.png"
+    )
+    assert (
+        sample_file_name(tmp_path, "mylora", epoch=3, index=1, seed=None, now=one_pm)
+        == tmp_path / "sample" / "mylora_e000003_01_20250101130000.png"
+    )
+    assert (
+        sample_file_name(tmp_path, None, epoch=0, index=12, seed=None, now=noon).name == "e000000_12_20250101120000.png"
+    )
     with pytest.raises(ValueError):
         sample_file_name(tmp_path, None, epoch=1, step=1, index=0, seed=None, now=noon)
 

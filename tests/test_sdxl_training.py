@@ -7,10 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from lora_helpers import diffusers_pipeline, peft_layer_count
 from safetensors import safe_open
 from safetensors.torch import load_file
-from training_helpers import training_arguments
 
 from library.dataset.buckets import SDXL_STEP_DIVISOR
 from library.dataset.loader import BatchKey, BatchSettings, TrainingBatches
@@ -24,7 +22,9 @@ from library.training.families.sdxl import SDXLTraining, size_conditioning
 from library.training.options import ModelOptions
 from library.training.text_encoder_cache import outputs_file
 from library.training.trainer import train
+from lora_helpers import diffusers_pipeline, peft_layer_count
 from networks.lora import create_network_from_weights
+from training_helpers import training_arguments
 
 PROMPT = "a red circle on a white background, simple shape"
 
@@ -49,15 +49,27 @@ def test_conditioning_equals_diffusers_sdxl_pipeline():
     with torch.no_grad():
         context, pooled = family.encode_text(ids)
         pipeline = diffusers_pipeline(model)
-        expected_context, _, expected_pooled, _ = pipeline.encode_prompt(PROMPT, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+        expected_context, _, expected_pooled, _ = pipeline.encode_prompt(
+            PROMPT, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
     torch.testing.assert_close(context, expected_context)
     torch.testing.assert_close(pooled, expected_pooled)
     assert context.shape[-1] == model.unet.config.cross_attention_dim
 
 
 def test_size_conditioning_is_diffusers_time_ids_from_the_dataset(sdxl_dataset):
-    plans, _ = prepare_datasets(None, {"resolution": "64", "enable_bucket": True, "min_bucket_reso": 32, "max_bucket_reso": 128,
-                                       "bucket_reso_steps": 32}, train_data_dir=str(sdxl_dataset), bucket_step_divisor=SDXL_STEP_DIVISOR)
+    plans, _ = prepare_datasets(
+        None,
+        {
+            "resolution": "64",
+            "enable_bucket": True,
+            "min_bucket_reso": 32,
+            "max_bucket_reso": 128,
+            "bucket_reso_steps": 32,
+        },
+        train_data_dir=str(sdxl_dataset),
+        bucket_step_divisor=SDXL_STEP_DIVISOR,
+    )
     model = make_tiny_model(ModelFamily.SDXL)
     batches = TrainingBatches(plans, model.tokenizers, BatchSettings(seed=0))
     pipeline = diffusers_pipeline(model)
@@ -69,10 +81,18 @@ def test_size_conditioning_is_diffusers_time_ids_from_the_dataset(sdxl_dataset):
         width, height = sample.image.size
         bucket_width, bucket_height = sample.placement.bucket
         top, left = batch["crop_top_lefts"][0].tolist()
-        expected = pipeline._get_add_time_ids((height, width), (top, left), (bucket_height, bucket_width), torch.float32, projection)
+        expected = pipeline._get_add_time_ids(
+            (height, width), (top, left), (bucket_height, bucket_width), torch.float32, projection
+        )
         torch.testing.assert_close(size_conditioning(batch), expected)
-        excess_top, excess_left = sample.placement.resized[1] - bucket_height, sample.placement.resized[0] - bucket_width
-        assert top == excess_top // 2 and left in (excess_left // 2, excess_left - excess_left // 2)  # centred; mirrored when flipped
+        excess_top, excess_left = (
+            sample.placement.resized[1] - bucket_height,
+            sample.placement.resized[0] - bucket_width,
+        )
+        assert top == excess_top // 2 and left in (
+            excess_left // 2,
+            excess_left - excess_left // 2,
+        )  # centred; mirrored when flipped
         seen_crop |= top > 0 or left > 0
     assert seen_crop, "the dataset should have an image cropped to its bucket"
     assert batch["input_ids2"] is not None and batch["input_ids2"].shape == batch["input_ids"].shape
@@ -80,8 +100,23 @@ def test_size_conditioning_is_diffusers_time_ids_from_the_dataset(sdxl_dataset):
 
 @pytest.mark.slow
 def test_sdxl_lora_trains_caches_and_loads_everywhere(tiny_sdxl, sdxl_dataset, tmp_path, capsys):
-    options = ("--output_name", "xl", "--max_train_steps", "4", "--learning_rate", "1e-3", "--network_dim", "4", "--network_alpha", "2",
-               "--network_train_unet_only", "--cache_latents_to_disk", "--cache_text_encoder_outputs_to_disk", "--clip_skip", "2")
+    options = (
+        "--output_name",
+        "xl",
+        "--max_train_steps",
+        "4",
+        "--learning_rate",
+        "1e-3",
+        "--network_dim",
+        "4",
+        "--network_alpha",
+        "2",
+        "--network_train_unet_only",
+        "--cache_latents_to_disk",
+        "--cache_text_encoder_outputs_to_disk",
+        "--clip_skip",
+        "2",
+    )
     final = train(training_arguments(tiny_sdxl, sdxl_dataset, tmp_path / "out", *options, sdxl=True))
     printed = capsys.readouterr().out
     assert "--clip_skip 2 ignored" in printed
@@ -90,7 +125,11 @@ def test_sdxl_lora_trains_caches_and_loads_everywhere(tiny_sdxl, sdxl_dataset, t
     image = sorted(sdxl_dataset.rglob("*.png"))[0]
     with np.load(outputs_file(image)) as npz:
         assert {"hidden_state1", "hidden_state2", "pool2"} <= set(npz.files)
-        assert npz["hidden_state1"].shape == (77, 64) and npz["hidden_state2"].shape == (77, 64) and npz["pool2"].shape == (64,)
+        assert (
+            npz["hidden_state1"].shape == (77, 64)
+            and npz["hidden_state2"].shape == (77, 64)
+            and npz["pool2"].shape == (64,)
+        )
     assert list(image.parent.glob(f"{image.stem}_*_sdxl.npz"))
 
     with safe_open(str(final), "pt") as file:
@@ -110,14 +149,26 @@ def test_sdxl_lora_trains_caches_and_loads_everywhere(tiny_sdxl, sdxl_dataset, t
     caption_file = image.with_suffix(".txt")
     caption_file.write_text("a different caption", encoding="utf-8")
     train(training_arguments(tiny_sdxl, sdxl_dataset, tmp_path / "again", *options, sdxl=True))
-    assert f"text encoder outputs: 1 captions encoded, {len(captions)} reused from _te_outputs.npz files" in capsys.readouterr().out
+    assert (
+        f"text encoder outputs: 1 captions encoded, {len(captions)} reused from _te_outputs.npz files"
+        in capsys.readouterr().out
+    )
     with np.load(outputs_file(image)) as npz:
         assert str(npz["caption"]) == "a different caption"
 
 
 @pytest.mark.slow
 def test_sdxl_text_encoders_train_and_load_in_diffusers_and_v_prediction_is_recorded(tiny_sdxl, sdxl_dataset, tmp_path):
-    options = ("--max_train_steps", "2", "--learning_rate", "1e-3", "--network_dim", "4", "--v_parameterization", "--zero_terminal_snr")
+    options = (
+        "--max_train_steps",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--network_dim",
+        "4",
+        "--v_parameterization",
+        "--zero_terminal_snr",
+    )
     final = train(training_arguments(tiny_sdxl, sdxl_dataset, tmp_path, *options, sdxl=True))
     weights = load_file(final)
     assert any(key.startswith("lora_te1_") for key in weights) and any(key.startswith("lora_te2_") for key in weights)
@@ -135,9 +186,15 @@ def test_sdxl_text_encoders_train_and_load_in_diffusers_and_v_prediction_is_reco
 
 def test_each_script_refuses_the_other_family(tiny_checkpoints, sdxl_dataset, tmp_path):
     with pytest.raises(UserError, match="train it with sdxl_train_network.py"):
-        train(training_arguments(tiny_checkpoints[ModelFamily.SDXL][1], sdxl_dataset, tmp_path, "--max_train_steps", "1"))
+        train(
+            training_arguments(tiny_checkpoints[ModelFamily.SDXL][1], sdxl_dataset, tmp_path, "--max_train_steps", "1")
+        )
     with pytest.raises(UserError, match="train it with train_network.py"):
-        train(training_arguments(tiny_checkpoints[ModelFamily.SD1][1], sdxl_dataset, tmp_path, "--max_train_steps", "1", sdxl=True))
+        train(
+            training_arguments(
+                tiny_checkpoints[ModelFamily.SD1][1], sdxl_dataset, tmp_path, "--max_train_steps", "1", sdxl=True
+            )
+        )
 
 
 @pytest.mark.parametrize(

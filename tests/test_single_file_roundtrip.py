@@ -31,14 +31,20 @@ def text_encoder_oracle(family: ModelFamily, index: int, encoder, file_tensors: 
         kept = {key: value for key, value in file_tensors.items() if not key.startswith(unused_layer)}
         converted = oracle.convert_open_clip_checkpoint(encoder, kept, prefix=layout.prefix)
     own_keys = set(encoder.state_dict())
-    return {key if key in own_keys else key.removeprefix("text_model."): value for key, value in converted.items() if "position_ids" not in key}
+    return {
+        key if key in own_keys else key.removeprefix("text_model."): value
+        for key, value in converted.items()
+        if "position_ids" not in key
+    }
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.value)
 def test_written_file_converts_back_exactly_with_diffusers(family, tiny_checkpoints):
     model, single_file, _ = tiny_checkpoints[family]
     file_tensors = load_file(single_file)
-    assert_same_tensors(model.unet.state_dict(), oracle.convert_ldm_unet_checkpoint(file_tensors, dict(model.unet.config)))
+    assert_same_tensors(
+        model.unet.state_dict(), oracle.convert_ldm_unet_checkpoint(file_tensors, dict(model.unet.config))
+    )
     assert_same_tensors(model.vae.state_dict(), oracle.convert_ldm_vae_checkpoint(file_tensors, dict(model.vae.config)))
     for index, encoder in enumerate(model.text_encoders):
         assert_same_tensors(encoder.state_dict(), text_encoder_oracle(family, index, encoder, file_tensors))
@@ -48,8 +54,12 @@ def test_written_file_converts_back_exactly_with_diffusers(family, tiny_checkpoi
 def test_reader_matches_diffusers_from_single_file(family, tiny_checkpoints):
     _, single_file, diffusers_folder = tiny_checkpoints[family]
     ours = load_stable_diffusion(single_file)
-    unet = UNet2DConditionModel.from_single_file(str(single_file), config=str(diffusers_folder), subfolder="unet", local_files_only=True)
-    vae = AutoencoderKL.from_single_file(str(single_file), config=str(diffusers_folder), subfolder="vae", local_files_only=True)
+    unet = UNet2DConditionModel.from_single_file(
+        str(single_file), config=str(diffusers_folder), subfolder="unet", local_files_only=True
+    )
+    vae = AutoencoderKL.from_single_file(
+        str(single_file), config=str(diffusers_folder), subfolder="vae", local_files_only=True
+    )
     assert_same_tensors(unet.state_dict(), ours.unet.state_dict())
     assert_same_tensors(vae.state_dict(), ours.vae.state_dict())
     assert ours.family is family
@@ -65,16 +75,25 @@ def test_loaded_model_computes_what_the_original_computes(family, tiny_checkpoin
     context = torch.randn(1, 77, model.unet.config.cross_attention_dim)
     extra = {}
     if family is ModelFamily.SDXL:
-        extra = {"added_cond_kwargs": {"text_embeds": torch.randn(1, 64), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}}
+        extra = {
+            "added_cond_kwargs": {
+                "text_embeds": torch.randn(1, 64),
+                "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]]),
+            }
+        }
     # The weights are bit-identical (tests above); outputs may differ in the last bits because the loaded weights are
     # views of the memory-mapped file, aligned differently, and CPU kernels round by alignment.
     close = dict(rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         for original, reloaded in zip(model.text_encoders, loaded.text_encoders):
             torch.testing.assert_close(reloaded(tokens).last_hidden_state, original(tokens).last_hidden_state, **close)
-        torch.testing.assert_close(loaded.unet(latents, 10, context, **extra).sample, model.unet(latents, 10, context, **extra).sample, **close)
+        torch.testing.assert_close(
+            loaded.unet(latents, 10, context, **extra).sample, model.unet(latents, 10, context, **extra).sample, **close
+        )
         image = torch.rand(1, 3, 32, 32)
-        torch.testing.assert_close(loaded.vae.encode(image).latent_dist.mean, model.vae.encode(image).latent_dist.mean, **close)
+        torch.testing.assert_close(
+            loaded.vae.encode(image).latent_dist.mean, model.vae.encode(image).latent_dist.mean, **close
+        )
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.value)
@@ -82,7 +101,9 @@ def test_diffusers_folder_round_trip(family, tiny_checkpoints):
     model, _, diffusers_folder = tiny_checkpoints[family]
     loaded = load_stable_diffusion(diffusers_folder)
     assert loaded.family is family
-    for original, reloaded in zip((model.unet, model.vae, *model.text_encoders), (loaded.unet, loaded.vae, *loaded.text_encoders)):
+    for original, reloaded in zip(
+        (model.unet, model.vae, *model.text_encoders), (loaded.unet, loaded.vae, *loaded.text_encoders)
+    ):
         assert_same_tensors(original.state_dict(), reloaded.state_dict())
 
 
@@ -108,7 +129,9 @@ def test_save_precision_casts_every_float_tensor(precision, tiny_checkpoints, tm
     tensors = load_file(path)
     assert {t.dtype for t in tensors.values()} == {precision}
     loaded = load_stable_diffusion(path, dtype=torch.float32)
-    torch.testing.assert_close(loaded.unet.conv_in.weight, model.unet.conv_in.weight.to(precision).float(), rtol=0, atol=0)
+    torch.testing.assert_close(
+        loaded.unet.conv_in.weight, model.unet.conv_in.weight.to(precision).float(), rtol=0, atol=0
+    )
 
 
 def test_ckpt_round_trip_with_state_dict_wrapper(tiny_checkpoints, tmp_path):

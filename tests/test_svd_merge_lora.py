@@ -12,7 +12,6 @@ import struct
 import pytest
 import torch
 from conftest import run_script
-from lora_helpers import fill_randomly, text_encoder_argument
 
 from library.errors import UserError
 from library.lora.block_weights import block_slot, parse_block_weights
@@ -22,6 +21,7 @@ from library.lora.low_rank import NewRanks, Term, factors_from_delta, factors_of
 from library.model_files.containers import open_checkpoint
 from library.model_files.family import ModelFamily
 from library.tiny_models import make_tiny_model
+from lora_helpers import fill_randomly, text_encoder_argument
 from networks import lora
 from networks.svd_merge_lora import SvdMergeOptions, build_parser, options_from_flags, svd_merge
 
@@ -80,12 +80,16 @@ def test_the_clamp_is_sd_scripts_signed_quantile_of_both_factors():
     u, s, vh = torch.linalg.svd(delta)
     up, down = u[:, :8] @ torch.diag(s[:8]), vh[:8]
     limit = torch.quantile(torch.cat([up.flatten(), down.flatten()]), 0.99)
-    torch.testing.assert_close(clamped.up.abs(), up.clamp(-limit, limit).abs(), atol=1e-4, rtol=1e-4)  # SVD signs are free
+    torch.testing.assert_close(
+        clamped.up.abs(), up.clamp(-limit, limit).abs(), atol=1e-4, rtol=1e-4
+    )  # SVD signs are free
     assert float(clamped.up.abs().max()) == pytest.approx(float(limit), rel=1e-5)
     assert float(limit) < float(torch.quantile(torch.cat([up.flatten(), down.flatten()]).abs(), 0.99))
     values = torch.randn(1001, generator=torch.Generator().manual_seed(3))
     for quantile in (0.0, 0.5, 0.99, 0.999, 1.0):
-        assert float(signed_quantile(values, quantile)) == pytest.approx(float(torch.quantile(values, quantile)), rel=1e-6)
+        assert float(signed_quantile(values, quantile)) == pytest.approx(
+            float(torch.quantile(values, quantile)), rel=1e-6
+        )
     with pytest.raises(UserError, match=r"--clamp_quantile 1.5: a quantile must be between 0 and 1"):
         factors_from_delta(delta, 8, clamp_quantile=1.5)
 
@@ -95,12 +99,20 @@ def test_the_clamp_is_sd_scripts_signed_quantile_of_both_factors():
 
 def test_the_qr_route_gives_the_sums_singular_values_and_its_optimal_truncation():
     generator = torch.Generator().manual_seed(4)
-    terms = [Term(torch.randn(20, rank, 1, 1, generator=generator), torch.randn(rank, 6, 3, 3, generator=generator), coefficient)
-             for rank, coefficient in ((3, 0.7), (5, -1.3), (2, 0.25))]
+    terms = [
+        Term(
+            torch.randn(20, rank, 1, 1, generator=generator),
+            torch.randn(rank, 6, 3, 3, generator=generator),
+            coefficient,
+        )
+        for rank, coefficient in ((3, 0.7), (5, -1.3), (2, 0.25))
+    ]
     dense = sum(term.coefficient * compose(term.up, term.down, (20, 6, 3, 3)) for term in terms)
     svd = svd_of_sum(terms)
     assert svd.singular_values.shape == (10,)
-    torch.testing.assert_close(svd.singular_values, torch.linalg.svdvals(flat(dense)).float()[:10], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(
+        svd.singular_values, torch.linalg.svdvals(flat(dense)).float()[:10], atol=1e-4, rtol=1e-5
+    )
     torch.testing.assert_close(svd.left.T @ svd.left, torch.eye(10), atol=1e-5, rtol=0)
     torch.testing.assert_close(svd.right @ svd.right.T, torch.eye(10), atol=1e-5, rtol=0)
     exact = factors_of_sum(terms, 10, dense.shape)
@@ -117,7 +129,10 @@ def test_the_qr_route_gives_the_sums_singular_values_and_its_optimal_truncation(
 def deltas_of(path):
     """module -> alpha / rank * up @ down of a LoRA file, as a 2-D float64 matrix."""
     modules = split_modules(read_lora_file(path)[0], str(path))
-    return {name: flat(lora_scale(f.alpha_value, f.rank) * compose(f.up, f.down, (f.up.shape[0], *f.down.shape[1:]))) for name, f in modules.items()}
+    return {
+        name: flat(lora_scale(f.alpha_value, f.rank) * compose(f.up, f.down, (f.up.shape[0], *f.down.shape[1:])))
+        for name, f in modules.items()
+    }
 
 
 def expected_sum(files_and_ratios):
@@ -139,7 +154,9 @@ def sd1_files(tmp_path_factory):
     fill_randomly(a, seed=1)
     a.save_weights(folder / "a.safetensors", metadata={"modelspec.title": "Alpha"})
     weights, metadata = read_lora_file(folder / "a.safetensors")
-    save_lora_file(folder / "a.safetensors", {k: v for k, v in weights.items() if not k.startswith("lora_te")}, metadata)
+    save_lora_file(
+        folder / "a.safetensors", {k: v for k, v in weights.items() if not k.startswith("lora_te")}, metadata
+    )
     b = lora.create_network(1.0, 3, 3, None, model.text_encoders[0], model.unet)
     fill_randomly(b, seed=2)
     weights = dict(b.state_dict())
@@ -165,7 +182,9 @@ def test_with_enough_rank_the_merge_is_the_exact_weighted_sum(sd1_files):
         torch.testing.assert_close(got[name], delta, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
     tensors = read_lora_file(path)[0]
     ranks = {name: tensors[f"{name}.lora_down.weight"].shape[0] for name in got}
-    assert ranks[CONV_3X3] == 2 and ranks[PROJ_IN] == 7 and ranks["lora_te_text_model_encoder_layers_0_mlp_fc1"] == 3  # never above the sum's rank
+    assert (
+        ranks[CONV_3X3] == 2 and ranks[PROJ_IN] == 7 and ranks["lora_te_text_model_encoder_layers_0_mlp_fc1"] == 3
+    )  # never above the sum's rank
     assert tensors[f"{PROJ_IN}.lora_down.weight"].dim() == 4  # the first file's form of the 1x1 layer
     for name, rank in ranks.items():
         alpha = tensors[f"{name}.alpha"]
@@ -177,7 +196,11 @@ def test_with_a_smaller_rank_each_module_is_the_optimal_truncation_of_the_sum(sd
     path, merged = merged_file(sd1_files, "small.safetensors", (1.0, 0.5), ranks=NewRanks(2, 1))
     expected = expected_sum([(sd1_files / "a.safetensors", 1.0), (sd1_files / "b.safetensors", 0.5)])
     got = deltas_of(path)
-    kxk = {name for name, f in split_modules(read_lora_file(sd1_files / "a.safetensors")[0], "a").items() if f.down.shape[2:] == (3, 3)}
+    kxk = {
+        name
+        for name, f in split_modules(read_lora_file(sd1_files / "a.safetensors")[0], "a").items()
+        if f.down.shape[2:] == (3, 3)
+    }
     assert CONV_3X3 in kxk
     for name, delta in expected.items():
         rank = 1 if name in kxk else 2
@@ -189,7 +212,11 @@ def test_with_a_smaller_rank_each_module_is_the_optimal_truncation_of_the_sum(sd
 def test_the_metadata_is_fresh(sd1_files):
     path, _ = merged_file(sd1_files, "meta.safetensors", (0.5, 0.5), ranks=NewRanks(2, 1))
     metadata = open_checkpoint(path).metadata
-    assert (metadata["ss_network_module"], metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("networks.lora", "2", "2.0")
+    assert (metadata["ss_network_module"], metadata["ss_network_dim"], metadata["ss_network_alpha"]) == (
+        "networks.lora",
+        "2",
+        "2.0",
+    )
     assert json.loads(metadata["ss_network_args"]) == {"conv_dim": "1", "conv_alpha": "1.0"}
     assert (metadata["ss_v2"], metadata["ss_base_model_version"]) == ("False", "sd_v1")
     assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora" and metadata["modelspec.title"] == "meta"
@@ -197,9 +224,13 @@ def test_the_metadata_is_fresh(sd1_files):
     data = path.read_bytes()
     (header_length,) = struct.unpack("<Q", data[:8])
     assert metadata["sshs_model_hash"] == hashlib.sha256(data[8 + header_length :]).hexdigest()
-    plain, _ = merged_file(sd1_files, "plain.safetensors", (0.5, 0.5), ranks=NewRanks(2), modelspec=False, save_precision=torch.float16)
+    plain, _ = merged_file(
+        sd1_files, "plain.safetensors", (0.5, 0.5), ranks=NewRanks(2), modelspec=False, save_precision=torch.float16
+    )
     metadata = open_checkpoint(plain).metadata
-    assert not any(key.startswith("modelspec.") for key in metadata) and "ss_network_args" in metadata  # conv rank 2 = new_rank
+    assert (
+        not any(key.startswith("modelspec.") for key in metadata) and "ss_network_args" in metadata
+    )  # conv rank 2 = new_rank
     assert {tensor.dtype for tensor in read_lora_file(plain)[0].values()} == {torch.float16}
 
 
@@ -209,7 +240,10 @@ def parse(*arguments):
 
 def test_bad_flags_are_one_sentence_naming_the_files(sd1_files, tmp_path):
     a, b = str(sd1_files / "a.safetensors"), str(sd1_files / "b.safetensors")
-    with pytest.raises(UserError, match=r"--ratios gives 1 value\(s\) but --models names 2 file\(s\) \(.*a\.safetensors, .*b\.safetensors\)"):
+    with pytest.raises(
+        UserError,
+        match=r"--ratios gives 1 value\(s\) but --models names 2 file\(s\) \(.*a\.safetensors, .*b\.safetensors\)",
+    ):
         svd_merge(parse("--models", a, b, "--ratios", "1", "--save_to", str(tmp_path / "out.safetensors")))
     with pytest.raises(UserError, match=r"--new_rank 0: a rank must be at least 1"):
         parse("--models", a, "--ratios", "1", "--new_rank", "0", "--save_to", str(tmp_path / "out.safetensors"))
@@ -218,8 +252,15 @@ def test_bad_flags_are_one_sentence_naming_the_files(sd1_files, tmp_path):
     weights, metadata = read_lora_file(b)
     weights[f"{PROJ_IN}.lora_down.weight"] = torch.zeros(3, 7)  # a layer of another width
     save_lora_file(tmp_path / "other.safetensors", weights, metadata)
-    with pytest.raises(UserError, match=rf"a\.safetensors and .*other\.safetensors: module '{PROJ_IN}' adapts a layer of shape 32 -> 32 in the first but 7 -> 32"):
-        svd_merge(SvdMergeOptions((sd1_files / "a.safetensors", tmp_path / "other.safetensors"), (1, 1), tmp_path / "out.safetensors"))
+    with pytest.raises(
+        UserError,
+        match=rf"a\.safetensors and .*other\.safetensors: module '{PROJ_IN}' adapts a layer of shape 32 -> 32 in the first but 7 -> 32",
+    ):
+        svd_merge(
+            SvdMergeOptions(
+                (sd1_files / "a.safetensors", tmp_path / "other.safetensors"), (1, 1), tmp_path / "out.safetensors"
+            )
+        )
     assert not list(tmp_path.glob("out*"))
 
 
@@ -254,7 +295,20 @@ def test_a_short_layout_fills_its_slots_in_order():
         expected[slot] = value
     assert not weights.sdxl and weights.weights == tuple(expected)
     (xl,) = parse_block_weights([json.dumps([0.5] * 12)], ["a"])
-    assert xl.sdxl and [slot for slot, value in enumerate(xl.weights) if value == 0.5] == [0, 5, 6, 8, 9, 13, 14, 15, 16, 17, 18, 19]
+    assert xl.sdxl and [slot for slot, value in enumerate(xl.weights) if value == 0.5] == [
+        0,
+        5,
+        6,
+        8,
+        9,
+        13,
+        14,
+        15,
+        16,
+        17,
+        18,
+        19,
+    ]
 
 
 def test_block_weights_scale_each_inputs_modules(sd1_files, tmp_path):
@@ -262,11 +316,29 @@ def test_block_weights_scale_each_inputs_modules(sd1_files, tmp_path):
     lbw_a = [1.0] * 26
     lbw_a[2], lbw_a[25] = 0.5, 0.0  # IN01, OUT11
     lbw_b = [2.0] + [1.0] * 25  # BASE: the text encoder
-    options = parse("--models", str(a), str(b), "--ratios", "0.7", "-0.4", "--lbws", json.dumps(lbw_a), json.dumps(lbw_b),
-                    "--new_rank", "7", "--new_conv_rank", "3", "--save_to", str(tmp_path / "lbw.safetensors"))
+    options = parse(
+        "--models",
+        str(a),
+        str(b),
+        "--ratios",
+        "0.7",
+        "-0.4",
+        "--lbws",
+        json.dumps(lbw_a),
+        json.dumps(lbw_b),
+        "--new_rank",
+        "7",
+        "--new_conv_rank",
+        "3",
+        "--save_to",
+        str(tmp_path / "lbw.safetensors"),
+    )
     svd_merge(options)
     got, da, db = deltas_of(tmp_path / "lbw.safetensors"), deltas_of(a), deltas_of(b)
-    in01, out11 = ("lora_unet_down_blocks_0_attentions_0_", "lora_unet_down_blocks_0_resnets_0_"), ("lora_unet_up_blocks_3_attentions_2_", "lora_unet_up_blocks_3_resnets_2_")
+    in01, out11 = (
+        ("lora_unet_down_blocks_0_attentions_0_", "lora_unet_down_blocks_0_resnets_0_"),
+        ("lora_unet_up_blocks_3_attentions_2_", "lora_unet_up_blocks_3_resnets_2_"),
+    )
     weight_a = {name: 0.5 if name.startswith(in01) else 0.0 if name.startswith(out11) else 1.0 for name in da}
     weight_b = {name: 2.0 if name.startswith("lora_te_") else 1.0 for name in db}
     assert 0.5 in weight_a.values() and 0.0 in weight_a.values() and 2.0 in weight_b.values()
@@ -281,17 +353,43 @@ def test_block_weights_scale_each_inputs_modules(sd1_files, tmp_path):
         (["[1]"], r"--lbws gives 1 list\(s\) for 2 --models"),
         (["[1, 1]", "oops"], r"--lbws oops: each value must be a JSON list of numbers"),
         ([json.dumps([1] * 17), json.dumps([1] * 26)], r"--lbws: the lists have different lengths \(17, 26\)"),
-        ([json.dumps([1] * 5)] * 2, r"--lbws: a list of 5 values names no layout; use 17 or 26 values for SD1/SD2, 12 or 20 for SDXL"),
+        (
+            [json.dumps([1] * 5)] * 2,
+            r"--lbws: a list of 5 values names no layout; use 17 or 26 values for SD1/SD2, 12 or 20 for SDXL",
+        ),
     ],
 )
 def test_bad_block_weights_are_one_sentence(sd1_files, lbws, message):
     with pytest.raises(UserError, match=message):
-        parse("--models", str(sd1_files / "a.safetensors"), str(sd1_files / "b.safetensors"), "--ratios", "1", "1", "--lbws", *lbws, "--save_to", "out.safetensors")
+        parse(
+            "--models",
+            str(sd1_files / "a.safetensors"),
+            str(sd1_files / "b.safetensors"),
+            "--ratios",
+            "1",
+            "1",
+            "--lbws",
+            *lbws,
+            "--save_to",
+            "out.safetensors",
+        )
 
 
 def test_a_layout_of_the_other_family_is_refused(sd1_files, tmp_path):
-    options = parse("--models", str(sd1_files / "a.safetensors"), "--ratios", "1", "--lbws", json.dumps([1] * 12), "--save_to", str(tmp_path / "out.safetensors"))
-    with pytest.raises(UserError, match=r"--lbws: lists of 12 values are a layout for another model family; these are SD1\.x LoRAs, so give 17 or 26 values"):
+    options = parse(
+        "--models",
+        str(sd1_files / "a.safetensors"),
+        "--ratios",
+        "1",
+        "--lbws",
+        json.dumps([1] * 12),
+        "--save_to",
+        str(tmp_path / "out.safetensors"),
+    )
+    with pytest.raises(
+        UserError,
+        match=r"--lbws: lists of 12 values are a layout for another model family; these are SD1\.x LoRAs, so give 17 or 26 values",
+    ):
         svd_merge(options)
 
 
@@ -318,17 +416,34 @@ def test_sdxl_files_merge_exactly_and_do_not_mix_with_sd1(sdxl_files, sd1_files)
     for name, delta in expected.items():
         torch.testing.assert_close(got[name], delta, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
     metadata = open_checkpoint(out).metadata
-    assert metadata["ss_base_model_version"] == "sdxl_base_v1-0" and metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
-    with pytest.raises(UserError, match=r"a\.safetensors is an SD1\.x LoRA but .*x\.safetensors is an SDXL LoRA; LoRAs for different model families"):
+    assert (
+        metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+        and metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    )
+    with pytest.raises(
+        UserError,
+        match=r"a\.safetensors is an SD1\.x LoRA but .*x\.safetensors is an SDXL LoRA; LoRAs for different model families",
+    ):
         svd_merge(SvdMergeOptions((sd1_files / "a.safetensors", x), (1, 1), sdxl_files / "mixed.safetensors"))
 
 
 def test_the_script_runs_as_a_user_runs_it(sd1_files, tmp_path):
     a, b, out = sd1_files / "a.safetensors", sd1_files / "b.safetensors", tmp_path / "merged.safetensors"
-    finished = run_script(SVD_MERGE, "--models", str(a), str(b), "--ratios", "0.6", "0.4", "--new_rank", "3", "--save_to", str(out))
+    finished = run_script(
+        SVD_MERGE, "--models", str(a), str(b), "--ratios", "0.6", "0.4", "--new_rank", "3", "--save_to", str(out)
+    )
     assert finished.returncode == 0, finished.stderr
     assert finished.stdout.startswith(f"saved {out}: ") and "% at worst" in finished.stdout
     assert "merging: 100%" in finished.stderr  # the progress bar
-    assert {tensor.shape[0] for key, tensor in read_lora_file(out)[0].items() if key.endswith("lora_down.weight")} <= {2, 3}
-    refused = run_script(SVD_MERGE, "--models", str(a), str(b), "--ratios", "1", "--save_to", str(tmp_path / "no.safetensors"))
-    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and refused.stderr.startswith("error: --ratios gives 1 value")
+    assert {tensor.shape[0] for key, tensor in read_lora_file(out)[0].items() if key.endswith("lora_down.weight")} <= {
+        2,
+        3,
+    }
+    refused = run_script(
+        SVD_MERGE, "--models", str(a), str(b), "--ratios", "1", "--save_to", str(tmp_path / "no.safetensors")
+    )
+    assert (
+        refused.returncode == 2
+        and refused.stderr.count("\n") == 1
+        and refused.stderr.startswith("error: --ratios gives 1 value")
+    )

@@ -14,7 +14,10 @@ CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]
 
 
 def test_bpe_file_is_the_published_one():
-    assert hashlib.sha256(BPE_FILE.read_bytes()).hexdigest() == "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
+    assert (
+        hashlib.sha256(BPE_FILE.read_bytes()).hexdigest()
+        == "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
+    )
 
 
 def test_vocabulary_and_merges_match_the_published_files():
@@ -40,7 +43,9 @@ def test_known_prompts(prompt, ids):
     assert shipped_tokenizer()(prompt).input_ids == ids
 
 
-@pytest.mark.parametrize("family, pads", [(ModelFamily.SD1, [49407]), (ModelFamily.SD2, [0]), (ModelFamily.SDXL, [49407, 0])])
+@pytest.mark.parametrize(
+    "family, pads", [(ModelFamily.SD1, [49407]), (ModelFamily.SD2, [0]), (ModelFamily.SDXL, [49407, 0])]
+)
 def test_padding_follows_the_family(family, pads):
     tokenizers = load_tokenizers(family)
     assert [t.pad_token_id for t in tokenizers] == pads

@@ -7,9 +7,9 @@ import argparse
 
 import pytest
 import torch
+from conftest import run_script
 from safetensors.torch import load_file, save_file
 
-from conftest import run_script
 from library.file_io import atomic_output
 from library.model_files.family import ModelFamily
 from library.model_files.stable_diffusion import load_stable_diffusion
@@ -40,7 +40,9 @@ def test_convert_single_file_to_diffusers_and_back(family, tiny_checkpoints, tmp
 
 def test_convert_to_fp16_ckpt_with_epoch(tiny_checkpoints, tmp_path):
     _, single_file, _ = tiny_checkpoints[ModelFamily.SD1]
-    result = run_script(CONVERT, str(single_file), str(tmp_path / "half.ckpt"), "--fp16", "--epoch", "3", "--global_step", "120")
+    result = run_script(
+        CONVERT, str(single_file), str(tmp_path / "half.ckpt"), "--fp16", "--epoch", "3", "--global_step", "120"
+    )
     assert result.returncode == 0, result.stderr
     saved = torch.load(tmp_path / "half.ckpt", weights_only=True)
     assert (saved["epoch"], saved["global_step"]) == (3, 120)
@@ -48,7 +50,9 @@ def test_convert_to_fp16_ckpt_with_epoch(tiny_checkpoints, tmp_path):
 
 
 def test_make_tiny_model_writes_model_folder_and_dataset(tmp_path):
-    result = run_script("tools/make_tiny_model.py", "--family", "sdxl", "--output_dir", str(tmp_path), "--dataset", "--images", "3")
+    result = run_script(
+        "tools/make_tiny_model.py", "--family", "sdxl", "--output_dir", str(tmp_path), "--dataset", "--images", "3"
+    )
     assert result.returncode == 0, result.stderr
     assert load_stable_diffusion(tmp_path / "tiny-sdxl.safetensors").family is ModelFamily.SDXL
     assert (tmp_path / "tiny-sdxl" / "model_index.json").is_file()

@@ -23,13 +23,45 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_two_processes_equal_one_with_the_same_effective_batch(tiny_checkpoints, tmp_path):
     make_tiny_dataset(tmp_path / "data", images=4, repeats=2)  # 8 batches: 4 optimizer steps of 2 batches either way
-    common = ["--pretrained_model_name_or_path", str(tiny_checkpoints[ModelFamily.SD1][1]), "--train_data_dir", str(tmp_path / "data"),
-              "--resolution", "64", "--network_module", "networks.lora", "--seed", "3", "--max_data_loader_n_workers", "0",
-              "--learning_rate", "1e-2", "--max_train_steps", "4", "--cache_latents", "--output_name", "tiny"]
-    one = run_script("train_network.py", *common, "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path / "one"))
+    common = [
+        "--pretrained_model_name_or_path",
+        str(tiny_checkpoints[ModelFamily.SD1][1]),
+        "--train_data_dir",
+        str(tmp_path / "data"),
+        "--resolution",
+        "64",
+        "--network_module",
+        "networks.lora",
+        "--seed",
+        "3",
+        "--max_data_loader_n_workers",
+        "0",
+        "--learning_rate",
+        "1e-2",
+        "--max_train_steps",
+        "4",
+        "--cache_latents",
+        "--output_name",
+        "tiny",
+    ]
+    one = run_script(
+        "train_network.py", *common, "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path / "one")
+    )
     assert one.returncode == 0, one.stderr
-    two = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-                     "train_network.py", *common, "--output_dir", str(tmp_path / "two"))
+    two = run_script(
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "train_network.py",
+        *common,
+        "--output_dir",
+        str(tmp_path / "two"),
+    )
     assert two.returncode == 0, two.stderr
     assert "effective batch 2 (batch x 1 accumulation x 2 processes)" in two.stdout
     assert two.stdout.count("saved ") == 1  # only the main process saves
@@ -38,4 +70,6 @@ def test_two_processes_equal_one_with_the_same_effective_batch(tiny_checkpoints,
     assert single.keys() == sharded.keys()
     for key in single:
         # the two sum the same gradients in another order; Adam's first steps magnify that only to float noise
-        torch.testing.assert_close(sharded[key], single[key], rtol=0, atol=1e-3 * max(1.0, single[key].abs().max().item()), msg=key)
+        torch.testing.assert_close(
+            sharded[key], single[key], rtol=0, atol=1e-3 * max(1.0, single[key].abs().max().item()), msg=key
+        )

@@ -4,21 +4,20 @@ networks.lora and in diffusers, stops on a non-finite loss without saving, and n
 from __future__ import annotations
 
 import pytest
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-import torch
-from lora_helpers import diffusers_pipeline, peft_layer_count
-from training_helpers import training_arguments
 
 from library.errors import UserError
 from library.model_files.containers import open_checkpoint
 from library.model_files.family import ModelFamily
 from library.model_files.stable_diffusion import load_stable_diffusion
 from library.text_encoding import encode_tokens, tokenize
-from library.training import diffusion
-from library.training import preparation
+from library.training import diffusion, preparation
 from library.training.trainer import train
+from lora_helpers import diffusers_pipeline, peft_layer_count
 from networks.lora import create_network_from_weights
+from training_helpers import training_arguments
 
 HIGH_TIMESTEP = 990  # x_t is nearly pure noise there, so predicting the noise is learnable by a small LoRA
 
@@ -26,8 +25,26 @@ HIGH_TIMESTEP = 990  # x_t is nearly pure noise there, so predicting the noise i
 @pytest.fixture(scope="module")
 def trained(tiny_sd1, tiny_dataset, tmp_path_factory):
     output = tmp_path_factory.mktemp("output")
-    args = training_arguments(tiny_sd1, tiny_dataset, output, "--output_name", "tiny", "--learning_rate", "1e-2", "--network_dim", "8", "--network_alpha", "8",
-                     "--max_train_steps", "40", "--min_timestep", str(HIGH_TIMESTEP), "--cache_latents", "--save_every_n_steps", "20")
+    args = training_arguments(
+        tiny_sd1,
+        tiny_dataset,
+        output,
+        "--output_name",
+        "tiny",
+        "--learning_rate",
+        "1e-2",
+        "--network_dim",
+        "8",
+        "--network_alpha",
+        "8",
+        "--max_train_steps",
+        "40",
+        "--min_timestep",
+        str(HIGH_TIMESTEP),
+        "--cache_latents",
+        "--save_every_n_steps",
+        "20",
+    )
     return train(args), output
 
 
@@ -73,10 +90,22 @@ def test_training_lowers_the_loss_and_saves_sd_scripts_files(trained, tiny_sd1, 
 
     metadata = open_checkpoint(final).metadata
     assert metadata["ss_steps"] == "40" and metadata["ss_max_train_steps"] == "40"
-    assert metadata["ss_network_module"] == "networks.lora" and metadata["ss_network_dim"] == "8" and metadata["ss_network_alpha"] == "8.0"
-    assert metadata["ss_output_name"] == "tiny" and metadata["ss_seed"] == "3" and metadata["ss_cache_latents"] == "True"
-    assert metadata["ss_num_train_images"] == "20" and metadata["ss_num_batches_per_epoch"] == "20" and metadata["ss_num_epochs"] == "2"
-    assert "shp shape" in metadata["ss_tag_frequency"] and metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert (
+        metadata["ss_network_module"] == "networks.lora"
+        and metadata["ss_network_dim"] == "8"
+        and metadata["ss_network_alpha"] == "8.0"
+    )
+    assert (
+        metadata["ss_output_name"] == "tiny" and metadata["ss_seed"] == "3" and metadata["ss_cache_latents"] == "True"
+    )
+    assert (
+        metadata["ss_num_train_images"] == "20"
+        and metadata["ss_num_batches_per_epoch"] == "20"
+        and metadata["ss_num_epochs"] == "2"
+    )
+    assert (
+        "shp shape" in metadata["ss_tag_frequency"] and metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    )
     assert open_checkpoint(output / "tiny-step00000020.safetensors").metadata["ss_steps"] == "20"
 
 
@@ -98,7 +127,11 @@ def test_a_non_finite_loss_stops_the_run_without_saving(tiny_sd1, tiny_dataset, 
 
     monkeypatch.setattr(diffusion, "per_sample_loss", poisoned)
     with pytest.raises(UserError, match="NaN or infinite at step 1; nothing was saved"):
-        train(training_arguments(tiny_sd1, tiny_dataset, tmp_path / "out", "--max_train_steps", "3", "--save_every_n_steps", "1"))
+        train(
+            training_arguments(
+                tiny_sd1, tiny_dataset, tmp_path / "out", "--max_train_steps", "3", "--save_every_n_steps", "1"
+            )
+        )
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
@@ -106,8 +139,21 @@ def test_a_non_finite_loss_stops_the_run_without_saving(tiny_sd1, tiny_dataset, 
 def test_cuda_only_options_give_a_note_on_the_cpu(tiny_sd1, tiny_dataset, tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    final = train(training_arguments(tiny_sd1, tiny_dataset, tmp_path, "--max_train_steps", "2", "--mixed_precision", "fp16", "--xformers", "--network_train_unet_only",
-                            "--optimizer_type", "AdamW8bit"))
+    final = train(
+        training_arguments(
+            tiny_sd1,
+            tiny_dataset,
+            tmp_path,
+            "--max_train_steps",
+            "2",
+            "--mixed_precision",
+            "fp16",
+            "--xformers",
+            "--network_train_unet_only",
+            "--optimizer_type",
+            "AdamW8bit",
+        )
+    )
     printed = capsys.readouterr().out
     assert "--mixed_precision fp16 needs a CUDA GPU; training on the CPU in float32." in printed
     assert "--xformers needs a CUDA GPU" in printed
@@ -132,24 +178,64 @@ def test_conflicting_options_are_one_sentence(tiny_sd1, tiny_dataset, tmp_path, 
 
 @pytest.mark.slow
 def test_step_saves_outside_the_kept_window_are_removed(tiny_sd1, tiny_dataset, tmp_path):
-    train(training_arguments(tiny_sd1, tiny_dataset, tmp_path, "--max_train_steps", "8", "--save_every_n_steps", "2", "--save_last_n_steps", "2",
-                    "--network_train_unet_only", "--cache_latents"))
+    train(
+        training_arguments(
+            tiny_sd1,
+            tiny_dataset,
+            tmp_path,
+            "--max_train_steps",
+            "8",
+            "--save_every_n_steps",
+            "2",
+            "--save_last_n_steps",
+            "2",
+            "--network_train_unet_only",
+            "--cache_latents",
+        )
+    )
     # saving step 6 removes step (6 - 2 - 1) // 2 * 2 = 2; step 8 is the last step, saved as last.safetensors only
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["at-step00000004.safetensors", "at-step00000006.safetensors", "last.safetensors"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "at-step00000004.safetensors",
+        "at-step00000006.safetensors",
+        "last.safetensors",
+    ]
 
 
 def test_logging_without_its_package_is_one_sentence(tiny_sd1, tiny_dataset, tmp_path, monkeypatch):
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "tensorboard" else real_find_spec(name, *rest))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *rest: None if name == "tensorboard" else real_find_spec(name, *rest)
+    )
     with pytest.raises(UserError, match="pip install tensorboard"):
-        train(training_arguments(tiny_sd1, tiny_dataset, tmp_path / "out", "--max_train_steps", "1", "--logging_dir", str(tmp_path / "logs")))
+        train(
+            training_arguments(
+                tiny_sd1,
+                tiny_dataset,
+                tmp_path / "out",
+                "--max_train_steps",
+                "1",
+                "--logging_dir",
+                str(tmp_path / "logs"),
+            )
+        )
     assert not (tmp_path / "out").exists()
 
 
-def test_a_frozen_text_encoder_encodes_each_caption_once_with_the_same_result(tiny_sd1, tiny_dataset, tmp_path, capsys, monkeypatch):
-    options = ("--output_name", "tiny", "--max_train_steps", "6", "--network_train_unet_only", "--learning_rate", "1e-2", "--cache_latents")
+def test_a_frozen_text_encoder_encodes_each_caption_once_with_the_same_result(
+    tiny_sd1, tiny_dataset, tmp_path, capsys, monkeypatch
+):
+    options = (
+        "--output_name",
+        "tiny",
+        "--max_train_steps",
+        "6",
+        "--network_train_unet_only",
+        "--learning_rate",
+        "1e-2",
+        "--cache_latents",
+    )
     cached = train(training_arguments(tiny_sd1, tiny_dataset, tmp_path / "cached", *options))
     assert "text encoder: frozen, each caption encoded once at its first use" in capsys.readouterr().out
     monkeypatch.setattr(preparation, "_caption_states", lambda plans, train_text_encoder: None)
@@ -160,15 +246,34 @@ def test_a_frozen_text_encoder_encodes_each_caption_once_with_the_same_result(ti
 
 
 def test_captions_that_change_per_use_are_encoded_every_step(tiny_sd1, tiny_dataset, tmp_path, capsys):
-    train(training_arguments(tiny_sd1, tiny_dataset, tmp_path, "--max_train_steps", "1", "--network_train_unet_only", "--shuffle_caption"))
+    train(
+        training_arguments(
+            tiny_sd1, tiny_dataset, tmp_path, "--max_train_steps", "1", "--network_train_unet_only", "--shuffle_caption"
+        )
+    )
     assert "captions change from use to use" in capsys.readouterr().out
 
 
 def test_tensorboard_logs_the_losses_and_learning_rates_per_step(tiny_sd1, tiny_dataset, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    train(training_arguments(tiny_sd1, tiny_dataset, tmp_path / "out", "--max_train_steps", "4", "--learning_rate", "1e-3", "--unet_lr", "2e-3",
-                             "--logging_dir", str(tmp_path / "logs"), "--log_prefix", "mine-"))
+    train(
+        training_arguments(
+            tiny_sd1,
+            tiny_dataset,
+            tmp_path / "out",
+            "--max_train_steps",
+            "4",
+            "--learning_rate",
+            "1e-3",
+            "--unet_lr",
+            "2e-3",
+            "--logging_dir",
+            str(tmp_path / "logs"),
+            "--log_prefix",
+            "mine-",
+        )
+    )
     (run_folder,) = (tmp_path / "logs").iterdir()
     assert run_folder.name.startswith("mine-") and (run_folder / "network_train").is_dir()
     events = EventAccumulator(str(run_folder / "network_train"))
@@ -177,7 +282,9 @@ def test_tensorboard_logs_the_losses_and_learning_rates_per_step(tiny_sd1, tiny_
     assert [step for step, _ in scalars["loss/current"]] == [1, 2, 3, 4]
     currents = [value for _, value in scalars["loss/current"]]
     averages = [value for _, value in scalars["loss/average"]]
-    assert averages == pytest.approx([sum(currents[: n + 1]) / (n + 1) for n in range(4)], rel=1e-5)  # within the first epoch
+    assert averages == pytest.approx(
+        [sum(currents[: n + 1]) / (n + 1) for n in range(4)], rel=1e-5
+    )  # within the first epoch
     assert [value for _, value in scalars["lr/textencoder"]] == pytest.approx([1e-3] * 4)
     assert [value for _, value in scalars["lr/unet"]] == pytest.approx([2e-3] * 4)
 
@@ -190,9 +297,12 @@ def test_tensorboard_logs_the_losses_and_learning_rates_per_step(tiny_sd1, tiny_
         (ModelFamily.SD2, ["--v2", "--v_parameterization"], "sd_v2_v", "stable-diffusion-v2-768-v/lora", "v"),
     ],
 )
-def test_the_file_records_the_model_and_prediction_the_run_trained(tiny_checkpoints, tiny_dataset, tmp_path, family, extra, version, architecture,
-                                                                    prediction):
-    final = train(training_arguments(tiny_checkpoints[family][1], tiny_dataset, tmp_path, "--max_train_steps", "1", *extra))
+def test_the_file_records_the_model_and_prediction_the_run_trained(
+    tiny_checkpoints, tiny_dataset, tmp_path, family, extra, version, architecture, prediction
+):
+    final = train(
+        training_arguments(tiny_checkpoints[family][1], tiny_dataset, tmp_path, "--max_train_steps", "1", *extra)
+    )
     with safe_open(str(final), "pt") as file:
         metadata = file.metadata()
     assert metadata["ss_base_model_version"] == version and metadata["ss_v2"] == str(family is ModelFamily.SD2)

@@ -4,22 +4,30 @@ with the same LoRA as a run that never stopped, and a resume with other settings
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_helpers import training_arguments
 
 from library.errors import UserError
 from library.training.trainer import train
+from training_helpers import training_arguments
 
 # 4 images x 5 repeats, batch 1, accumulation 2: 10 optimizer steps per epoch; 14 steps end inside epoch 2.
 # Dropout draws from torch's global RNG, so an exact result also shows the RNG state was restored.
-RUN_OPTIONS = {"--output_name": "tiny", "--learning_rate": "1e-2", "--network_dim": "8", "--network_alpha": "8", "--network_dropout": "0.1",
-               "--gradient_accumulation_steps": "2", "--max_train_steps": "14", "--lr_scheduler": "cosine"}
+RUN_OPTIONS = {
+    "--output_name": "tiny",
+    "--learning_rate": "1e-2",
+    "--network_dim": "8",
+    "--network_alpha": "8",
+    "--network_dropout": "0.1",
+    "--gradient_accumulation_steps": "2",
+    "--max_train_steps": "14",
+    "--lr_scheduler": "cosine",
+}
 
 
 def run(**changes: str) -> list[str]:
@@ -32,7 +40,9 @@ def run(**changes: str) -> list[str]:
 def uninterrupted(tiny_sd1, tiny_dataset, tmp_path_factory):
     """The reference run; it also saves a state with its epoch-1 save."""
     output = tmp_path_factory.mktemp("uninterrupted")
-    return train(training_arguments(tiny_sd1, tiny_dataset, output, *run(), "--save_every_n_epochs", "1", "--save_state")), output
+    return train(
+        training_arguments(tiny_sd1, tiny_dataset, output, *run(), "--save_every_n_epochs", "1", "--save_state")
+    ), output
 
 
 def assert_same_lora(file, reference):
@@ -54,7 +64,9 @@ def test_the_states_are_saved_with_sd_scripts_names(uninterrupted):
 
 def test_resuming_from_an_epoch_state_ends_with_the_same_lora(uninterrupted, tiny_sd1, tiny_dataset, tmp_path):
     final, output = uninterrupted
-    resumed = train(training_arguments(tiny_sd1, tiny_dataset, tmp_path, *run(), "--resume", str(output / "tiny-000001-state")))
+    resumed = train(
+        training_arguments(tiny_sd1, tiny_dataset, tmp_path, *run(), "--resume", str(output / "tiny-000001-state"))
+    )
     assert_same_lora(resumed, final)
     assert load_file(resumed).keys()  # and the file names continue from step 10: no step save restarted at 1
 
@@ -67,27 +79,40 @@ def test_ctrl_c_mid_epoch_saves_a_state_that_resumes_exactly(uninterrupted, tiny
             os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(KeyboardInterrupt):
-        train(training_arguments(tiny_sd1, tiny_dataset, tmp_path, *run(), "--save_state"), on_step=press_ctrl_c_at_step_5)
+        train(
+            training_arguments(tiny_sd1, tiny_dataset, tmp_path, *run(), "--save_state"), on_step=press_ctrl_c_at_step_5
+        )
     state = tmp_path / "tiny-step00000005-state"
     saved = json.loads((state / "train_state.json").read_text())
     assert (saved["current_epoch"], saved["current_step"], saved["batches_done_in_epoch"]) == (1, 5, 10)
     assert not (tmp_path / "tiny.safetensors").exists()
 
     steps_seen = []
-    resumed = train(training_arguments(tiny_sd1, tiny_dataset, tmp_path, *run(), "--resume", str(state)), on_step=steps_seen.append)
+    resumed = train(
+        training_arguments(tiny_sd1, tiny_dataset, tmp_path, *run(), "--resume", str(state)), on_step=steps_seen.append
+    )
     assert steps_seen == list(range(6, 15))
     assert_same_lora(resumed, final)
 
 
-@pytest.mark.parametrize(("change", "named"), [
-    ({"network_dim": "4"}, "network_dim was 8 in the saved run and is 4 now"),
-    ({"gradient_accumulation_steps": "1"}, "gradient_accumulation_steps was 2"),
-    ({"caption_extension": ".text"}, "datasets[0].subsets[0].caption_extension"),
-])
-def test_a_resume_with_other_settings_is_refused_naming_the_difference(uninterrupted, tiny_sd1, tiny_dataset, tmp_path, change, named):
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"network_dim": "4"}, "network_dim was 8 in the saved run and is 4 now"),
+        ({"gradient_accumulation_steps": "1"}, "gradient_accumulation_steps was 2"),
+        ({"caption_extension": ".text"}, "datasets[0].subsets[0].caption_extension"),
+    ],
+)
+def test_a_resume_with_other_settings_is_refused_naming_the_difference(
+    uninterrupted, tiny_sd1, tiny_dataset, tmp_path, change, named
+):
     _, output = uninterrupted
     with pytest.raises(UserError, match="resume with the same settings") as raised:
-        train(training_arguments(tiny_sd1, tiny_dataset, tmp_path, *run(**change), "--resume", str(output / "tiny-000001-state")))
+        train(
+            training_arguments(
+                tiny_sd1, tiny_dataset, tmp_path, *run(**change), "--resume", str(output / "tiny-000001-state")
+            )
+        )
     assert named in str(raised.value)
     assert not list(tmp_path.iterdir())
 
@@ -95,7 +120,16 @@ def test_a_resume_with_other_settings_is_refused_naming_the_difference(uninterru
 def test_a_resume_past_the_last_step_or_from_elsewhere_is_one_sentence(uninterrupted, tiny_sd1, tiny_dataset, tmp_path):
     _, output = uninterrupted
     with pytest.raises(UserError, match="already did 10 steps, and --max_train_steps is 10; raise it"):
-        train(training_arguments(tiny_sd1, tiny_dataset, tmp_path, *run(max_train_steps="10"), "--resume", str(output / "tiny-000001-state")))
+        train(
+            training_arguments(
+                tiny_sd1,
+                tiny_dataset,
+                tmp_path,
+                *run(max_train_steps="10"),
+                "--resume",
+                str(output / "tiny-000001-state"),
+            )
+        )
     with pytest.raises(UserError, match="no such folder"):
         train(training_arguments(tiny_sd1, tiny_dataset, tmp_path, *run(), "--resume", str(tmp_path / "missing-state")))
     foreign = tmp_path / "sd-scripts-state"

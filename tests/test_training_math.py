@@ -10,7 +10,13 @@ import torch
 
 from library.errors import UserError
 from library.training import diffusion
-from library.training.optimizers import make_lr_scheduler, make_optimizer, optimizer_name, parse_key_values, warmup_steps
+from library.training.optimizers import (
+    make_lr_scheduler,
+    make_optimizer,
+    optimizer_name,
+    parse_key_values,
+    warmup_steps,
+)
 from library.training.saving import epoch_file, epoch_file_to_remove, final_file, step_file, step_file_to_remove
 
 
@@ -71,8 +77,9 @@ def test_min_snr_weight():
 
 
 def test_key_value_options_are_python_literals():
-    assert parse_key_values(["weight_decay=0.01", "betas=0.9,0.99", "decouple=True", "name=abc"], "--optimizer_args") == {
-        "weight_decay": 0.01, "betas": (0.9, 0.99), "decouple": True, "name": "abc"}
+    assert parse_key_values(
+        ["weight_decay=0.01", "betas=0.9,0.99", "decouple=True", "name=abc"], "--optimizer_args"
+    ) == {"weight_decay": 0.01, "betas": (0.9, 0.99), "decouple": True, "name": "abc"}
     with pytest.raises(UserError, match="not key=value"):
         parse_key_values(["weight_decay"], "--optimizer_args")
 
@@ -112,9 +119,13 @@ def test_adafactor_is_transformers_with_sd_scripts_relative_step_handling():
     parameter = torch.nn.Parameter(torch.zeros(2))
     optimizer, _ = make_optimizer("AdaFactor", {}, [{"params": [parameter], "lr": 0.1}], 0.1)
     assert isinstance(optimizer, Adafactor) and optimizer.defaults["relative_step"] and optimizer.defaults["lr"] is None
-    assert "lr" not in optimizer.param_groups[0] or optimizer.param_groups[0]["lr"] is None  # Adafactor finds its own step size
+    assert (
+        "lr" not in optimizer.param_groups[0] or optimizer.param_groups[0]["lr"] is None
+    )  # Adafactor finds its own step size
     assert isinstance(make_lr_scheduler("cosine", optimizer, 0, 100, 1, 1.0, initial_lr=0.1), AdafactorSchedule)
-    fixed, _ = make_optimizer("Adafactor", {"relative_step": False, "scale_parameter": False}, [{"params": [parameter], "lr": 0.1}], 0.1)
+    fixed, _ = make_optimizer(
+        "Adafactor", {"relative_step": False, "scale_parameter": False}, [{"params": [parameter], "lr": 0.1}], 0.1
+    )
     assert fixed.param_groups[0]["lr"] == 0.1
     assert not isinstance(make_lr_scheduler("constant", fixed, 0, 100, 1, 1.0), AdafactorSchedule)
 
@@ -122,7 +133,9 @@ def test_adafactor_is_transformers_with_sd_scripts_relative_step_handling():
 def test_schedules_follow_their_formulas():
     def rates(name, warmup, total=100, **options):
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        scheduler = make_lr_scheduler(name, optimizer, warmup, total, options.get("cycles", 1), options.get("power", 1.0))
+        scheduler = make_lr_scheduler(
+            name, optimizer, warmup, total, options.get("cycles", 1), options.get("power", 1.0)
+        )
         values = []
         for _ in range(total):
             values.append(scheduler.get_last_lr()[0])
@@ -133,7 +146,9 @@ def test_schedules_follow_their_formulas():
     assert rates("constant", 0) == [1.0] * 100
     assert rates("constant_with_warmup", 10)[:11] == pytest.approx([step / 10 for step in range(11)])
     assert rates("linear", 0)[50] == pytest.approx(0.5)
-    assert rates("cosine", 0)[50] == pytest.approx(0.5) and rates("cosine", 0)[25] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))
+    assert rates("cosine", 0)[50] == pytest.approx(0.5) and rates("cosine", 0)[25] == pytest.approx(
+        0.5 * (1 + math.cos(math.pi * 0.25))
+    )
     with pytest.raises(UserError, match="constant has no warmup"):
         rates("constant", 10)
 
@@ -149,6 +164,10 @@ def test_file_names_are_sd_scripts_names():
 
 def test_pruning_keeps_the_latest_saves():
     # every 2 epochs, keep 3: saving epoch 8 removes epoch 2 (8, 6, 4 stay)
-    assert epoch_file_to_remove(8, 2, 3) == 2 and epoch_file_to_remove(6, 2, 3) is None and epoch_file_to_remove(8, 2, None) is None
+    assert (
+        epoch_file_to_remove(8, 2, 3) == 2
+        and epoch_file_to_remove(6, 2, 3) is None
+        and epoch_file_to_remove(8, 2, None) is None
+    )
     # every 100 steps, keep the last 250 steps: saving 500 removes 200 ((500 - 251) // 100 * 100); 300, 400 stay
     assert step_file_to_remove(500, 100, 250) == 200 and step_file_to_remove(300, 100, 250) is None

@@ -9,11 +9,25 @@ from library.training.options import TrainingOptions, training_options
 
 def training_flags(model_file, data, output, *extra, sdxl: bool = False):
     """Parsed flags: 64-pixel images, seed 3, no data-loader workers, plus `extra`."""
-    return build_parser(sdxl).parse_args([
-        "--pretrained_model_name_or_path", str(model_file), "--train_data_dir", str(data), "--resolution", "64",
-        "--output_dir", str(output), "--network_module", "networks.lora", "--seed", "3", "--max_data_loader_n_workers", "0",
-        *extra,
-    ])
+    return build_parser(sdxl).parse_args(
+        [
+            "--pretrained_model_name_or_path",
+            str(model_file),
+            "--train_data_dir",
+            str(data),
+            "--resolution",
+            "64",
+            "--output_dir",
+            str(output),
+            "--network_module",
+            "networks.lora",
+            "--seed",
+            "3",
+            "--max_data_loader_n_workers",
+            "0",
+            *extra,
+        ]
+    )
 
 
 def training_arguments(model_file, data, output, *extra, sdxl: bool = False) -> TrainingOptions:

@@ -29,10 +29,16 @@ from library.training.options import ModelOptions
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     add_model_arguments(parser.add_argument_group("model"))
-    parser.add_argument("--sdxl", action="store_true", help="the model is SDXL: write _sdxl.npz files for sdxl_train_network.py")
+    parser.add_argument(
+        "--sdxl", action="store_true", help="the model is SDXL: write _sdxl.npz files for sdxl_train_network.py"
+    )
     parser.add_argument("--seed", type=int, help="seed of the posterior samples that are cached")
-    parser.add_argument("--skip_existing", action="store_true", help="accepted for compatibility; up-to-date files are always kept")
-    parser.add_argument("--output_dir", default=".", help="where --debug_dataset writes its contact sheets (under debug_dataset/)")
+    parser.add_argument(
+        "--skip_existing", action="store_true", help="accepted for compatibility; up-to-date files are always kept"
+    )
+    parser.add_argument(
+        "--output_dir", default=".", help="where --debug_dataset writes its contact sheets (under debug_dataset/)"
+    )
     add_dataset_arguments(parser)
     return parser
 
@@ -47,12 +53,20 @@ def main() -> None:
     for line in notes + dataset_notes + dataset_summary_lines(plans):
         print(line)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model_options = ModelOptions(args.pretrained_model_name_or_path, v2=args.v2, v_parameterization=args.v_parameterization, vae=args.vae,
-                                 mixed_precision=args.mixed_precision if device == "cuda" else "no", no_half_vae=args.no_half_vae)
+    model_options = ModelOptions(
+        args.pretrained_model_name_or_path,
+        v2=args.v2,
+        v_parameterization=args.v_parameterization,
+        vae=args.vae,
+        mixed_precision=args.mixed_precision if device == "cuda" else "no",
+        no_half_vae=args.no_half_vae,
+    )
     family = family_class(args.sdxl)
     model = family.load(model_options)
     if dataset.debug_dataset:
-        settings = BatchSettings(seed=seed, max_token_length=dataset.max_token_length, skip_bad_images=dataset.skip_bad_images)
+        settings = BatchSettings(
+            seed=seed, max_token_length=dataset.max_token_length, skip_bad_images=dataset.skip_bad_images
+        )
         lines, _ = debug_dataset(plans, model.tokenizers[0], settings, Path(args.output_dir) / "debug_dataset")
         print("\n".join(lines))
         return
@@ -60,10 +74,20 @@ def main() -> None:
     vae = place(model.vae, device, dtype)
     torch.manual_seed(seed)
     started = time.perf_counter()
-    _, encoded, reused = cache_latents(plans, vae, device, dtype, dataset.vae_batch_size, to_disk=True, skip_bad_images=dataset.skip_bad_images,
-                                       suffix=family.latent_cache_suffix)
+    _, encoded, reused = cache_latents(
+        plans,
+        vae,
+        device,
+        dtype,
+        dataset.vae_batch_size,
+        to_disk=True,
+        skip_bad_images=dataset.skip_bad_images,
+        suffix=family.latent_cache_suffix,
+    )
     seconds = time.perf_counter() - started
-    print(f"{encoded} images encoded on {device} in {dtype} ({encoded / max(seconds, 1e-9):.1f} images/s), {reused} up-to-date cache files reused")
+    print(
+        f"{encoded} images encoded on {device} in {dtype} ({encoded / max(seconds, 1e-9):.1f} images/s), {reused} up-to-date cache files reused"
+    )
 
 
 if __name__ == "__main__":

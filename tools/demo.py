@@ -32,7 +32,9 @@ LABEL_HEIGHT = 14
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", default="demo_output", help="where the model, dataset, LoRA and images go")
-    parser.add_argument("--max_train_steps", type=int, default=150, help="optimizer steps (default 150: about a minute on 2 CPU cores)")
+    parser.add_argument(
+        "--max_train_steps", type=int, default=150, help="optimizer steps (default 150: about a minute on 2 CPU cores)"
+    )
     options = parser.parse_args()
     output = Path(options.output_dir)
     started = time.perf_counter()
@@ -46,7 +48,9 @@ def main() -> None:
     reference = sorted(image_dir.glob("*.png"))[0]
     caption = reference.with_suffix(".txt").read_text(encoding="utf-8").strip()
     prompts = output / "prompts.txt"
-    prompts.write_text(f"{caption} --w {RESOLUTION} --h {RESOLUTION} --d {SAMPLE_SEED} --s 20 --l 1\n", encoding="utf-8")
+    prompts.write_text(
+        f"{caption} --w {RESOLUTION} --h {RESOLUTION} --d {SAMPLE_SEED} --s 20 --l 1\n", encoding="utf-8"
+    )
     report(f"made a tiny SD1 model ({model_file}), a dataset of 4 captioned images ({image_dir}/) and a prompt file")
 
     lora = run_training_script(sdxl=False, argv=_training_command(model_file, output, prompts, options.max_train_steps))
@@ -55,20 +59,54 @@ def main() -> None:
     samples = sorted((output / "sample").glob("*.png"))
     before, after = samples[0], samples[-1]
     sheet = output / "samples_before_after.png"
-    side_by_side([(Image.open(before), "step 0"), (Image.open(after), f"step {options.max_train_steps}"),
-                  (_through_vae(model_file, reference), "dataset")]).save(sheet)
+    side_by_side(
+        [
+            (Image.open(before), "step 0"),
+            (Image.open(after), f"step {options.max_train_steps}"),
+            (_through_vae(model_file, reference), "dataset"),
+        ]
+    ).save(sheet)
     report(f"wrote {sheet}: the sample before training, after training, and the prompt's dataset image through the VAE")
 
 
 def _training_command(model_file: Path, output: Path, prompts: Path, steps: int) -> list[str]:
     """The seed's example command, scaled down for a tiny model on a CPU."""
     return [
-        "--pretrained_model_name_or_path", str(model_file), "--train_data_dir", str(output / "dataset"),
-        "--resolution", str(RESOLUTION), "--output_dir", str(output), "--output_name", "demo_lora",
-        "--network_module", "networks.lora", "--network_dim", "16", "--network_alpha", "16", "--learning_rate", "1e-2", "--network_train_unet_only",
-        "--max_train_steps", str(steps), "--cache_latents", "--seed", "0", "--max_data_loader_n_workers", "0",
-        "--sample_prompts", str(prompts), "--sample_at_first", "--sample_every_n_steps", str(steps),
-        "--save_model_as", "safetensors", "--prior_loss_weight", "1.0",
+        "--pretrained_model_name_or_path",
+        str(model_file),
+        "--train_data_dir",
+        str(output / "dataset"),
+        "--resolution",
+        str(RESOLUTION),
+        "--output_dir",
+        str(output),
+        "--output_name",
+        "demo_lora",
+        "--network_module",
+        "networks.lora",
+        "--network_dim",
+        "16",
+        "--network_alpha",
+        "16",
+        "--learning_rate",
+        "1e-2",
+        "--network_train_unet_only",
+        "--max_train_steps",
+        str(steps),
+        "--cache_latents",
+        "--seed",
+        "0",
+        "--max_data_loader_n_workers",
+        "0",
+        "--sample_prompts",
+        str(prompts),
+        "--sample_at_first",
+        "--sample_every_n_steps",
+        str(steps),
+        "--save_model_as",
+        "safetensors",
+        "--prior_loss_weight",
+        "1.0",
     ]
 
 
@@ -85,7 +123,9 @@ def _through_vae(model_file: Path, image_path: Path) -> Image.Image:
 
 def side_by_side(labelled: list[tuple[Image.Image, str]], scale: int = 3) -> Image.Image:
     """The images in one row, each enlarged `scale` times, with its label underneath."""
-    tiles = [image.convert("RGB").resize((image.width * scale, image.height * scale), Image.NEAREST) for image, _ in labelled]
+    tiles = [
+        image.convert("RGB").resize((image.width * scale, image.height * scale), Image.NEAREST) for image, _ in labelled
+    ]
     width, height = sum(tile.width for tile in tiles), max(tile.height for tile in tiles) + LABEL_HEIGHT
     sheet = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(sheet)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from library.compute_options import parse_precision
 from library.errors import run_cli
 from library.model_files.family import ModelFamily
-from library.compute_options import parse_precision
 from library.model_files.stable_diffusion import save_diffusers_folder, save_stable_diffusion_checkpoint
 from library.tiny_models import make_tiny_dataset, make_tiny_model
 
@@ -19,7 +19,9 @@ from library.tiny_models import make_tiny_dataset, make_tiny_model
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--family", choices=[f.value for f in ModelFamily], default="sd1")
-    parser.add_argument("--output_dir", required=True, help="folder for tiny-<family>.safetensors, tiny-<family>/ and dataset/")
+    parser.add_argument(
+        "--output_dir", required=True, help="folder for tiny-<family>.safetensors, tiny-<family>/ and dataset/"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--v_parameterization", action="store_true", help="mark the model as v-prediction")
     parser.add_argument("--save_precision", choices=["float", "fp16", "bf16"], default=None)
@@ -39,7 +41,9 @@ def main() -> None:
     save_diffusers_folder(model, output / f"tiny-{family.value}", dtype)
     print(f"wrote {single_file} and {output / f'tiny-{family.value}'}/")
     if args.dataset:
-        print(f"wrote {args.images} captioned images to {make_tiny_dataset(output / 'dataset', images=args.images, seed=args.seed)}/")
+        print(
+            f"wrote {args.images} captioned images to {make_tiny_dataset(output / 'dataset', images=args.images, seed=args.seed)}/"
+        )
 
 
 if __name__ == "__main__":

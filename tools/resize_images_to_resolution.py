@@ -21,18 +21,29 @@ from library.dataset.resize import center_crop, resize_image
 from library.errors import UserError, run_cli
 from library.file_io import atomic_output
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("src_img_folder", help="folder of images to resize (not searched recursively)")
     parser.add_argument("dst_img_folder", help="folder to write the resized images to (created if missing)")
-    parser.add_argument("--max_resolution", default="512x512,384x384,256x256,128x128",
-                        help="comma-separated WxH list; each output has at most W*H pixels (default: %(default)s)")
+    parser.add_argument(
+        "--max_resolution",
+        default="512x512,384x384,256x256,128x128",
+        help="comma-separated WxH list; each output has at most W*H pixels (default: %(default)s)",
+    )
     parser.add_argument("--divisible_by", type=int, default=1, help="crop each side down to a multiple of this")
-    parser.add_argument("--interpolation", choices=["area", "cubic", "lanczos4", "nearest", "linear", "box"], default=None,
-                        help="resampling filter (default: area)")
+    parser.add_argument(
+        "--interpolation",
+        choices=["area", "cubic", "lanczos4", "nearest", "linear", "box"],
+        default=None,
+        help="resampling filter (default: area)",
+    )
     parser.add_argument("--save_as_png", action="store_true", help="save PNG instead of JPEG (quality 100)")
-    parser.add_argument("--copy_associated_files", action="store_true",
-                        help="also copy files named like the image (cat.txt, cat.caption) once per resolution")
+    parser.add_argument(
+        "--copy_associated_files",
+        action="store_true",
+        help="also copy files named like the image (cat.txt, cat.caption) once per resolution",
+    )
     return parser
 
 
@@ -42,7 +53,9 @@ def parse_resolutions(text: str) -> list[tuple[str, int]]:
     for item in (part.strip() for part in text.split(",")):
         sides = item.split("x")
         if len(sides) != 2 or not all(side.isdigit() and int(side) > 0 for side in sides):
-            raise UserError(f"--max_resolution item {item!r} is not WIDTHxHEIGHT; write e.g. --max_resolution 512x512,384x384.")
+            raise UserError(
+                f"--max_resolution item {item!r} is not WIDTHxHEIGHT; write e.g. --max_resolution 512x512,384x384."
+            )
         resolutions.append((item, int(sides[0]) * int(sides[1])))
     return resolutions
 
@@ -60,16 +73,19 @@ def copy_file(source: Path, destination: Path) -> None:
         shutil.copyfile(source, temporary)
 
 
-def resize_one(path: Path, destination: Path, resolutions: list[tuple[str, int]], args: argparse.Namespace,
-               associated: list[Path]) -> int:
+def resize_one(
+    path: Path, destination: Path, resolutions: list[tuple[str, int]], args: argparse.Namespace, associated: list[Path]
+) -> int:
     """Write every resolution of one image (and its associated files); returns the number of images saved."""
     image = load_image(path, with_alpha=False, remedy="re-export it or move it out of the folder")
     suffix, image_format = (".png", "PNG") if args.save_as_png else (".jpg", "JPEG")
     for name, max_pixels in resolutions:
         resized_size, cropped_size = fit_size(image.width, image.height, max_pixels, args.divisible_by)
         if 0 in cropped_size:
-            raise UserError(f"{path}: at {name} the image is {resized_size[0]}x{resized_size[1]}, smaller than "
-                            f"--divisible_by {args.divisible_by}; lower --divisible_by or drop the image.")
+            raise UserError(
+                f"{path}: at {name} the image is {resized_size[0]}x{resized_size[1]}, smaller than "
+                f"--divisible_by {args.divisible_by}; lower --divisible_by or drop the image."
+            )
         output = image if resized_size == image.size else resize_image(image, resized_size, args.interpolation)
         output = center_crop(output, cropped_size)
         output_path = destination / f"{path.stem}+{name}{suffix}"
@@ -108,7 +124,9 @@ def main() -> None:
         except UserError as error:
             print(f"error: {error}", file=sys.stderr)
             failed += 1
-    print(f"saved {saved} images from {len(images) - failed} source images and copied {len(others)} other files into {destination}")
+    print(
+        f"saved {saved} images from {len(images) - failed} source images and copied {len(others)} other files into {destination}"
+    )
     if failed:
         raise UserError(f"{failed} of {len(images)} images could not be processed; see the errors above.")
 

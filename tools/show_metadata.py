@@ -24,7 +24,9 @@ def main() -> None:
     args = build_parser().parse_args()
     path = Path(args.model)
     if path.suffix.lower() != ".safetensors":
-        raise UserError(f"{path}: only .safetensors files carry metadata; a {path.suffix or 'suffix-less'} file has none.")
+        raise UserError(
+            f"{path}: only .safetensors files carry metadata; a {path.suffix or 'suffix-less'} file has none."
+        )
     metadata = open_checkpoint(path).metadata
     if not metadata:
         raise UserError(f"{path}: the file has no metadata.")

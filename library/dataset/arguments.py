@@ -5,8 +5,9 @@ they parse to None (on/off flags: False) when not given, so that the schema's de
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from library.dataset.buckets import SDXL_STEP_DIVISOR, STEP_DIVISOR
 from library.dataset.config import KEYS
@@ -55,30 +56,62 @@ ARGPARSE_TYPES = {"int": int, "float": float, "str": str, "resolution": str}
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("dataset")
     group.add_argument("--dataset_config", help="dataset config file (.toml or .json) with [general] and [[datasets]]")
-    group.add_argument("--train_data_dir", help="folder of <repeats>_<identifier> <class> image folders (without --dataset_config)")
+    group.add_argument(
+        "--train_data_dir", help="folder of <repeats>_<identifier> <class> image folders (without --dataset_config)"
+    )
     group.add_argument("--reg_data_dir", help="folder of <repeats>_<class> regularization image folders")
     group.add_argument("--in_json", help="fine-tuning metadata JSON for --train_data_dir")
     for key in KEYS.values():
         if key.cli:
             _add_config_key_option(group, key.cli, key.kind, key.default)
     group.add_argument("--caption_extention", help=argparse.SUPPRESS)  # sd-scripts' misspelled alias
-    group.add_argument("--skip_bad_images", action="store_true", help="leave out images that cannot be read, with a note, instead of stopping")
+    group.add_argument(
+        "--skip_bad_images",
+        action="store_true",
+        help="leave out images that cannot be read, with a note, instead of stopping",
+    )
     group.add_argument("--dataset_class", help=argparse.SUPPRESS)
-    group.add_argument("--max_token_length", type=int, choices=[n for n in TOKEN_LENGTHS if n], help="caption tokens: 75 (default), 150 or 225")
-    group.add_argument("--prior_loss_weight", type=float, default=DEFAULT_PRIOR_LOSS_WEIGHT, help="loss weight of regularization images (default %(default)s)")
-    group.add_argument("--debug_dataset", action="store_true", help="print the buckets and sample captions, write a contact sheet per bucket, and exit")
+    group.add_argument(
+        "--max_token_length",
+        type=int,
+        choices=[n for n in TOKEN_LENGTHS if n],
+        help="caption tokens: 75 (default), 150 or 225",
+    )
+    group.add_argument(
+        "--prior_loss_weight",
+        type=float,
+        default=DEFAULT_PRIOR_LOSS_WEIGHT,
+        help="loss weight of regularization images (default %(default)s)",
+    )
+    group.add_argument(
+        "--debug_dataset",
+        action="store_true",
+        help="print the buckets and sample captions, write a contact sheet per bucket, and exit",
+    )
 
     caching = parser.add_argument_group("latent caching and loading")
-    caching.add_argument("--cache_latents", action="store_true", help="encode every image once with the VAE and keep the latents in memory")
-    caching.add_argument("--cache_latents_to_disk", action="store_true", help="also keep them in _sd.npz files beside the images for the next run")
+    caching.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="encode every image once with the VAE and keep the latents in memory",
+    )
+    caching.add_argument(
+        "--cache_latents_to_disk",
+        action="store_true",
+        help="also keep them in _sd.npz files beside the images for the next run",
+    )
     caching.add_argument("--vae_batch_size", type=int, default=1, help="images per VAE batch while caching (default 1)")
-    caching.add_argument("--skip_cache_check", action="store_true", help="accepted for compatibility; cache files are always checked")
+    caching.add_argument(
+        "--skip_cache_check", action="store_true", help="accepted for compatibility; cache files are always checked"
+    )
     caching.add_argument(
         "--max_data_loader_n_workers",
         type=int,
         help=f"data loader processes (default {DEFAULT_WORKERS}, or {WORKERS_WITH_CACHED_LATENTS} with cached latents; at most the CPU count)",
     )
-    caching.add_argument("--persistent_data_loader_workers", action="store_true", help="keep the data loader processes between epochs")
+    caching.add_argument(
+        "--persistent_data_loader_workers", action="store_true", help="keep the data loader processes between epochs"
+    )
 
 
 def _add_config_key_option(group, name: str, kind: str, default: Any) -> None:
@@ -131,15 +164,23 @@ def dataset_options(args: argparse.Namespace, notes: list[str], sdxl: bool = Fal
     """The typed dataset options of parsed flags. What is not supported is refused; options that are accepted but
     change nothing add a note to `notes`."""
     if args.dataset_class:
-        raise UserError("--dataset_class (a custom Python dataset) is not supported; describe the images with --dataset_config instead.")
+        raise UserError(
+            "--dataset_class (a custom Python dataset) is not supported; describe the images with --dataset_config instead."
+        )
     if args.vae_batch_size < 1:
         raise UserError(f"--vae_batch_size is {args.vae_batch_size}; use 1 or more.")
     if args.max_data_loader_n_workers is not None and args.max_data_loader_n_workers < 0:
-        raise UserError(f"--max_data_loader_n_workers is {args.max_data_loader_n_workers}; use 0 (load in the main process) or more.")
+        raise UserError(
+            f"--max_data_loader_n_workers is {args.max_data_loader_n_workers}; use 0 (load in the main process) or more."
+        )
     if args.skip_cache_check:
-        notes.append("--skip_cache_check ignored: existing latent files are always checked, so that stale ones are never trained on.")
+        notes.append(
+            "--skip_cache_check ignored: existing latent files are always checked, so that stale ones are never trained on."
+        )
     if args.persistent_data_loader_workers and args.max_data_loader_n_workers == 0:
-        notes.append("--persistent_data_loader_workers ignored: there are no worker processes with --max_data_loader_n_workers 0.")
+        notes.append(
+            "--persistent_data_loader_workers ignored: there are no worker processes with --max_data_loader_n_workers 0."
+        )
     values = {name: getattr(args, name) for name in DATASET_FLAGS}
     return DatasetOptions(
         **values,
@@ -150,8 +191,18 @@ def dataset_options(args: argparse.Namespace, notes: list[str], sdxl: bool = Fal
 
 
 DATASET_FLAGS = (
-    "dataset_config", "train_data_dir", "reg_data_dir", "in_json", "skip_bad_images", "max_token_length", "prior_loss_weight",
-    "debug_dataset", "cache_latents_to_disk", "vae_batch_size", "max_data_loader_n_workers", "persistent_data_loader_workers",
+    "dataset_config",
+    "train_data_dir",
+    "reg_data_dir",
+    "in_json",
+    "skip_bad_images",
+    "max_token_length",
+    "prior_loss_weight",
+    "debug_dataset",
+    "cache_latents_to_disk",
+    "vae_batch_size",
+    "max_data_loader_n_workers",
+    "persistent_data_loader_workers",
 )
 
 

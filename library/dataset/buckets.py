@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Iterable, Mapping
 
 import numpy as np
 
 Size = tuple[int, int]
-STEP_DIVISOR, SDXL_STEP_DIVISOR = 64, 32  # sd-scripts asserts bucket_reso_steps % 64 == 0 (SD 1.x/2.x), % 32 == 0 (SDXL)
+STEP_DIVISOR, SDXL_STEP_DIVISOR = (
+    64,
+    32,
+)  # sd-scripts asserts bucket_reso_steps % 64 == 0 (SD 1.x/2.x), % 32 == 0 (SDXL)
 
 
 @dataclass(frozen=True)
@@ -82,11 +85,17 @@ def normalized(settings: BucketSettings) -> tuple[BucketSettings, list[str]]:
     high = settings.max_bucket_reso + (-settings.max_bucket_reso) % steps
     notes = []
     if low != settings.min_bucket_reso:
-        notes.append(f"min_bucket_reso {settings.min_bucket_reso} is not a multiple of bucket_reso_steps {steps}; using {low}.")
+        notes.append(
+            f"min_bucket_reso {settings.min_bucket_reso} is not a multiple of bucket_reso_steps {steps}; using {low}."
+        )
     if high != settings.max_bucket_reso:
-        notes.append(f"max_bucket_reso {settings.max_bucket_reso} is not a multiple of bucket_reso_steps {steps}; using {high}.")
+        notes.append(
+            f"max_bucket_reso {settings.max_bucket_reso} is not a multiple of bucket_reso_steps {steps}; using {high}."
+        )
     if settings.bucket_no_upscale:
-        notes.append("min_bucket_reso and max_bucket_reso are ignored with bucket_no_upscale: buckets follow the image sizes.")
+        notes.append(
+            "min_bucket_reso and max_bucket_reso are ignored with bucket_no_upscale: buckets follow the image sizes."
+        )
     return replace(settings, min_bucket_reso=low, max_bucket_reso=high), notes
 
 

@@ -11,9 +11,9 @@ import math
 import random
 import re
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Iterable
 
 from library.dataset.config import KEYS, SubsetConfig
 from library.errors import UserError
@@ -48,7 +48,12 @@ class CaptionSettings:
     def varies_per_use(self) -> bool:
         """Whether one image's caption can come out differently from one use to the next (dropout makes it empty,
         which is one more caption, not a varying one)."""
-        return self.shuffle_caption or self.caption_tag_dropout_rate > 0 or self.token_warmup_step > 0 or self.enable_wildcard
+        return (
+            self.shuffle_caption
+            or self.caption_tag_dropout_rate > 0
+            or self.token_warmup_step > 0
+            or self.enable_wildcard
+        )
 
     @classmethod
     def of(cls, subset: SubsetConfig) -> CaptionSettings:
@@ -82,7 +87,9 @@ def read_caption(path: Path, enable_wildcard: bool) -> str:
     return lines[0] if lines else ""
 
 
-def process_caption(caption: str, settings: CaptionSettings, rng: random.Random, epoch: int, global_step: int, max_train_steps: int) -> str:
+def process_caption(
+    caption: str, settings: CaptionSettings, rng: random.Random, epoch: int, global_step: int, max_train_steps: int
+) -> str:
     """The caption as used for one sample load; `epoch` is 1-based, `global_step` counts optimizer steps."""
     if settings.caption_prefix:
         caption = settings.caption_prefix + " " + caption
@@ -134,7 +141,9 @@ def _resolve_wildcards(caption: str, rng: random.Random) -> str:
     return caption.replace(open_marker, "{").replace(close_marker, "}")
 
 
-def _process_tags(caption: str, settings: CaptionSettings, rng: random.Random, global_step: int, max_train_steps: int) -> str:
+def _process_tags(
+    caption: str, settings: CaptionSettings, rng: random.Random, global_step: int, max_train_steps: int
+) -> str:
     separator = settings.caption_separator
     marker = settings.keep_tokens_separator
     tail: list[str] = []
@@ -153,7 +162,10 @@ def _process_tags(caption: str, settings: CaptionSettings, rng: random.Random, g
         warmup_steps = math.floor(warmup_steps * max_train_steps)
     if warmup_steps and global_step < warmup_steps:
         # sd-scripts' exact expression (the order of the float operations decides the floor)
-        count = math.floor(global_step * ((len(flexible) - settings.token_warmup_min) / warmup_steps)) + settings.token_warmup_min
+        count = (
+            math.floor(global_step * ((len(flexible) - settings.token_warmup_min) / warmup_steps))
+            + settings.token_warmup_min
+        )
         flexible = flexible[:count]
 
     if settings.shuffle_caption:

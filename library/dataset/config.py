@@ -11,9 +11,10 @@ from __future__ import annotations
 import difflib
 import json
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from library.dataset.resize import INTERPOLATIONS
 from library.errors import UserError
@@ -240,7 +241,9 @@ def _has_kind(value: Any, kind: str) -> bool:
     if kind == "resolution":  # 512, [512, 768] or "512,768"
         if isinstance(value, str):
             return all(part.strip().isdigit() for part in value.split(",")) and 1 <= len(value.split(",")) <= 2
-        return _has_kind(value, "int") or (isinstance(value, list) and len(value) == 2 and all(_has_kind(v, "int") for v in value))
+        return _has_kind(value, "int") or (
+            isinstance(value, list) and len(value) == 2 and all(_has_kind(v, "int") for v in value)
+        )
     raise ValueError(kind)
 
 
@@ -256,7 +259,9 @@ def _resolve(name: str, tables: tuple[Mapping, ...], cli: Mapping[str, Any]) -> 
 
 def _resolution(value: Any, where: str, problems: Problems) -> tuple[int, int] | None:
     if value is None:
-        problems.add(f"{where}: no training resolution; give --resolution 512 (or 'W,H') or resolution = 512 in the config.")
+        problems.add(
+            f"{where}: no training resolution; give --resolution 512 (or 'W,H') or resolution = 512 in the config."
+        )
         return None
     if isinstance(value, str):
         value = [int(part) for part in value.split(",")] if _has_kind(value, "resolution") else None
@@ -285,12 +290,17 @@ def _style(subsets: list[SubsetConfig], where: str, problems: Problems) -> str:
 
 # ---------------------------------------------------------------- legacy command-line datasets
 
-def legacy_config(train_data_dir: str | None, reg_data_dir: str | None, in_json: str | None, problems: Problems) -> dict:
+
+def legacy_config(
+    train_data_dir: str | None, reg_data_dir: str | None, in_json: str | None, problems: Problems
+) -> dict:
     """The config tables that `--train_data_dir` / `--reg_data_dir` / `--in_json` stand for."""
     if in_json:
         return {"datasets": [{"subsets": [{"image_dir": train_data_dir, "metadata_file": in_json}]}]}
     if not train_data_dir:
-        problems.add("no dataset: give --dataset_config FILE.toml, or --train_data_dir with folders named <repeats>_<identifier> <class>.")
+        problems.add(
+            "no dataset: give --dataset_config FILE.toml, or --train_data_dir with folders named <repeats>_<identifier> <class>."
+        )
         return {"datasets": []}
     subsets = _repeat_folders(Path(train_data_dir), "--train_data_dir", False, problems)
     if reg_data_dir:
@@ -301,7 +311,9 @@ def legacy_config(train_data_dir: str | None, reg_data_dir: str | None, in_json:
 def _repeat_folders(parent: Path, option: str, is_reg: bool, problems: Problems) -> list[dict]:
     """One subset per `<repeats>_<identifier> <class>` folder; images right inside `parent` are one more subset."""
     if not parent.is_dir():
-        problems.add(f"{option} {parent}: no such folder; give the folder that holds the <repeats>_<identifier> <class> image folders.")
+        problems.add(
+            f"{option} {parent}: no such folder; give the folder that holds the <repeats>_<identifier> <class> image folders."
+        )
         return []
     subsets = []
     for folder in sorted(path for path in parent.iterdir() if path.is_dir()):
@@ -314,23 +326,41 @@ def _repeat_folders(parent: Path, option: str, is_reg: bool, problems: Problems)
         elif int(repeats) < 1:
             problems.note(f"{folder}: skipped, its repeat count is 0.")
         else:
-            subsets.append({"image_dir": str(folder), "num_repeats": int(repeats), "class_tokens": tokens, "is_reg": is_reg})
+            subsets.append(
+                {"image_dir": str(folder), "num_repeats": int(repeats), "class_tokens": tokens, "is_reg": is_reg}
+            )
     if any(path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES for path in parent.iterdir()):
-        problems.note(f"{parent}: its own images are used as one more subset (1 repeat, captions from their caption files).")
+        problems.note(
+            f"{parent}: its own images are used as one more subset (1 repeat, captions from their caption files)."
+        )
         subsets.append({"image_dir": str(parent), "is_reg": is_reg})
     if not subsets and not problems.messages:
-        problems.add(f"{option} {parent}: no image folders in it; put images into folders named <repeats>_<identifier> <class>, e.g. 10_sks dog.")
+        problems.add(
+            f"{option} {parent}: no image folders in it; put images into folders named <repeats>_<identifier> <class>, e.g. 10_sks dog."
+        )
     return subsets
 
 
 def load_dataset_config(
-    dataset_config: str | None, cli: Mapping[str, Any], train_data_dir: str | None = None, reg_data_dir: str | None = None, in_json: str | None = None
+    dataset_config: str | None,
+    cli: Mapping[str, Any],
+    train_data_dir: str | None = None,
+    reg_data_dir: str | None = None,
+    in_json: str | None = None,
 ) -> tuple[list[DatasetConfig], Problems]:
     """Datasets from `--dataset_config` or the legacy options. Problems are returned, not raised, so that the folder
     scan can add its own before one report is shown."""
     if dataset_config:
         problems = Problems(str(dataset_config))
-        ignored = [option for option, value in (("--train_data_dir", train_data_dir), ("--reg_data_dir", reg_data_dir), ("--in_json", in_json)) if value]
+        ignored = [
+            option
+            for option, value in (
+                ("--train_data_dir", train_data_dir),
+                ("--reg_data_dir", reg_data_dir),
+                ("--in_json", in_json),
+            )
+            if value
+        ]
         if ignored:
             problems.note(f"{', '.join(ignored)} ignored: --dataset_config {dataset_config} defines the datasets.")
         return resolve_config(read_config_file(dataset_config), cli, str(dataset_config), problems), problems

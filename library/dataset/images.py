@@ -37,7 +37,9 @@ class ImageSample:
     original_size: tuple[int, int]  # (width, height) of the file
 
 
-def load_image(path: str | Path, with_alpha: bool, remedy: str = "replace or delete it, or pass --skip_bad_images") -> Image.Image:
+def load_image(
+    path: str | Path, with_alpha: bool, remedy: str = "replace or delete it, or pass --skip_bad_images"
+) -> Image.Image:
     """The decoded image in RGB, or RGBA with_alpha (an image without alpha gets an opaque one); a file that cannot
     be decoded is a UserError that ends with `remedy`.
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import math
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -35,7 +35,9 @@ def dataset_summary_lines(plans: Sequence[DatasetPlan]) -> list[str]:
         config = plan.config
         width, height = config.resolution
         bucketing = "on" if config.enable_bucket else "off"
-        lines.append(f"{config.where}: {config.style}, resolution {width}x{height}, buckets {bucketing}, batch size {config.batch_size}")
+        lines.append(
+            f"{config.where}: {config.style}, resolution {width}x{height}, buckets {bucketing}, batch size {config.batch_size}"
+        )
         for subset in config.subsets:
             members = [sample for sample in plan.samples if sample.subset == subset]
             source = subset.image_dir or subset.metadata_file
@@ -43,7 +45,9 @@ def dataset_summary_lines(plans: Sequence[DatasetPlan]) -> list[str]:
             repeats = sorted({sample.repeats for sample in members})
             shown = str(repeats[0]) if len(repeats) == 1 else f"{repeats[0]}-{repeats[-1]}" if repeats else "0"
             lines.append(f"  {source}: {len(members)} {kind} x {shown} repeats")
-        lines.append(f"  {plan.num_train_images} training samples, {plan.num_reg_images} regularization samples per epoch before balancing")
+        lines.append(
+            f"  {plan.num_train_images} training samples, {plan.num_reg_images} regularization samples per epoch before balancing"
+        )
         lines.extend(f"  {line}" for line in bucket_summary_lines(plan.bucket_counts()))
         if config.enable_bucket:
             error = mean_aspect_error((sample.placement, sample.image.size) for sample in plan.samples)
@@ -63,7 +67,9 @@ def debug_dataset(
         plan = plans[key.dataset]
         bucket = plan.samples[key.samples[0]].placement.bucket
         batch = batches[key]
-        lines.append(f"{plan.config.where}, bucket {bucket[0]}x{bucket[1]}: {plan.bucket_counts()[bucket]} samples per epoch")
+        lines.append(
+            f"{plan.config.where}, bucket {bucket[0]}x{bucket[1]}: {plan.bucket_counts()[bucket]} samples per epoch"
+        )
         if batch is None:
             lines.append("  (every image of this batch was unreadable and skipped)")
             continue

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -59,7 +59,9 @@ def is_cache_valid(path: Path, sample: Sample, vae_scale: int = SD_VAE_SCALE) ->
             bucket_w, bucket_h = sample.placement.bucket
             if "latents" not in keys or npz["latents"].shape != _latent_shape(sample.placement.bucket, vae_scale):
                 return False
-            if sample.subset.flip_aug and ("latents_flipped" not in keys or npz["latents_flipped"].shape != npz["latents"].shape):
+            if sample.subset.flip_aug and (
+                "latents_flipped" not in keys or npz["latents_flipped"].shape != npz["latents"].shape
+            ):
                 return False
             if bool(sample.subset.alpha_mask) != ("alpha_mask" in keys):
                 return False
@@ -104,7 +106,9 @@ def cache_latents(
             batch = [sample for sample in batch if sample.image.path in loaded]
             if not batch:
                 continue
-            for sample, entry in zip(batch, _encode(batch, [loaded[sample.image.path] for sample in batch], vae, device, dtype)):
+            for sample, entry in zip(
+                batch, _encode(batch, [loaded[sample.image.path] for sample in batch], vae, device, dtype)
+            ):
                 cached[sample.image.path] = entry
                 if to_disk:
                     _save(cache_file_path(sample.image.path, sample.image.size, suffix), sample, entry)
@@ -144,7 +148,9 @@ def _batches(samples: list[Sample], batch_size: int) -> list[list[Sample]]:
     for sample in sorted(samples, key=lambda s: s.placement.bucket[0] * s.placement.bucket[1]):
         key = (sample.placement.bucket, bool(sample.subset.flip_aug), bool(sample.subset.alpha_mask))
         groups.setdefault(key, []).append(sample)
-    return [group[start : start + batch_size] for group in groups.values() for start in range(0, len(group), batch_size)]
+    return [
+        group[start : start + batch_size] for group in groups.values() for start in range(0, len(group), batch_size)
+    ]
 
 
 def _prefetched(batches: list[list[Sample]], skip_bad_images: bool) -> Iterator[tuple[list[Sample], dict[Path, tuple]]]:
@@ -152,8 +158,14 @@ def _prefetched(batches: list[list[Sample]], skip_bad_images: bool) -> Iterator[
     one. Undecodable images are missing from the dict with skip_bad_images, else their UserError is raised."""
     workers = max(1, min(os.cpu_count() or 1, MAX_DECODE_THREADS))
     with ThreadPoolExecutor(workers) as pool:
+
         def submit(batch: list[Sample]) -> list[Future]:
-            return [pool.submit(cache_pixels, s.image.path, s.placement, bool(s.subset.alpha_mask), s.subset.resize_interpolation) for s in batch]
+            return [
+                pool.submit(
+                    cache_pixels, s.image.path, s.placement, bool(s.subset.alpha_mask), s.subset.resize_interpolation
+                )
+                for s in batch
+            ]
 
         pending = submit(batches[0]) if batches else []
         for index, batch in enumerate(batches):
@@ -169,11 +181,22 @@ def _prefetched(batches: list[list[Sample]], skip_bad_images: bool) -> Iterator[
             yield batch, loaded
 
 
-def _encode(batch: list[Sample], loaded: list[tuple[torch.Tensor, torch.Tensor | None]], vae: torch.nn.Module, device, dtype: torch.dtype) -> list[CachedLatents]:
+def _encode(
+    batch: list[Sample],
+    loaded: list[tuple[torch.Tensor, torch.Tensor | None]],
+    vae: torch.nn.Module,
+    device,
+    dtype: torch.dtype,
+) -> list[CachedLatents]:
     pixels = torch.stack([p for p, _ in loaded]).to(device, dtype)
     latents = _encode_checked(vae, pixels, batch)
-    flipped = _encode_checked(vae, torch.flip(pixels, dims=[3]), batch) if batch[0].subset.flip_aug else [None] * len(batch)
-    return [CachedLatents(latent, latent_flipped, mask) for latent, latent_flipped, (_, mask) in zip(latents, flipped, loaded)]
+    flipped = (
+        _encode_checked(vae, torch.flip(pixels, dims=[3]), batch) if batch[0].subset.flip_aug else [None] * len(batch)
+    )
+    return [
+        CachedLatents(latent, latent_flipped, mask)
+        for latent, latent_flipped, (_, mask) in zip(latents, flipped, loaded)
+    ]
 
 
 def _encode_checked(vae: torch.nn.Module, pixels: torch.Tensor, batch: list[Sample]) -> list[torch.Tensor]:
@@ -206,6 +229,7 @@ def _save(path: Path, sample: Sample, entry: CachedLatents) -> None:
 
 def _load(path: Path, sample: Sample) -> CachedLatents:
     with np.load(path) as npz:
+
         def tensor(key: str) -> torch.Tensor:
             return torch.from_numpy(npz[key].astype(np.float32))
 
@@ -214,4 +238,3 @@ def _load(path: Path, sample: Sample) -> CachedLatents:
             tensor("latents_flipped") if sample.subset.flip_aug else None,
             tensor("alpha_mask") if sample.subset.alpha_mask else None,
         )
-

@@ -14,9 +14,9 @@ import math
 import multiprocessing
 import os
 import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 from transformers import CLIPTokenizer
@@ -69,7 +69,14 @@ class EpochBatches(torch.utils.data.Sampler):
     step. When the count does not divide, the first batches of the epoch are used again so that every process gets
     the same number (as accelerate does), and no process waits for another at the end of the epoch."""
 
-    def __init__(self, plans: Sequence[DatasetPlan], seed: int, gradient_accumulation_steps: int = 1, process_index: int = 0, num_processes: int = 1):
+    def __init__(
+        self,
+        plans: Sequence[DatasetPlan],
+        seed: int,
+        gradient_accumulation_steps: int = 1,
+        process_index: int = 0,
+        num_processes: int = 1,
+    ):
         self.plans = list(plans)
         self.seed = seed
         self.gradient_accumulation_steps = gradient_accumulation_steps
@@ -83,7 +90,11 @@ class EpochBatches(torch.utils.data.Sampler):
 
     def keys(self) -> list[BatchKey]:
         """All processes' keys of the epoch, in training order."""
-        batches = [(index, batch) for index, plan in enumerate(self.plans) for batch in plan.epoch_batches(self.seed, self.epoch)]
+        batches = [
+            (index, batch)
+            for index, plan in enumerate(self.plans)
+            for batch in plan.epoch_batches(self.seed, self.epoch)
+        ]
         random.Random(f"datasets/{self.seed}/{self.epoch}").shuffle(batches)
         per_step = self.gradient_accumulation_steps * self.num_processes
         return [
@@ -134,7 +145,9 @@ class TrainingBatches(torch.utils.data.Dataset):
     def __getitem__(self, key: BatchKey) -> dict | BatchError | None:
         try:
             return self._batch(key)
-        except UserError as error:  # in a worker process; TrainingLoader raises it again, without the worker's traceback
+        except (
+            UserError
+        ) as error:  # in a worker process; TrainingLoader raises it again, without the worker's traceback
             return BatchError(str(error))
 
     def _batch(self, key: BatchKey) -> dict | None:
@@ -152,7 +165,12 @@ class TrainingBatches(torch.utils.data.Dataset):
 
     def _item(self, sample: Sample, rng: random.Random, key: BatchKey) -> dict | None:
         caption = process_caption(
-            sample.image.caption, CaptionSettings.of(sample.subset), rng, key.epoch, key.global_step, self.settings.max_train_steps
+            sample.image.caption,
+            CaptionSettings.of(sample.subset),
+            rng,
+            key.epoch,
+            key.global_step,
+            self.settings.max_train_steps,
         )
         pixels_or_latents = self._cached(sample, rng) if self.latents is not None else self._loaded(sample, rng)
         if pixels_or_latents is None:
@@ -205,7 +223,9 @@ class TrainingBatches(torch.utils.data.Dataset):
             "captions": captions,
             "image_paths": [item["image_path"] for item in items],
             "input_ids": tokenize(self.tokenizers[0], captions, self.settings.max_token_length),
-            "input_ids2": tokenize(self.tokenizers[1], captions, self.settings.max_token_length) if len(self.tokenizers) > 1 else None,
+            "input_ids2": tokenize(self.tokenizers[1], captions, self.settings.max_token_length)
+            if len(self.tokenizers) > 1
+            else None,
             "loss_weights": torch.tensor([item["loss_weight"] for item in items], dtype=torch.float32),
             "alpha_masks": _alpha_masks(items),
             "network_multipliers": torch.full((len(items),), float(plan.config.network_multiplier)),

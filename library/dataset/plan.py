@@ -7,10 +7,18 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
-from library.dataset.buckets import STEP_DIVISOR, BucketAssigner, BucketSettings, Placement, check_bucket_settings, normalized
+from library.dataset.buckets import (
+    STEP_DIVISOR,
+    BucketAssigner,
+    BucketSettings,
+    Placement,
+    check_bucket_settings,
+    normalized,
+)
 from library.dataset.config import DatasetConfig, Problems, SubsetConfig, load_dataset_config
 from library.dataset.scan import ImageRecord, ScannedSubset, scan_datasets
 
@@ -88,7 +96,10 @@ def prepare_datasets(
     if cache_latents:
         _check_caching(datasets, problems)
     problems.raise_if_any()
-    plans = [_plan(dataset, subsets, bucket_settings, problems) for dataset, subsets, bucket_settings in zip(datasets, scanned, settings)]
+    plans = [
+        _plan(dataset, subsets, bucket_settings, problems)
+        for dataset, subsets, bucket_settings in zip(datasets, scanned, settings)
+    ]
     if not any(plan.samples for plan in plans):
         problems.add(
             "no images to train on: every subset was skipped or every image left out (see the notes above); check the folders,"
@@ -104,10 +115,14 @@ def _check_supported(datasets: list[DatasetConfig], problems: Problems) -> None:
         if dataset.batch_size < 1:
             problems.add(f"{dataset.where}: batch_size is {dataset.batch_size}; use 1 or more.")
         if dataset.validation_split:
-            problems.add(f"{dataset.where}: validation_split is not supported yet; remove it (or drop --validation_split).")
+            problems.add(
+                f"{dataset.where}: validation_split is not supported yet; remove it (or drop --validation_split)."
+            )
         for subset in dataset.subsets:
             if subset.face_crop_aug_range is not None:
-                problems.add(f"{subset.where}: face_crop_aug_range is not supported yet; remove it (or drop --face_crop_aug_range).")
+                problems.add(
+                    f"{subset.where}: face_crop_aug_range is not supported yet; remove it (or drop --face_crop_aug_range)."
+                )
 
 
 def _without_skipped_subsets(dataset: DatasetConfig, problems: Problems) -> DatasetConfig:
@@ -150,7 +165,9 @@ def _check_caching(datasets: list[DatasetConfig], problems: Problems) -> None:
                     )
 
 
-def _plan(dataset: DatasetConfig, scanned: list[ScannedSubset], settings: BucketSettings, problems: Problems) -> DatasetPlan:
+def _plan(
+    dataset: DatasetConfig, scanned: list[ScannedSubset], settings: BucketSettings, problems: Problems
+) -> DatasetPlan:
     settings, notes = normalized(settings)
     for note in notes:
         problems.note(f"{dataset.where}: {note}")
@@ -160,10 +177,16 @@ def _plan(dataset: DatasetConfig, scanned: list[ScannedSubset], settings: Bucket
     num_train = sum(subset.num_repeats for _, subset in train)
     num_reg = sum(subset.num_repeats for _, subset in reg)
     if reg and num_train < num_reg:
-        problems.note(f"{dataset.where}: {num_reg} regularization samples for {num_train} training samples; only as many as needed are used.")
+        problems.note(
+            f"{dataset.where}: {num_reg} regularization samples for {num_train} training samples; only as many as needed are used."
+        )
     reg_repeats = balanced_reg_repeats([subset.num_repeats for _, subset in reg], num_train)
     samples = [Sample(image, subset, assigner.place(image.size), subset.num_repeats) for image, subset in train]
-    samples += [Sample(image, subset, assigner.place(image.size), repeats) for (image, subset), repeats in zip(reg, reg_repeats) if repeats]
+    samples += [
+        Sample(image, subset, assigner.place(image.size), repeats)
+        for (image, subset), repeats in zip(reg, reg_repeats)
+        if repeats
+    ]
     return DatasetPlan(dataset, tuple(samples), num_train, num_reg)
 
 

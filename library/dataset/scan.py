@@ -34,9 +34,14 @@ class ScannedSubset:
     missing_captions: tuple[Path, ...]
 
 
-def scan_datasets(datasets: list[DatasetConfig], problems: Problems, skip_bad_images: bool) -> list[list[ScannedSubset]]:
+def scan_datasets(
+    datasets: list[DatasetConfig], problems: Problems, skip_bad_images: bool
+) -> list[list[ScannedSubset]]:
     """Every subset of every dataset scanned; problems and notes go to `problems`."""
-    return [[_scan_subset(subset, dataset.style, problems, skip_bad_images) for subset in dataset.subsets] for dataset in datasets]
+    return [
+        [_scan_subset(subset, dataset.style, problems, skip_bad_images) for subset in dataset.subsets]
+        for dataset in datasets
+    ]
 
 
 def _scan_subset(subset: SubsetConfig, style: str, problems: Problems, skip_bad_images: bool) -> ScannedSubset:
@@ -48,11 +53,15 @@ def _scan_subset(subset: SubsetConfig, style: str, problems: Problems, skip_bad_
         return ScannedSubset(subset, (), subset.caption_extension, ())
     paths = sorted(path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
-        problems.add(f"{subset.where}: image_dir '{folder}' holds no images ({', '.join(IMAGE_SUFFIXES)}); put the images directly in it.")
+        problems.add(
+            f"{subset.where}: image_dir '{folder}' holds no images ({', '.join(IMAGE_SUFFIXES)}); put the images directly in it."
+        )
         return ScannedSubset(subset, (), subset.caption_extension, ())
     extension = _caption_extension(paths, subset.caption_extension)
     if extension != _dotted(subset.caption_extension):
-        problems.note(f"{folder}: no {subset.caption_extension} files, so the captions are read from the {extension} files.")
+        problems.note(
+            f"{folder}: no {subset.caption_extension} files, so the captions are read from the {extension} files."
+        )
     images, missing = [], []
     for path in paths:
         size = _image_size(path, subset.where, problems, skip_bad_images)
@@ -70,9 +79,13 @@ def _scan_subset(subset: SubsetConfig, style: str, problems: Problems, skip_bad_
                 continue
         images.append(ImageRecord(path, size, caption))
     if missing:
-        named = ", ".join(path.name for path in missing[:MISSING_CAPTIONS_NAMED]) + (", ..." if len(missing) > MISSING_CAPTIONS_NAMED else "")
+        named = ", ".join(path.name for path in missing[:MISSING_CAPTIONS_NAMED]) + (
+            ", ..." if len(missing) > MISSING_CAPTIONS_NAMED else ""
+        )
         fallback = f"the class tokens '{subset.class_tokens}'" if subset.class_tokens else "an empty caption"
-        problems.note(f"{folder}: {len(missing)} of {len(paths)} images have no {extension} caption and use {fallback}: {named}.")
+        problems.note(
+            f"{folder}: {len(missing)} of {len(paths)} images have no {extension} caption and use {fallback}: {named}."
+        )
     return ScannedSubset(subset, tuple(images), extension, tuple(missing))
 
 
@@ -103,7 +116,9 @@ def _image_size(path: Path, where: str, problems: Problems, skip_bad_images: boo
     if skip_bad_images:
         problems.note(f"{path}: skipped, {damage}.")
     else:
-        problems.add(f"{where}: {path}: {damage}; replace or delete it, or pass --skip_bad_images to leave such files out.")
+        problems.add(
+            f"{where}: {path}: {damage}; replace or delete it, or pass --skip_bad_images to leave such files out."
+        )
     return None
 
 
@@ -133,14 +148,18 @@ def _scan_metadata_subset(subset: SubsetConfig, problems: Problems, skip_bad_ima
     try:
         entries = _read_metadata(metadata_path)
     except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
-        problems.add(f"{subset.where}: metadata_file '{metadata_path}' is not a valid UTF-8 JSON metadata file ({error}).")
+        problems.add(
+            f"{subset.where}: metadata_file '{metadata_path}' is not a valid UTF-8 JSON metadata file ({error})."
+        )
         return ScannedSubset(subset, (), "", ())
     images = []
     for key, entry in entries.items():
         path = Path(key)
         if not path.is_absolute():
             if not subset.image_dir:
-                problems.add(f"{subset.where}: '{key}' in {metadata_path} is a relative path; set image_dir to the folder it is relative to.")
+                problems.add(
+                    f"{subset.where}: '{key}' in {metadata_path} is a relative path; set image_dir to the folder it is relative to."
+                )
                 return ScannedSubset(subset, (), "", ())
             path = Path(subset.image_dir) / key
         size = _image_size(path, subset.where, problems, skip_bad_images) if path.exists() else None

@@ -4,7 +4,7 @@ or, merged, to its weight (specs/lora_format.md section 3). The subclasses say w
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,15 @@ class LayerAdapter(torch.nn.Module):
     """The layer is a plain attribute, not a registered submodule, so a network's state dict holds only the
     adapters' tensors. Subclasses register their factors and implement `factors()`."""
 
-    def __init__(self, lora_name: str, org_module: torch.nn.Module, multiplier: float, lora_dim: int, alpha: float | None, block: int | None):
+    def __init__(
+        self,
+        lora_name: str,
+        org_module: torch.nn.Module,
+        multiplier: float,
+        lora_dim: int,
+        alpha: float | None,
+        block: int | None,
+    ):
         super().__init__()
         self.lora_name = lora_name
         self.lora_dim = lora_dim
@@ -65,7 +73,12 @@ class LayerAdapter(torch.nn.Module):
         return compose(up, down, self.org_module.weight.shape) * (multiplier * scale)
 
     @torch.no_grad()
-    def merge_to(self, sd: Mapping[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+    def merge_to(
+        self,
+        sd: Mapping[str, torch.Tensor] | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
         """Add multiplier * alpha / rank * (up @ down) into the layer's weight, from `sd` (this module's keys
         without the name; no alpha means alpha = rank) or from the module's own factors. The delta is computed on `device` (default: where the weight is)
         and added in float32; the weight keeps its dtype. `dtype` is accepted for sd-scripts' signature."""

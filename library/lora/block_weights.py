@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 from library.errors import UserError
 from library.model_files.family import ModelFamily
@@ -23,7 +24,10 @@ def _slots(*names: str) -> tuple[int, ...]:
 
 # length -> (for SDXL, the slots its values fill, in order)
 LAYOUTS = {
-    17: (False, _slots("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "MID", *(f"OUT{i:02d}" for i in range(3, 12)))),
+    17: (
+        False,
+        _slots("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "MID", *(f"OUT{i:02d}" for i in range(3, 12))),
+    ),
     26: (False, tuple(range(len(SLOT_NAMES)))),
     12: (True, _slots("BASE", "IN04", "IN05", "IN07", "IN08", "MID", *(f"OUT{i:02d}" for i in range(6)))),
     20: (True, _slots("BASE", *(f"IN{i:02d}" for i in range(9)), "MID", *(f"OUT{i:02d}" for i in range(9)))),
@@ -50,14 +54,20 @@ class BlockWeights(NamedTuple):
 def parse_block_weights(lbws: Sequence[str], models: Sequence[str | Path]) -> list[BlockWeights]:
     """`--lbws`: one JSON list of numbers per model, all of one length that names a layout."""
     if len(lbws) != len(models):
-        raise UserError(f"--lbws gives {len(lbws)} list(s) for {len(models)} --models; give one list per model, in the same order.")
+        raise UserError(
+            f"--lbws gives {len(lbws)} list(s) for {len(models)} --models; give one list per model, in the same order."
+        )
     lists = [_parsed(text) for text in lbws]
     lengths = {len(values) for values in lists}
     if len(lengths) > 1:
-        raise UserError(f"--lbws: the lists have different lengths ({', '.join(map(str, sorted(lengths)))}); give every model a list of one layout.")
+        raise UserError(
+            f"--lbws: the lists have different lengths ({', '.join(map(str, sorted(lengths)))}); give every model a list of one layout."
+        )
     length = lengths.pop()
     if length not in LAYOUTS:
-        raise UserError(f"--lbws: a list of {length} values names no layout; use 17 or 26 values for SD1/SD2, 12 or 20 for SDXL.")
+        raise UserError(
+            f"--lbws: a list of {length} values names no layout; use 17 or 26 values for SD1/SD2, 12 or 20 for SDXL."
+        )
     slots = LAYOUTS[length][1]
     expanded = []
     for values in lists:
@@ -73,8 +83,12 @@ def _parsed(text: str) -> list[float]:
         values = json.loads(text)
     except json.JSONDecodeError:
         values = None
-    if not isinstance(values, list) or not all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in values):
-        raise UserError(f"--lbws {text}: each value must be a JSON list of numbers, such as \"[1,1,0.5,0,1,1,1,1,1,1,1,1]\".")
+    if not isinstance(values, list) or not all(
+        isinstance(value, (int, float)) and not isinstance(value, bool) for value in values
+    ):
+        raise UserError(
+            f'--lbws {text}: each value must be a JSON list of numbers, such as "[1,1,0.5,0,1,1,1,1,1,1,1,1]".'
+        )
     return values
 
 

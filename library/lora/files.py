@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Mapping, NamedTuple, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -88,10 +89,16 @@ def split_modules(weights: Mapping[str, torch.Tensor], source: str) -> dict[str,
 
 def module_tensors(name: str, up: torch.Tensor, down: torch.Tensor, alpha: float) -> dict[str, torch.Tensor]:
     """The three file entries of one module; alpha as a 0-dim float32 tensor (sd-scripts' svd-merge writes int64)."""
-    return {f"{name}.{DOWN}": down, f"{name}.{UP}": up, f"{name}.{ALPHA}": torch.tensor(float(alpha), dtype=torch.float32)}
+    return {
+        f"{name}.{DOWN}": down,
+        f"{name}.{UP}": up,
+        f"{name}.{ALPHA}": torch.tensor(float(alpha), dtype=torch.float32),
+    }
 
 
-_SDXL_NAMES = re.compile(rf"^({'|'.join(text_encoder_prefixes(2))}|{UNET_PREFIX}_(input_blocks|middle_block|output_blocks))_")
+_SDXL_NAMES = re.compile(
+    rf"^({'|'.join(text_encoder_prefixes(2))}|{UNET_PREFIX}_(input_blocks|middle_block|output_blocks))_"
+)
 
 
 def lora_family(module_names: Iterable[str], metadata: Mapping[str, str]) -> ModelFamily | None:
@@ -181,11 +188,19 @@ def _describe(factors: ModuleFactors) -> str:
     return f"{into} -> {out}" + (f" ({kernel[0]}x{kernel[1]} conv)" if kernel != (1, 1) else "")
 
 
-def save_lora_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], dtype: torch.dtype | None = None) -> None:
+def save_lora_file(
+    path: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    dtype: torch.dtype | None = None,
+) -> None:
     """Save a LoRA atomically: every tensor (alpha included) cast to `dtype` when given; `.safetensors` gets the
     metadata plus the `sshs_*` hashes of the cast tensors, a torch pickle (`.ckpt`, `.pt`) the bare tensors."""
     path = check_lora_output(path)
-    final = {key: tensor.detach().to(device="cpu", dtype=dtype or tensor.dtype).contiguous() for key, tensor in tensors.items()}
+    final = {
+        key: tensor.detach().to(device="cpu", dtype=dtype or tensor.dtype).contiguous()
+        for key, tensor in tensors.items()
+    }
     if path.suffix.lower() == ".safetensors":
         write_safetensors(path, tensor_sources(final), {**metadata, **sshs_hashes(final, metadata)})
     else:
@@ -199,4 +214,3 @@ def check_lora_output(path: str | os.PathLike) -> Path:
     if path.suffix.lower() != ".safetensors" and path.suffix.lower() not in PICKLE_SUFFIXES:
         raise UserError(f"{path}: unknown LoRA file type '{path.suffix}'; use one of {', '.join(LORA_SUFFIXES)}.")
     return path
-

@@ -10,7 +10,8 @@ for a conv. By Eckart-Young, `up @ down` is the best rank-r approximation of the
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -93,7 +94,9 @@ def clamp_to_quantile(factors: LowRank, quantile: float) -> LowRank:
     their signed entries together). Computed by sorting, so it has no size limit (torch.quantile refuses inputs of
     more than 2^24 elements, spec B13)."""
     if not 0.0 <= quantile <= 1.0:
-        raise UserError(f"--clamp_quantile {quantile}: a quantile must be between 0 and 1 (sd-scripts' default is 0.99).")
+        raise UserError(
+            f"--clamp_quantile {quantile}: a quantile must be between 0 and 1 (sd-scripts' default is 0.99)."
+        )
     limit = signed_quantile(torch.cat([factors.up.flatten(), factors.down.flatten()]), quantile)
     return factors._replace(up=factors.up.clamp(-limit, limit), down=factors.down.clamp(-limit, limit))
 
@@ -153,7 +156,9 @@ def dynamic_rank(singular_values: torch.Tensor, method: str, parameter: float) -
     return int(reached[0]) + 1 if len(reached) else values.shape[0]
 
 
-def chosen_rank(singular_values: torch.Tensor, cap: int, method: str | None = None, parameter: float | None = None) -> int:
+def chosen_rank(
+    singular_values: torch.Tensor, cap: int, method: str | None = None, parameter: float | None = None
+) -> int:
     """The rank a resized module gets: `cap` (--new_rank or --new_conv_rank), or fewer by the dynamic method; never
     more than the delta's own rank, and 1 for a zero delta (as in sd-scripts)."""
     if float(singular_values[0]) <= ZERO_DELTA:

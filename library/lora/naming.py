@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -31,7 +32,6 @@ UNET_PREFIX = "lora_unet"
 TEXT_ENCODER_PREFIX = "lora_te"
 DOWN, UP, ALPHA = "lora_down.weight", "lora_up.weight", "alpha"
 LORA_PARTS = (DOWN, UP, ALPHA)
-
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,9 @@ class BlockLayout:
 
 
 SD_BLOCKS = BlockLayout(down=12, mid=1, up=12, edge=0)  # 25 slots: IN00-IN11 = 0-11, MID = 12, OUT00-OUT11 = 13-24
-SDXL_BLOCKS = BlockLayout(down=9, mid=3, up=9, edge=1)  # 23 slots: 0, IN00-IN08 = 1-9, MID = 10-12, OUT00-OUT08 = 13-21, 22
+SDXL_BLOCKS = BlockLayout(
+    down=9, mid=3, up=9, edge=1
+)  # 23 slots: 0, IN00-IN08 = 1-9, MID = 10-12, OUT00-OUT08 = 13-21, 22
 
 
 def block_layout(sdxl: bool) -> BlockLayout:
@@ -128,7 +130,10 @@ def unet_targets(unet: torch.nn.Module, with_conv_containers: bool) -> list[Lora
     ResNet, down- and up-sampling blocks (C3Lier)."""
     containers = UNET_CONTAINERS | UNET_CONV_CONTAINERS if with_conv_containers else UNET_CONTAINERS
     layers = _layers_in_containers(unet, containers)
-    ldm_paths = {key.removesuffix(".weight"): name.removesuffix(".weight") for key, name in unet_ldm_names([p + ".weight" for p, _ in layers], unet.config).items()}
+    ldm_paths = {
+        key.removesuffix(".weight"): name.removesuffix(".weight")
+        for key, name in unet_ldm_names([p + ".weight" for p, _ in layers], unet.config).items()
+    }
     sdxl = is_sdxl_unet(unet)
     targets = []
     for path, layer in layers:

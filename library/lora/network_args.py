@@ -8,8 +8,9 @@ values follow the family's block layout (library.lora.naming.BlockLayout): 25 sl
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping, TypeVar
+from typing import TypeVar
 
 from library.errors import UserError
 from library.lora.naming import BlockLayout, block_layout
@@ -117,7 +118,9 @@ def _number_list(key: str, value: object, kind: type[Number], count: int, what: 
     return tuple(parse_number(key, item, kind) if item.strip() else kind(0) for item in items)
 
 
-def _block_values(given: Mapping[str, object], key: str, kind: type[Number], layout: BlockLayout) -> tuple[Number, ...] | None:
+def _block_values(
+    given: Mapping[str, object], key: str, kind: type[Number], layout: BlockLayout
+) -> tuple[Number, ...] | None:
     if key not in given:
         return None
     return _number_list(key, given[key], kind, layout.slots, f"U-Net block ({layout.description()})")

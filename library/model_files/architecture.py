@@ -11,11 +11,18 @@ import copy
 import functools
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
-from library.model_files.family import CONFIG_NAMES, TEXT_ENCODER_LAYOUTS, UNET_PREFIX, VAE_PREFIX, ModelFamily, TextEncoderLayout
+from library.model_files.family import (
+    CONFIG_NAMES,
+    TEXT_ENCODER_LAYOUTS,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    ModelFamily,
+    TextEncoderLayout,
+)
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
 TEXT_ENCODER_FOLDERS = ("text_encoder", "text_encoder_2")
@@ -51,7 +58,11 @@ def scheduler_config(family: ModelFamily, v_prediction: bool) -> dict:
 def shipped_architecture(family: ModelFamily) -> Architecture:
     """The released model of the family: SD1.5, SD2.1-768-v or SDXL base 1.0."""
     folders = TEXT_ENCODER_FOLDERS[: len(TEXT_ENCODER_LAYOUTS[family])]
-    return Architecture(shipped_config(family, "unet"), shipped_config(family, "vae"), [shipped_config(family, folder) for folder in folders])
+    return Architecture(
+        shipped_config(family, "unet"),
+        shipped_config(family, "vae"),
+        [shipped_config(family, folder) for folder in folders],
+    )
 
 
 def architecture_from_shapes(family: ModelFamily, shapes: Shapes) -> Architecture:
@@ -79,7 +90,9 @@ def _unet_config(family: ModelFamily, shapes: Shapes) -> dict:
     levels = len(downsamplers) + 1
     first_blocks = [1 + level * (per_block + 1) for level in range(levels)]
     channels = [shapes[f"{UNET_PREFIX}input_blocks.{block}.0.out_layers.3.weight"][0] for block in first_blocks]
-    depths = [len(_indices(shapes, p + rf"input_blocks\.{block}\.1\.transformer_blocks\.(\d+)\.")) for block in first_blocks]
+    depths = [
+        len(_indices(shapes, p + rf"input_blocks\.{block}\.1\.transformer_blocks\.(\d+)\.")) for block in first_blocks
+    ]
     with_attention = [depth > 0 for depth in depths]
     config.update(
         in_channels=shapes[UNET_PREFIX + "input_blocks.0.0.weight"][1],
@@ -91,7 +104,9 @@ def _unet_config(family: ModelFamily, shapes: Shapes) -> dict:
         transformer_layers_per_block=[max(depth, 1) for depth in depths] if max(depths) > 1 else 1,
     )
     attention_block = first_blocks[with_attention.index(True)]
-    config["cross_attention_dim"] = shapes[f"{UNET_PREFIX}input_blocks.{attention_block}.1.transformer_blocks.0.attn2.to_k.weight"][1]
+    config["cross_attention_dim"] = shapes[
+        f"{UNET_PREFIX}input_blocks.{attention_block}.1.transformer_blocks.0.attn2.to_k.weight"
+    ][1]
     config["use_linear_projection"] = len(shapes[f"{UNET_PREFIX}input_blocks.{attention_block}.1.proj_in.weight"]) == 2
     if family is not ModelFamily.SD1:
         config["attention_head_dim"] = [max(c // ATTENTION_HEAD_WIDTH, 1) for c in channels]

@@ -14,9 +14,9 @@ import os
 import pickle
 import struct
 import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -103,7 +103,9 @@ class PickleCheckpointFile(CheckpointFile):
     def __init__(self, path: Path):
         self.path = path
         self.metadata = {}
-        self._tensors = {key: value for key, value in _load_pickle_state_dict(path).items() if isinstance(value, torch.Tensor)}
+        self._tensors = {
+            key: value for key, value in _load_pickle_state_dict(path).items() if isinstance(value, torch.Tensor)
+        }
 
     def info(self) -> Mapping[str, TensorInfo]:
         return {key: TensorInfo(tuple(t.shape), t.dtype) for key, t in self._tensors.items()}
@@ -132,11 +134,15 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, tuple[TensorInfo, in
             raise UserError(f"{path}: the file is empty or truncated, not a safetensors file; copy it again.")
         (header_size,) = struct.unpack("<Q", prefix)
         if header_size > min(_HEADER_LIMIT, size - 8):
-            raise UserError(f"{path}: not a valid safetensors file (bad header length); it is truncated or of another format.")
+            raise UserError(
+                f"{path}: not a valid safetensors file (bad header length); it is truncated or of another format."
+            )
         try:
             header = json.loads(stream.read(header_size))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise UserError(f"{path}: not a valid safetensors file (unreadable header); it is truncated or of another format.") from None
+            raise UserError(
+                f"{path}: not a valid safetensors file (unreadable header); it is truncated or of another format."
+            ) from None
     if not isinstance(header, dict):
         raise UserError(f"{path}: not a valid safetensors file (its header is not a table of tensors).")
     metadata = header.pop("__metadata__", None) or {}
@@ -148,7 +154,9 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, tuple[TensorInfo, in
             begin, end = (int(offset) for offset in entry["data_offsets"])
             shape = tuple(int(dim) for dim in entry["shape"])
         except (KeyError, TypeError, ValueError):
-            raise UserError(f"{path}: tensor '{key}' has an unreadable entry in the safetensors header; the file is damaged.") from None
+            raise UserError(
+                f"{path}: tensor '{key}' has an unreadable entry in the safetensors header; the file is damaged."
+            ) from None
         tensors[key] = (TensorInfo(shape, dtype), begin, end)
     data_end = max((end for _, _, end in tensors.values()), default=0)
     if data_start + data_end > size:
@@ -170,7 +178,9 @@ def _load_pickle_state_dict(path: Path) -> dict:
             ) from None
         raise UserError(f"{path}: not a readable .ckpt file ({error}); it is truncated or of another format.") from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise UserError(f"{path}: not a readable .ckpt file ({str(error).splitlines()[0]}); it is truncated or damaged.") from None
+        raise UserError(
+            f"{path}: not a readable .ckpt file ({str(error).splitlines()[0]}); it is truncated or damaged."
+        ) from None
     while isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, dict):
@@ -181,7 +191,11 @@ def _load_pickle_state_dict(path: Path) -> dict:
 TensorSource = Callable[[], torch.Tensor]
 
 
-def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, tuple[TensorInfo, TensorSource]], metadata: Mapping[str, str] | None = None) -> None:
+def write_safetensors(
+    path: str | os.PathLike,
+    tensors: Mapping[str, tuple[TensorInfo, TensorSource]],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
     """Write tensors one at a time (each produced on demand), atomically, laid out exactly as the safetensors
     library lays them out. Peak memory is one tensor."""
     with atomic_output(path) as temporary, open(temporary, "wb") as stream:
@@ -189,17 +203,25 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, tuple[Tenso
             stream.write(chunk)
 
 
-def safetensors_chunks(tensors: Mapping[str, tuple[TensorInfo, TensorSource]], metadata: Mapping[str, str] | None = None) -> Iterator[memoryview | bytes]:
+def safetensors_chunks(
+    tensors: Mapping[str, tuple[TensorInfo, TensorSource]], metadata: Mapping[str, str] | None = None
+) -> Iterator[memoryview | bytes]:
     """The bytes of a safetensors file, in order: the length and header first, then each tensor's data. The metadata
     is sorted by key, so the same tensors and metadata always give the same bytes."""
-    order = sorted(tensors, key=lambda key: (SAFETENSORS_DATA_ORDER.index(SAFETENSORS_DTYPE_NAMES[tensors[key][0].dtype]), key))
+    order = sorted(
+        tensors, key=lambda key: (SAFETENSORS_DATA_ORDER.index(SAFETENSORS_DTYPE_NAMES[tensors[key][0].dtype]), key)
+    )
     header, offset = {}, 0
     if metadata is not None:  # as the library does, an empty dict is still written
         header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
     for key in order:
         info = tensors[key][0]
         nbytes = math.prod(info.shape) * info.dtype.itemsize
-        header[key] = {"dtype": SAFETENSORS_DTYPE_NAMES[info.dtype], "shape": list(info.shape), "data_offsets": [offset, offset + nbytes]}
+        header[key] = {
+            "dtype": SAFETENSORS_DTYPE_NAMES[info.dtype],
+            "shape": list(info.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)
@@ -225,7 +247,14 @@ def save_state_dict(
         write_safetensors(path, tensor_sources(tensors), metadata)
         return
     with atomic_output(path) as temporary:
-        torch.save({"state_dict": {key: t.detach().cpu().contiguous() for key, t in tensors.items()}, "epoch": epoch, "global_step": global_step}, temporary)
+        torch.save(
+            {
+                "state_dict": {key: t.detach().cpu().contiguous() for key, t in tensors.items()},
+                "epoch": epoch,
+                "global_step": global_step,
+            },
+            temporary,
+        )
 
 
 def tensor_sources(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[TensorInfo, TensorSource]]:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from library.errors import UserError
 
@@ -54,12 +54,16 @@ def detect_family(shapes: Mapping[str, tuple[int, ...]], source: str) -> ModelFa
     if any(key.startswith("conditioner.embedders.1.model.") for key in shapes):
         return ModelFamily.SDXL
     if any(key.startswith("conditioner.embedders.0.model.") for key in shapes):
-        raise UserError(f"{source}: this is an SDXL refiner checkpoint, which is not supported; use an SDXL base model.")
+        raise UserError(
+            f"{source}: this is an SDXL refiner checkpoint, which is not supported; use an SDXL base model."
+        )
     if any(key.startswith("cond_stage_model.model.") for key in shapes):
         return ModelFamily.SD2
     if any(key.startswith("cond_stage_model.transformer.") for key in shapes):
         return ModelFamily.SD1
-    raise UserError(f"{source}: the text encoder weights are missing (no 'cond_stage_model.' or 'conditioner.' keys); the file is incomplete.")
+    raise UserError(
+        f"{source}: the text encoder weights are missing (no 'cond_stage_model.' or 'conditioner.' keys); the file is incomplete."
+    )
 
 
 FAMILY_FLAGS = {ModelFamily.SD1: "--v1", ModelFamily.SD2: "--v2", ModelFamily.SDXL: "--sdxl"}
@@ -67,9 +71,13 @@ FAMILY_FLAGS = {ModelFamily.SD1: "--v1", ModelFamily.SD2: "--v2", ModelFamily.SD
 
 def family_from_flags(v1: bool = False, v2: bool = False, sdxl: bool = False) -> ModelFamily | None:
     """The family that `--v1`/`--v2`/`--sdxl` ask for, or None when no flag is given."""
-    wanted = [family for family, given in ((ModelFamily.SD1, v1), (ModelFamily.SD2, v2), (ModelFamily.SDXL, sdxl)) if given]
+    wanted = [
+        family for family, given in ((ModelFamily.SD1, v1), (ModelFamily.SD2, v2), (ModelFamily.SDXL, sdxl)) if given
+    ]
     if len(wanted) > 1:
-        raise UserError(f"{' and '.join(FAMILY_FLAGS[f] for f in wanted)} name different model families; give at most one.")
+        raise UserError(
+            f"{' and '.join(FAMILY_FLAGS[f] for f in wanted)} name different model families; give at most one."
+        )
     return wanted[0] if wanted else None
 
 
@@ -77,7 +85,9 @@ def check_family(detected: ModelFamily, expected: ModelFamily | None, source: st
     """A family flag confirms what the weights say; a contradiction is reported instead of a failed load."""
     if expected is not None and expected != detected:
         flag = FAMILY_FLAGS[expected]
-        raise UserError(f"{source}: {flag} was given, but the file is an {detected.label} model; remove {flag} or pick the right file.")
+        raise UserError(
+            f"{source}: {flag} was given, but the file is an {detected.label} model; remove {flag} or pick the right file."
+        )
 
 
 def detect_v_prediction(metadata: Mapping[str, str], keys, v_parameterization_flag: bool) -> tuple[bool, str]:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
 
 import torch
 
@@ -98,9 +98,13 @@ def _unet_prefixes(config: Mapping) -> dict[str, str]:
             resnets[f"up_blocks.{level}.resnets.{j}."] = f"output_blocks.{block}.0."
             prefixes[f"up_blocks.{level}.attentions.{j}."] = f"output_blocks.{block}.1."
         if level < levels - 1:
-            prefixes[f"down_blocks.{level}.downsamplers.0.conv."] = f"input_blocks.{(level + 1) * (per_block + 1)}.0.op."
+            prefixes[f"down_blocks.{level}.downsamplers.0.conv."] = (
+                f"input_blocks.{(level + 1) * (per_block + 1)}.0.op."
+            )
             upsampler_slot = 2 if "CrossAttn" in config["up_block_types"][level] else 1
-            prefixes[f"up_blocks.{level}.upsamplers.0."] = f"output_blocks.{level * (per_block + 1) + per_block}.{upsampler_slot}."
+            prefixes[f"up_blocks.{level}.upsamplers.0."] = (
+                f"output_blocks.{level * (per_block + 1) + per_block}.{upsampler_slot}."
+            )
     for ours, theirs in resnets.items():
         for part, their_part in _UNET_RESNET_PARTS.items():
             prefixes[ours + part] = theirs + their_part
@@ -126,7 +130,14 @@ def _vae_prefixes(config: Mapping) -> dict[str, str]:
     levels = len(config["block_out_channels"])
     per_block = config["layers_per_block"]
     prefixes = {"encoder.conv_norm_out.": "encoder.norm_out.", "decoder.conv_norm_out.": "decoder.norm_out."}
-    for unchanged in ("encoder.conv_in.", "encoder.conv_out.", "decoder.conv_in.", "decoder.conv_out.", "quant_conv.", "post_quant_conv."):
+    for unchanged in (
+        "encoder.conv_in.",
+        "encoder.conv_out.",
+        "decoder.conv_in.",
+        "decoder.conv_out.",
+        "quant_conv.",
+        "post_quant_conv.",
+    ):
         prefixes[unchanged] = unchanged
     resnets = {}
     for side in ("encoder", "decoder"):
@@ -152,15 +163,21 @@ def vae_links(model_keys: Iterable[str], config: Mapping) -> dict[str, KeyLink]:
     links = {}
     for key in model_keys:
         is_attention_weight = ".mid_block.attentions.0.to_" in key and key.endswith(".weight")
-        links[key] = KeyLink(VAE_PREFIX + _replace_prefix(key, prefixes), Reshape.CONV_1X1 if is_attention_weight else Reshape.SAME)
+        links[key] = KeyLink(
+            VAE_PREFIX + _replace_prefix(key, prefixes), Reshape.CONV_1X1 if is_attention_weight else Reshape.SAME
+        )
     return links
 
 
 # ---------------------------------------------------------------- text encoders
 
+
 def clip_links(model_keys: Iterable[str], file_prefix: str) -> dict[str, KeyLink]:
     """Hugging Face CLIP layout (SD1, SDXL encoder 1): the file keeps `text_model.`, flat models drop it."""
-    return {key: KeyLink(file_prefix + (key if key.startswith("text_model.") else "text_model." + key)) for key in model_keys}
+    return {
+        key: KeyLink(file_prefix + (key if key.startswith("text_model.") else "text_model." + key))
+        for key in model_keys
+    }
 
 
 _OPEN_CLIP_RULES: tuple[tuple[re.Pattern, str], ...] = tuple(
@@ -190,7 +207,9 @@ def open_clip_links(model_keys: Iterable[str], file_prefix: str) -> dict[str, Ke
         fused = _OPEN_CLIP_QKV.match(name)
         if fused:
             layer, which, kind = fused.groups()
-            links[key] = KeyLink(f"{file_prefix}transformer.resblocks.{layer}.attn.in_proj_{kind}", Reshape.QKV, "qkv".index(which))
+            links[key] = KeyLink(
+                f"{file_prefix}transformer.resblocks.{layer}.attn.in_proj_{kind}", Reshape.QKV, "qkv".index(which)
+            )
             continue
         for pattern, replacement in _OPEN_CLIP_RULES:
             if pattern.search(name):
@@ -207,5 +226,5 @@ def _replace_prefix(key: str, prefixes: Mapping[str, str]) -> str:
     for end in range(len(parts) - 1, 0, -1):
         prefix = ".".join(parts[:end]) + "."
         if prefix in prefixes:
-            return prefixes[prefix] + key[len(prefix):]
+            return prefixes[prefix] + key[len(prefix) :]
     raise KeyError(f"no single-file name for model tensor '{key}'")

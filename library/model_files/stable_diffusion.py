@@ -13,9 +13,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
 
 import diffusers
 import torch
@@ -25,8 +25,21 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from library.errors import UserError
 from library.metadata import checkpoint_modelspec
-from library.model_files.architecture import TEXT_ENCODER_FOLDERS, Architecture, architecture_from_shapes, scheduler_config, shipped_architecture
-from library.model_files.containers import CHECKPOINT_SUFFIXES, CheckpointFile, TensorInfo, open_checkpoint, save_state_dict, write_safetensors
+from library.model_files.architecture import (
+    TEXT_ENCODER_FOLDERS,
+    Architecture,
+    architecture_from_shapes,
+    scheduler_config,
+    shipped_architecture,
+)
+from library.model_files.containers import (
+    CHECKPOINT_SUFFIXES,
+    CheckpointFile,
+    TensorInfo,
+    open_checkpoint,
+    save_state_dict,
+    write_safetensors,
+)
 from library.model_files.family import (
     TEXT_ENCODER_LAYOUTS,
     UNET_PREFIX,
@@ -37,13 +50,27 @@ from library.model_files.family import (
     detect_family,
     detect_v_prediction,
 )
-from library.model_files.key_maps import KeyLink, Reshape, clip_links, file_shape, open_clip_links, to_file_tensor, to_model_tensor, unet_links, vae_links
+from library.model_files.key_maps import (
+    KeyLink,
+    Reshape,
+    clip_links,
+    file_shape,
+    open_clip_links,
+    to_file_tensor,
+    to_model_tensor,
+    unet_links,
+    vae_links,
+)
 from library.model_files.tokenizer import load_tokenizers
 
 TextEncoder = CLIPTextModel | CLIPTextModelWithProjection
 TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2")
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
-PIPELINE_CLASSES = {ModelFamily.SD1: "StableDiffusionPipeline", ModelFamily.SD2: "StableDiffusionPipeline", ModelFamily.SDXL: "StableDiffusionXLPipeline"}
+PIPELINE_CLASSES = {
+    ModelFamily.SD1: "StableDiffusionPipeline",
+    ModelFamily.SD2: "StableDiffusionPipeline",
+    ModelFamily.SDXL: "StableDiffusionXLPipeline",
+}
 
 
 @dataclass
@@ -77,6 +104,7 @@ def place(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtyp
 
 
 # ---------------------------------------------------------------- loading
+
 
 def load_stable_diffusion(
     path: str | os.PathLike,
@@ -123,7 +151,9 @@ def open_single_file_model(
     return model, checkpoint
 
 
-def _open_single_file(path: Path, family: ModelFamily | None, v_parameterization: bool, tokenizer_cache_dir) -> tuple[StableDiffusionModel, AliasedCheckpoint, list[str]]:
+def _open_single_file(
+    path: Path, family: ModelFamily | None, v_parameterization: bool, tokenizer_cache_dir
+) -> tuple[StableDiffusionModel, AliasedCheckpoint, list[str]]:
     """The empty model, the aliased file and the file tensors no module uses; family and keys checked."""
     checkpoint = AliasedCheckpoint(open_checkpoint(path))
     shapes = checkpoint.shapes()
@@ -157,7 +187,9 @@ def empty_model(
         ]
     for module in (unet, vae, *text_encoders):
         module.eval()
-    return StableDiffusionModel(family, v_prediction, unet, vae, text_encoders, load_tokenizers(family, cache_dir=tokenizer_cache_dir), source)
+    return StableDiffusionModel(
+        family, v_prediction, unet, vae, text_encoders, load_tokenizers(family, cache_dir=tokenizer_cache_dir), source
+    )
 
 
 def _download_from_hub(repo_id: str) -> Path:
@@ -179,7 +211,9 @@ class AliasedCheckpoint:
     `position_ids` disappear, Playground's doubled `text_projection.weight.weight` loses its extra `.weight`.
     `file_key` gives a name's key in the file itself."""
 
-    _LEGACY_CLIP = re.compile(r"^cond_stage_model\.transformer\.(?!text_model\.)(embeddings|encoder|final_layer_norm)\.")
+    _LEGACY_CLIP = re.compile(
+        r"^cond_stage_model\.transformer\.(?!text_model\.)(embeddings|encoder|final_layer_norm)\."
+    )
 
     def __init__(self, checkpoint: CheckpointFile):
         self.checkpoint = checkpoint
@@ -207,7 +241,9 @@ def _architecture(family: ModelFamily, shapes, path: Path):
     try:
         return architecture_from_shapes(family, shapes)
     except (KeyError, IndexError, ValueError) as error:
-        raise UserError(f"{path}: the {family.label} weights are incomplete ({error} is missing or malformed); the file is damaged or not a full model.") from None
+        raise UserError(
+            f"{path}: the {family.label} weights are incomplete ({error} is missing or malformed); the file is damaged or not a full model."
+        ) from None
 
 
 def _init_arguments(config: Mapping) -> dict:
@@ -252,10 +288,14 @@ def _check_keys(checkpoint: AliasedCheckpoint, components, family: ModelFamily, 
     problems = [(missing, "missing"), (wrong_shape, "with a wrong shape"), (unexpected, "unexpected")]
     report = "; ".join(f"{len(keys)} {what} (first: {', '.join(sorted(keys)[:3])})" for keys, what in problems if keys)
     if report:
-        raise UserError(f"{path}: not a complete {family.label} checkpoint, its tensors do not match the model: {report}. The file is damaged, or a merge left it incomplete.")
+        raise UserError(
+            f"{path}: not a complete {family.label} checkpoint, its tensors do not match the model: {report}. The file is damaged, or a merge left it incomplete."
+        )
 
 
-def _fill_module(module: torch.nn.Module, links: dict[str, KeyLink], checkpoint: AliasedCheckpoint, dtype: torch.dtype) -> None:
+def _fill_module(
+    module: torch.nn.Module, links: dict[str, KeyLink], checkpoint: AliasedCheckpoint, dtype: torch.dtype
+) -> None:
     for key, link in links.items():
         tensor = to_model_tensor(checkpoint.read(link.file_key), link)
         _assign(module, key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
@@ -265,17 +305,26 @@ def _assign(module: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:
     owner_path, _, name = key.rpartition(".")
     owner = module.get_submodule(owner_path)
     if name in owner._parameters:
-        owner._parameters[name] = torch.nn.Parameter(tensor.contiguous(), requires_grad=owner._parameters[name].requires_grad)
+        owner._parameters[name] = torch.nn.Parameter(
+            tensor.contiguous(), requires_grad=owner._parameters[name].requires_grad
+        )
     else:
         owner._buffers[name] = tensor.contiguous()
 
 
 def _load_diffusers_folder(
-    folder: Path, expected: ModelFamily | None, v_parameterization: bool, dtype: torch.dtype, vae_dtype: torch.dtype, tokenizer_cache_dir
+    folder: Path,
+    expected: ModelFamily | None,
+    v_parameterization: bool,
+    dtype: torch.dtype,
+    vae_dtype: torch.dtype,
+    tokenizer_cache_dir,
 ) -> StableDiffusionModel:
     for needed in ("unet", "vae", "text_encoder"):
         if not (folder / needed / "config.json").is_file():
-            raise UserError(f"{folder}: not a Diffusers model folder ({needed}/config.json is missing); give a model folder or a single .safetensors/.ckpt file.")
+            raise UserError(
+                f"{folder}: not a Diffusers model folder ({needed}/config.json is missing); give a model folder or a single .safetensors/.ckpt file."
+            )
     family = _folder_family(folder)
     check_family(family, expected, str(folder))
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, local_files_only=True)
@@ -285,9 +334,17 @@ def _load_diffusers_folder(
         for name, layout in zip(TEXT_ENCODER_FOLDERS, TEXT_ENCODER_LAYOUTS[family])
     ]
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
-    folder_v = scheduler_file.is_file() and json.loads(scheduler_file.read_text()).get("prediction_type") == "v_prediction"
+    folder_v = (
+        scheduler_file.is_file() and json.loads(scheduler_file.read_text()).get("prediction_type") == "v_prediction"
+    )
     v_prediction = v_parameterization or folder_v
-    reason = "--v_parameterization" if v_parameterization else "the folder's scheduler config" if folder_v else "default (no --v_parameterization)"
+    reason = (
+        "--v_parameterization"
+        if v_parameterization
+        else "the folder's scheduler config"
+        if folder_v
+        else "default (no --v_parameterization)"
+    )
     tokenizer_dirs = [folder / name for name in TOKENIZER_FOLDERS]
     tokenizers = load_tokenizers(family, tokenizer_dirs, cache_dir=tokenizer_cache_dir)
     model = StableDiffusionModel(family, v_prediction, unet, vae, text_encoders, tokenizers, str(folder), reason)
@@ -306,7 +363,10 @@ def _folder_family(folder: Path) -> ModelFamily:
 
 # ---------------------------------------------------------------- saving
 
-def single_file_tensors(model: StableDiffusionModel, dtype: torch.dtype | None = None) -> dict[str, tuple[TensorInfo, Callable[[], torch.Tensor]]]:
+
+def single_file_tensors(
+    model: StableDiffusionModel, dtype: torch.dtype | None = None
+) -> dict[str, tuple[TensorInfo, Callable[[], torch.Tensor]]]:
     """Every tensor of the single file, in LDM/SGM names, each produced on demand (key -> (info, producer))."""
     entries = {}
     for module, links in model.components():
@@ -352,7 +412,9 @@ def write_single_file(
         save_state_dict(path, tensors, epoch=epoch, global_step=global_step)
 
 
-def save_diffusers_folder(model: StableDiffusionModel, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+def save_diffusers_folder(
+    model: StableDiffusionModel, folder: str | os.PathLike, dtype: torch.dtype | None = None
+) -> None:
     """Write a Diffusers model folder (unet, vae, text encoders, tokenizers, scheduler, model_index.json)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -378,7 +440,10 @@ def diffusers_modules(model: StableDiffusionModel) -> dict[str, torch.nn.Module]
 def _save_module(module: torch.nn.Module, folder: Path, dtype: torch.dtype | None) -> None:
     """config.json and the weights, cast on the way out (the model in memory keeps its dtype)."""
     weights_name = save_module_config(module, folder)
-    tensors = {key: (TensorInfo(tuple(t.shape), _save_dtype(t, dtype)), _producer([t], Reshape.SAME)) for key, t in module.state_dict().items()}
+    tensors = {
+        key: (TensorInfo(tuple(t.shape), _save_dtype(t, dtype)), _producer([t], Reshape.SAME))
+        for key, t in module.state_dict().items()
+    }
     write_safetensors(folder / weights_name, tensors, {"format": "pt"})
 
 
@@ -403,7 +468,12 @@ def diffusers_model_index(model: StableDiffusionModel) -> dict:
     if model.family is ModelFamily.SDXL:
         index["force_zeros_for_empty_prompt"] = True
     else:
-        index.update(safety_checker=[None, None], feature_extractor=[None, None], image_encoder=[None, None], requires_safety_checker=False)
+        index.update(
+            safety_checker=[None, None],
+            feature_extractor=[None, None],
+            image_encoder=[None, None],
+            requires_safety_checker=False,
+        )
     return index
 
 

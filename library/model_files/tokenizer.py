@@ -49,7 +49,9 @@ def clip_vocabulary() -> tuple[dict[str, int], tuple[str, ...]]:
         lines = stream.read().split("\n")
     merges = tuple(lines[1 : 1 + MERGE_COUNT])
     symbols = _bytes_to_unicode()
-    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split(" ")) for m in merges] + [START_OF_TEXT, END_OF_TEXT]
+    tokens = (
+        symbols + [s + "</w>" for s in symbols] + ["".join(m.split(" ")) for m in merges] + [START_OF_TEXT, END_OF_TEXT]
+    )
     return {token: index for index, token in enumerate(tokens)}, merges
 
 
@@ -63,7 +65,9 @@ def shipped_tokenizer(pad_token: str = END_OF_TEXT) -> CLIPTokenizer:
     )
 
 
-def load_tokenizers(family: ModelFamily, tokenizer_dirs: list[Path | None] | None = None, cache_dir: Path | None = None) -> list[CLIPTokenizer]:
+def load_tokenizers(
+    family: ModelFamily, tokenizer_dirs: list[Path | None] | None = None, cache_dir: Path | None = None
+) -> list[CLIPTokenizer]:
     """One tokenizer per text encoder: from the given folders where they exist, else the shipped one.
 
     `tokenizer_dirs` are a Diffusers model's `tokenizer`/`tokenizer_2` folders; `cache_dir` is sd-scripts'

@@ -40,20 +40,33 @@ def _weights_file(folder: Path) -> Path:
         for name in DIFFUSERS_WEIGHTS:
             if (candidate / name).is_file():
                 return candidate / name
-    raise UserError(f"--vae {folder}: a folder without {DIFFUSERS_WEIGHTS[0]} (or in vae/); give a Diffusers VAE folder or a VAE file.")
+    raise UserError(
+        f"--vae {folder}: a folder without {DIFFUSERS_WEIGHTS[0]} (or in vae/); give a Diffusers VAE folder or a VAE file."
+    )
 
 
 def _from_ldm_names(vae: AutoencoderKL, checkpoint, keys: set[str], path: Path) -> dict[str, torch.Tensor]:
     prefix = VAE_PREFIX if any(key.startswith(VAE_PREFIX) for key in keys) else ""
     links = vae_links(vae.state_dict().keys(), vae.config)
-    missing = [link.file_key for link in links.values() if prefix + link.file_key[len(VAE_PREFIX):] not in keys]
+    missing = [link.file_key for link in links.values() if prefix + link.file_key[len(VAE_PREFIX) :] not in keys]
     if missing:
-        raise UserError(f"--vae {path}: {len(missing)} VAE tensors are missing (first: {missing[0]}); it is not a VAE file, or not one of this model's kind.")
-    return {key: to_model_tensor(checkpoint.read(prefix + link.file_key[len(VAE_PREFIX):]), link) for key, link in links.items()}
+        raise UserError(
+            f"--vae {path}: {len(missing)} VAE tensors are missing (first: {missing[0]}); it is not a VAE file, or not one of this model's kind."
+        )
+    return {
+        key: to_model_tensor(checkpoint.read(prefix + link.file_key[len(VAE_PREFIX) :]), link)
+        for key, link in links.items()
+    }
 
 
 def _check_shapes(vae: AutoencoderKL, weights: dict[str, torch.Tensor], path: Path) -> None:
     expected = vae.state_dict()
-    wrong = [f"{key} {tuple(tensor.shape)} instead of {tuple(expected[key].shape)}" for key, tensor in weights.items() if tensor.shape != expected[key].shape]
+    wrong = [
+        f"{key} {tuple(tensor.shape)} instead of {tuple(expected[key].shape)}"
+        for key, tensor in weights.items()
+        if tensor.shape != expected[key].shape
+    ]
     if wrong:
-        raise UserError(f"--vae {path}: {len(wrong)} tensors have another shape (first: {wrong[0]}); it is not a VAE of this model's kind.")
+        raise UserError(
+            f"--vae {path}: {len(wrong)} tensors have another shape (first: {wrong[0]}); it is not a VAE of this model's kind."
+        )

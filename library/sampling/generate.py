@@ -13,9 +13,9 @@ from __future__ import annotations
 import contextlib
 import datetime
 import random
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
 
 import torch
 import transformers
@@ -59,12 +59,19 @@ def generate_image(
     afterwards."""
     text_encoders, tokenizers = list(text_encoders), list(tokenizers)
     if len(text_encoders) not in (1, 2) or len(tokenizers) != len(text_encoders):
-        raise ValueError(f"give one text encoder and tokenizer (SD 1.x/2.x) or two of each (SDXL), not {len(text_encoders)} and {len(tokenizers)}")
+        raise ValueError(
+            f"give one text encoder and tokenizer (SD 1.x/2.x) or two of each (SDXL), not {len(text_encoders)} and {len(tokenizers)}"
+        )
     sampler = check_sampler(prompt.sampler or default_sampler)
     scheduler = make_scheduler(sampler, v_prediction)
     seed = prompt.seed if prompt.seed is not None else random.SystemRandom().randrange(SEED_RANGE)
     device = torch.device(device)
-    with _global_rng_kept(), _modules_on(device, (unet, *text_encoders, vae)), torch.no_grad(), _autocast(device, dtype):
+    with (
+        _global_rng_kept(),
+        _modules_on(device, (unet, *text_encoders, vae)),
+        torch.no_grad(),
+        _autocast(device, dtype),
+    ):
         if len(text_encoders) == 1:
             prompt_embeds, negative_embeds = _prompt_embeddings(text_encoders[0], tokenizers[0], prompt, clip_skip)
             conditioning = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_embeds}
@@ -119,11 +126,15 @@ def png_metadata(prompt: SamplePrompt, seed: int, sampler: str, extra: Mapping[s
 def save_sample_image(generated: GeneratedImage, path: str | Path) -> Path:
     """Write the image as PNG with its prompt and settings as text; an interrupted write leaves nothing behind."""
     with atomic_output(path) as temporary:
-        generated.image.save(temporary, format="PNG", pnginfo=png_metadata(generated.prompt, generated.seed, generated.sampler))
+        generated.image.save(
+            temporary, format="PNG", pnginfo=png_metadata(generated.prompt, generated.seed, generated.sampler)
+        )
     return Path(path)
 
 
-def _prompt_embeddings(text_encoder, tokenizer, prompt: SamplePrompt, clip_skip: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _prompt_embeddings(
+    text_encoder, tokenizer, prompt: SamplePrompt, clip_skip: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden states of the prompt and the negative prompt ("" when none), with as many 75-token windows as the
     longer of the two needs (at most 3), as sd-scripts' sampling pipeline does."""
     texts = [prompt.prompt, prompt.negative_prompt or ""]
@@ -134,7 +145,9 @@ def _prompt_embeddings(text_encoder, tokenizer, prompt: SamplePrompt, clip_skip:
     return states[:1], states[1:]
 
 
-def _sdxl_prompt_embeddings(text_encoders, tokenizers, prompt: SamplePrompt, clip_skip: int | None) -> dict[str, torch.Tensor]:
+def _sdxl_prompt_embeddings(
+    text_encoders, tokenizers, prompt: SamplePrompt, clip_skip: int | None
+) -> dict[str, torch.Tensor]:
     """The SDXL pipeline's four conditioning tensors for the prompt and the negative prompt ("" when none), as
     diffusers' `StableDiffusionXLPipeline.encode_prompt` and sd-scripts compute them: each encoder's penultimate
     hidden states (`clip_skip` k takes the k-th layer from the end instead, with no final layer norm), concatenated

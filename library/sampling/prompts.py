@@ -15,9 +15,10 @@ import json
 import math
 import re
 import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from library.errors import UserError
 from library.sampling.samplers import check_sampler
@@ -79,7 +80,9 @@ def read_sample_prompts(path: str | Path, defaults: Mapping[str, Any] | None = N
     return prompts
 
 
-def parse_prompt_line(line: str, where: str = "sample prompt", defaults: Mapping[str, Any] | None = None) -> SamplePrompt:
+def parse_prompt_line(
+    line: str, where: str = "sample prompt", defaults: Mapping[str, Any] | None = None
+) -> SamplePrompt:
     """One `.txt` line: the prompt text, then options each introduced by " --"; `defaults` fill the options it
     does not give."""
     text, *options = line.strip().split(OPTION_SEPARATOR)
@@ -88,7 +91,9 @@ def parse_prompt_line(line: str, where: str = "sample prompt", defaults: Mapping
         flag, value = (option.split(maxsplit=1) + [""])[:2]
         flag = flag.lower()
         if flag not in LINE_OPTIONS:
-            raise UserError(f"{where}: unknown option --{flag}; use --n, --w, --h, --d, --l, --s or --ss, and write ' --' only before an option.")
+            raise UserError(
+                f"{where}: unknown option --{flag}; use --n, --w, --h, --d, --l, --s or --ss, and write ' --' only before an option."
+            )
         if not value:
             raise UserError(f"{where}: option --{flag} has no value; write it as --{flag} VALUE.")
         key, convert = LINE_OPTIONS[flag]
@@ -113,11 +118,15 @@ def _read_toml(text: str, source: str, defaults: dict[str, Any]) -> list[SampleP
         raise UserError(f"{source}: not valid TOML ({error}); fix the syntax at that place.") from None
     for key in tables:
         if key != "prompt":
-            raise UserError(f"{source}: unknown top-level key '{key}'; put defaults in [prompt] and each prompt in a [[prompt.subset]] table.")
+            raise UserError(
+                f"{source}: unknown top-level key '{key}'; put defaults in [prompt] and each prompt in a [[prompt.subset]] table."
+            )
     table_defaults = _table(tables.get("prompt"), f"{source}, [prompt]")
     subsets = table_defaults.pop("subset", [])
     if not isinstance(subsets, list):
-        raise UserError(f"{source}: 'subset' must be an array of tables; write each prompt as a [[prompt.subset]] table.")
+        raise UserError(
+            f"{source}: 'subset' must be an array of tables; write each prompt as a [[prompt.subset]] table."
+        )
     default_values = {**defaults, **_table_values(table_defaults, f"{source}, [prompt]")}
     prompts = []
     for number, subset in enumerate(subsets, start=1):
@@ -133,7 +142,9 @@ def _read_json(text: str, source: str, defaults: dict[str, Any]) -> list[SampleP
     except json.JSONDecodeError as error:
         raise UserError(f"{source}: not valid JSON ({error}); fix the syntax at that place.") from None
     if not isinstance(items, list):
-        raise UserError(f"{source}: the file must hold a JSON list of prompt strings or objects; wrap the prompts in [ ].")
+        raise UserError(
+            f"{source}: the file must hold a JSON list of prompt strings or objects; wrap the prompts in [ ]."
+        )
     prompts = []
     for number, item in enumerate(items, start=1):
         where = f"{source}, item {number}"
@@ -146,7 +157,11 @@ def _read_json(text: str, source: str, defaults: dict[str, Any]) -> list[SampleP
     return prompts
 
 
-READERS: dict[str, Callable[[str, str, dict[str, Any]], list[SamplePrompt]]] = {".txt": _read_txt, ".toml": _read_toml, ".json": _read_json}
+READERS: dict[str, Callable[[str, str, dict[str, Any]], list[SamplePrompt]]] = {
+    ".txt": _read_txt,
+    ".toml": _read_toml,
+    ".json": _read_json,
+}
 
 
 def _whole_number(value: Any, where: str) -> int:
@@ -221,7 +236,9 @@ def _table(value: Any, where: str) -> dict:
     if value is None:
         raise UserError(f"{where}: missing; add a [prompt] table with [[prompt.subset]] tables, one per prompt.")
     if not isinstance(value, dict):
-        raise UserError(f"{where}: must be a table of keys such as prompt = \"...\"; write each prompt as a [[prompt.subset]] table.")
+        raise UserError(
+            f'{where}: must be a table of keys such as prompt = "..."; write each prompt as a [[prompt.subset]] table.'
+        )
     return dict(value)
 
 

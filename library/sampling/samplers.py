@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from diffusers import (
     DDIMScheduler,
@@ -53,10 +53,14 @@ SAMPLERS: dict[str, Sampler] = {
     "dpm_2_a": Sampler(KDPM2AncestralDiscreteScheduler),
     "k_dpm_2_a": Sampler(KDPM2AncestralDiscreteScheduler),
     # diffusers only runs the first-order "dpmsolver" algorithm with a last step to sigma_min, not to zero.
-    "dpmsolver": Sampler(DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}),
+    "dpmsolver": Sampler(
+        DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}
+    ),
     "dpmsolver++": DPM_SOLVER_PLUS_PLUS,
     "dpm++_2m": DPM_SOLVER_PLUS_PLUS,
-    "dpm++_2m_karras": Sampler(DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "dpm++_2m_karras": Sampler(
+        DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}
+    ),
     "dpmsingle": Sampler(DPMSolverSinglestepScheduler),
 }
 SAMPLER_NAMES = tuple(SAMPLERS)
@@ -74,7 +78,9 @@ def check_sampler(name: str, where: str = "") -> str:
     scheduler_class = SAMPLERS[canonical].scheduler_class
     if isinstance(scheduler_class, DummyObject):
         missing = " and ".join(backend for backend in scheduler_class._backends if backend != "torch")
-        raise UserError(f"{prefix}sampler '{canonical}' needs the {missing} package; install it with `pip install {missing}` or choose another sampler.")
+        raise UserError(
+            f"{prefix}sampler '{canonical}' needs the {missing} package; install it with `pip install {missing}` or choose another sampler."
+        )
     return canonical
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import difflib
 import tomllib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import toml
 
@@ -22,7 +23,9 @@ CONFIG_OPTIONS = ("config_file", "output_config")
 
 def add_config_file_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("options file")
-    group.add_argument("--config_file", help="read options from this TOML file (.toml added if missing); the command line wins")
+    group.add_argument(
+        "--config_file", help="read options from this TOML file (.toml added if missing); the command line wins"
+    )
     group.add_argument("--output_config", action="store_true", help="write the options given to --config_file and exit")
 
 
@@ -45,7 +48,8 @@ def write_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser)
     if file.exists():
         raise UserError(f"--output_config: {file} exists already; name a new file with --config_file, or delete it.")
     values = {
-        name: value for name, value in vars(args).items()
+        name: value
+        for name, value in vars(args).items()
         if name not in CONFIG_OPTIONS and value is not None and value != parser.get_default(name)
     }
     with atomic_output(file) as temporary:

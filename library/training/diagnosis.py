@@ -10,7 +10,11 @@ def non_finite_loss_message(options: TrainingOptions, step: int) -> str:
     if options.model.mixed_precision == "fp16":
         causes.append("fp16 overflow (try --mixed_precision bf16, or --no_half_vae if the latents are NaN)")
     network = options.network
-    causes.append(f"a learning rate too high for this network (learning rate {options.optimizer.learning_rate}, unet_lr {network.unet_lr})")
+    causes.append(
+        f"a learning rate too high for this network (learning rate {options.optimizer.learning_rate}, unet_lr {network.unet_lr})"
+    )
     if network.network_alpha and network.network_dim and network.network_alpha > network.network_dim:
-        causes.append(f"network_alpha {network.network_alpha:g} above network_dim {network.network_dim} (scale above 1)")
+        causes.append(
+            f"network_alpha {network.network_alpha:g} above network_dim {network.network_dim} (scale above 1)"
+        )
     return f"the loss became NaN or infinite at step {step}; nothing was saved from it. Likely: {'; or '.join(causes)}."

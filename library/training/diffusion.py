@@ -75,7 +75,9 @@ def training_scheduler(v_prediction: bool, zero_terminal_snr: bool = False) -> D
     )
 
 
-def sample_timesteps(batch_size: int, min_timestep: int | None, max_timestep: int | None, device, generator=None) -> torch.Tensor:
+def sample_timesteps(
+    batch_size: int, min_timestep: int | None, max_timestep: int | None, device, generator=None
+) -> torch.Tensor:
     """Uniform integers in [min_timestep, max_timestep) (defaults 0 and 1000); all max_timestep when min >= max."""
     low = 0 if min_timestep is None else min_timestep
     high = NUM_TRAIN_TIMESTEPS if max_timestep is None else max_timestep
@@ -89,16 +91,29 @@ def make_noise(latents: torch.Tensor, settings: NoiseSettings = NoiseSettings(),
     channel times the offset strength), then the pyramid noise."""
     noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype, generator=generator)
     if settings.noise_offset:
-        strength = offset_strength(latents, settings.noise_offset, settings.noise_offset_random_strength, settings.adaptive_noise_scale, generator)
-        per_channel = torch.randn((latents.shape[0], latents.shape[1], 1, 1), device=latents.device, dtype=latents.dtype, generator=generator)
+        strength = offset_strength(
+            latents,
+            settings.noise_offset,
+            settings.noise_offset_random_strength,
+            settings.adaptive_noise_scale,
+            generator,
+        )
+        per_channel = torch.randn(
+            (latents.shape[0], latents.shape[1], 1, 1), device=latents.device, dtype=latents.dtype, generator=generator
+        )
         noise = noise + strength * per_channel
     if settings.multires_noise_iterations:
         noise = multires_noise(noise, settings.multires_noise_iterations, settings.multires_noise_discount, generator)
     return noise
 
 
-def offset_strength(latents: torch.Tensor, noise_offset: float, random_strength: bool = False, adaptive_scale: float | None = None,
-                    generator=None) -> float | torch.Tensor:
+def offset_strength(
+    latents: torch.Tensor,
+    noise_offset: float,
+    random_strength: bool = False,
+    adaptive_scale: float | None = None,
+    generator=None,
+) -> float | torch.Tensor:
     """The offset noise's strength: noise_offset, times U(0, 1) drawn once per batch with random strength; with an
     adaptive scale a, per sample and channel that plus a * |mean of the latent channel over H, W|, clamped at 0."""
     strength = noise_offset
@@ -136,8 +151,13 @@ def input_perturbation(noise: torch.Tensor, settings: NoiseSettings, generator=N
     return strength * torch.randn(noise.shape, device=noise.device, dtype=noise.dtype, generator=generator)
 
 
-def noisy_latents_and_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-                             perturbation: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def noisy_latents_and_target(
+    scheduler: DDPMScheduler,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    perturbation: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) (eps + perturbation), and the target, which never sees the
     perturbation: eps, or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0."""
     noisy = scheduler.add_noise(latents, noise if perturbation is None else noise + perturbation, timesteps)
@@ -156,7 +176,9 @@ def snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
     return alphas_cumprod / (1 - alphas_cumprod)
 
 
-def huber_threshold(schedule: str, huber_c: float, huber_scale: float, timesteps: torch.Tensor, scheduler: DDPMScheduler) -> torch.Tensor:
+def huber_threshold(
+    schedule: str, huber_c: float, huber_scale: float, timesteps: torch.Tensor, scheduler: DDPMScheduler
+) -> torch.Tensor:
     """The threshold c of the Huber and smooth-L1 losses for each sample (spec 5.4 step 1): constant huber_c *
     huber_scale; exponential huber_scale * exp(ln(huber_c) t / 1000), from huber_scale at t = 0 to huber_c *
     huber_scale at t = 1000; snr (1 - huber_c) / (1 + sigma_t)^2 + huber_c with sigma_t = sqrt((1 - abar_t) / abar_t),
@@ -172,7 +194,9 @@ def huber_threshold(schedule: str, huber_c: float, huber_scale: float, timesteps
     raise ValueError(f"unknown Huber schedule {schedule!r}; one of {', '.join(HUBER_SCHEDULES)}")
 
 
-def elementwise_loss(kind: str, prediction: torch.Tensor, target: torch.Tensor, threshold: torch.Tensor | None = None) -> torch.Tensor:
+def elementwise_loss(
+    kind: str, prediction: torch.Tensor, target: torch.Tensor, threshold: torch.Tensor | None = None
+) -> torch.Tensor:
     """The loss of each element in float32 (spec 5.4 step 1), with d = prediction - target and c each sample's
     threshold: l2 d^2; l1 |d|; huber 2c(sqrt(d^2 + c^2) - c), about d^2 for |d| << c and 2c|d| for |d| >> c;
     smooth_l1 2(sqrt(d^2 + c^2) - c), the same divided by c."""
@@ -225,7 +249,9 @@ def debiased_weight(snr_values: torch.Tensor, v_prediction: bool) -> torch.Tenso
     return 1 / (clamped + 1) if v_prediction else 1 / torch.sqrt(clamped)
 
 
-def snr_weighted_loss(loss: torch.Tensor, snr_values: torch.Tensor, settings: LossSettings, v_prediction: bool) -> torch.Tensor:
+def snr_weighted_loss(
+    loss: torch.Tensor, snr_values: torch.Tensor, settings: LossSettings, v_prediction: bool
+) -> torch.Tensor:
     """The per-sample loss after spec 5.4 step 5, in its order: Min-SNR-gamma; x SNR / (SNR + 1) with
     --scale_v_pred_loss_like_noise_pred; + v * loss * (SNR + 1) / SNR with --v_pred_like_loss v; the debiased weight."""
     if settings.min_snr_gamma:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import ast
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from diffusers.optimization import get_scheduler
@@ -35,7 +36,9 @@ def _import(module: str, package: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise UserError(f"--optimizer_type needs the '{package}' package, which is not installed; run: pip install {package}") from None
+        raise UserError(
+            f"--optimizer_type needs the '{package}' package, which is not installed; run: pip install {package}"
+        ) from None
 
 
 def _bitsandbytes(name: str) -> Callable:
@@ -85,7 +88,9 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "lion": lambda params, lr, **kw: _import("lion_pytorch", "lion-pytorch").Lion(params, lr=lr, **kw),
     "sgdnesterov": _sgd_nesterov,
     "prodigy": lambda params, lr, **kw: _import("prodigyopt", "prodigyopt").Prodigy(params, lr=lr, **kw),
-    "dadaptation": lambda params, lr, **kw: _import("dadaptation.experimental", "dadaptation").DAdaptAdamPreprint(params, lr=lr, **kw),
+    "dadaptation": lambda params, lr, **kw: _import("dadaptation.experimental", "dadaptation").DAdaptAdamPreprint(
+        params, lr=lr, **kw
+    ),
     "dadaptadam": lambda params, lr, **kw: _import("dadaptation", "dadaptation").DAdaptAdam(params, lr=lr, **kw),
     "dadaptadagrad": lambda params, lr, **kw: _import("dadaptation", "dadaptation").DAdaptAdaGrad(params, lr=lr, **kw),
     "dadaptadan": lambda params, lr, **kw: _import("dadaptation", "dadaptation").DAdaptAdan(params, lr=lr, **kw),
@@ -96,7 +101,15 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 
 def optimizer_name(optimizer_type: str | None, use_8bit_adam: bool = False, use_lion_optimizer: bool = False) -> str:
     """The optimizer asked for: `--optimizer_type` (empty = AdamW) or one of the two legacy flags, not both."""
-    given = [name for name, used in (("--optimizer_type", bool(optimizer_type)), ("--use_8bit_adam", use_8bit_adam), ("--use_lion_optimizer", use_lion_optimizer)) if used]
+    given = [
+        name
+        for name, used in (
+            ("--optimizer_type", bool(optimizer_type)),
+            ("--use_8bit_adam", use_8bit_adam),
+            ("--use_lion_optimizer", use_lion_optimizer),
+        )
+        if used
+    ]
     if len(given) > 1:
         raise UserError(f"{' and '.join(given)} both choose an optimizer; give only --optimizer_type.")
     if use_8bit_adam:
@@ -106,7 +119,9 @@ def optimizer_name(optimizer_type: str | None, use_8bit_adam: bool = False, use_
     return optimizer_type or "AdamW"
 
 
-def make_optimizer(name: str, optimizer_args: dict[str, Any], param_groups: list[dict], lr: float) -> tuple[torch.optim.Optimizer, str]:
+def make_optimizer(
+    name: str, optimizer_args: dict[str, Any], param_groups: list[dict], lr: float
+) -> tuple[torch.optim.Optimizer, str]:
     """The optimizer and the string logged for it (`module.Class(k=v, ...)`)."""
     factory = OPTIMIZERS.get(name.lower())
     if factory is None:
@@ -114,7 +129,9 @@ def make_optimizer(name: str, optimizer_args: dict[str, Any], param_groups: list
     try:
         optimizer = factory(param_groups, lr, **optimizer_args)
     except TypeError as error:
-        raise UserError(f"--optimizer_args {optimizer_args} do not fit {name} ({error}); check the argument names.") from None
+        raise UserError(
+            f"--optimizer_args {optimizer_args} do not fit {name} ({error}); check the argument names."
+        ) from None
     arguments = ",".join(f"{key}={value}" for key, value in optimizer_args.items())
     return optimizer, f"{type(optimizer).__module__}.{type(optimizer).__name__}({arguments})"
 
@@ -125,8 +142,12 @@ def _by_class_path(name: str) -> Callable:
         module = importlib.import_module(module_name) if module_name else torch.optim
         optimizer_class = getattr(module, class_name)
     except (ImportError, AttributeError):
-        known = ", ".join(["AdamW", "AdamW8bit", "PagedAdamW8bit", "Lion", "SGDNesterov", "Prodigy", "DAdaptation", "DAdaptAdam"])
-        raise UserError(f"--optimizer_type {name}: no such optimizer; use one of {known}, a torch.optim class name, or module.ClassName.") from None
+        known = ", ".join(
+            ["AdamW", "AdamW8bit", "PagedAdamW8bit", "Lion", "SGDNesterov", "Prodigy", "DAdaptation", "DAdaptAdam"]
+        )
+        raise UserError(
+            f"--optimizer_type {name}: no such optimizer; use one of {known}, a torch.optim class name, or module.ClassName."
+        ) from None
     return lambda params, lr, **kwargs: optimizer_class(params, lr=lr, **kwargs)
 
 
@@ -139,7 +160,9 @@ def warns_about_learning_rate(name: str, param_groups: list[dict]) -> list[str]:
     if min(rates) <= 0.1:
         notes.append(f"{name} sets its own step size; the learning rate should be about 1.0 (it is {min(rates)}).")
     if len(set(rates)) > 1:
-        notes.append(f"{name} uses the first group's learning rate only; --unet_lr and --text_encoder_lr differ ({sorted(set(rates))}).")
+        notes.append(
+            f"{name} uses the first group's learning rate only; --unet_lr and --text_encoder_lr differ ({sorted(set(rates))})."
+        )
     return notes
 
 
@@ -156,10 +179,20 @@ def warmup_steps(value: str | int | float | None, total_steps: int) -> int:
             return int(total_steps * fraction)
         return int(text)
     except ValueError:
-        raise UserError(f"--lr_warmup_steps {value}: use a whole step count, a fraction below 1 (0.1) or a percentage (10%).") from None
+        raise UserError(
+            f"--lr_warmup_steps {value}: use a whole step count, a fraction below 1 (0.1) or a percentage (10%)."
+        ) from None
 
 
-def make_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, warmup: int, total_steps: int, num_cycles: int, power: float, initial_lr: float = 0.0):
+def make_lr_scheduler(
+    name: str,
+    optimizer: torch.optim.Optimizer,
+    warmup: int,
+    total_steps: int,
+    num_cycles: int,
+    power: float,
+    initial_lr: float = 0.0,
+):
     """The schedule; Adafactor with relative_step gets transformers' AdafactorSchedule whatever `name` says, as in
     sd-scripts (it only reports the step size Adafactor chose, starting from `initial_lr`)."""
     if uses_relative_step(optimizer):
@@ -167,5 +200,9 @@ def make_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, warmup: int, 
     if name not in SCHEDULERS:
         raise UserError(f"--lr_scheduler {name}: use one of {', '.join(SCHEDULERS)}.")
     if name == "constant" and warmup:
-        raise UserError(f"--lr_scheduler constant has no warmup, but --lr_warmup_steps gives {warmup}; use constant_with_warmup or drop the warmup.")
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps, num_cycles=num_cycles, power=power)
+        raise UserError(
+            f"--lr_scheduler constant has no warmup, but --lr_warmup_steps gives {warmup}; use constant_with_warmup or drop the warmup."
+        )
+    return get_scheduler(
+        name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps, num_cycles=num_cycles, power=power
+    )

@@ -164,7 +164,9 @@ class TrainingOptions:
     sampling: SamplingOptions
     logging: LoggingOptions
     text_encoder_caching: TextEncoderCaching = TextEncoderCaching()
-    notes: tuple[str, ...] = ()  # how options were resolved (replaced on this machine, accepted but ignored), for the summary
+    notes: tuple[
+        str, ...
+    ] = ()  # how options were resolved (replaced on this machine, accepted but ignored), for the summary
 
 
 def training_options(args: argparse.Namespace, sdxl: bool = False) -> TrainingOptions:
@@ -186,15 +188,23 @@ def training_options(args: argparse.Namespace, sdxl: bool = False) -> TrainingOp
         notes=tuple(notes),
     )
     if options.length.gradient_accumulation_steps < 1:
-        raise UserError(f"--gradient_accumulation_steps is {options.length.gradient_accumulation_steps}; use 1 or more.")
+        raise UserError(
+            f"--gradient_accumulation_steps is {options.length.gradient_accumulation_steps}; use 1 or more."
+        )
     if not options.network.train_unet and not options.network.train_text_encoder:
-        raise UserError("--network_train_unet_only and --network_train_text_encoder_only together leave nothing to train; give one.")
+        raise UserError(
+            "--network_train_unet_only and --network_train_text_encoder_only together leave nothing to train; give one."
+        )
     return options
 
 
 def _fields_of(cls, args: argparse.Namespace, **overrides):
     """The dataclass `cls` with each field taken from the flag of the same name, unless overridden."""
-    values = {field.name: getattr(args, field.name) for field in fields(cls) if field.name not in overrides and hasattr(args, field.name)}
+    values = {
+        field.name: getattr(args, field.name)
+        for field in fields(cls)
+        if field.name not in overrides and hasattr(args, field.name)
+    }
     return cls(**values, **overrides)
 
 
@@ -205,12 +215,16 @@ def _model_options(args: argparse.Namespace, sdxl: bool, notes: list[str]) -> Mo
         raise UserError("--full_bf16 needs --mixed_precision bf16.")
     model = _fields_of(ModelOptions, args)
     if sdxl and model.clip_skip is not None:
-        notes.append(f"--clip_skip {model.clip_skip} ignored: SDXL is trained on the penultimate layer of both text encoders, as sd-scripts does.")
+        notes.append(
+            f"--clip_skip {model.clip_skip} ignored: SDXL is trained on the penultimate layer of both text encoders, as sd-scripts does."
+        )
         model = replace(model, clip_skip=None)
     if args.mem_eff_attn:
         notes.append("--mem_eff_attn: PyTorch's scaled-dot-product attention is used, which is as memory-efficient.")
     if args.v2 and args.clip_skip:
-        notes.append(f"--clip_skip {args.clip_skip} with --v2: SD 2.x text encoders already stop one layer early, so this skips more; usually leave it out.")
+        notes.append(
+            f"--clip_skip {args.clip_skip} with --v2: SD 2.x text encoders already stop one layer early, so this skips more; usually leave it out."
+        )
     if torch.cuda.is_available():
         return model
     if model.mixed_precision == "fp16":
@@ -240,45 +254,71 @@ def _optimizer_options(args: argparse.Namespace, notes: list[str]) -> OptimizerO
     if not torch.cuda.is_available() and name.lower() in CUDA_ONLY_OPTIMIZERS:
         notes.append(f"--optimizer_type {name} needs bitsandbytes on a CUDA GPU; using AdamW on the CPU.")
         name = "AdamW"
-    return _fields_of(OptimizerOptions, args, name=name, optimizer_args=parse_key_values(args.optimizer_args, "--optimizer_args"))
+    return _fields_of(
+        OptimizerOptions, args, name=name, optimizer_args=parse_key_values(args.optimizer_args, "--optimizer_args")
+    )
 
 
 def _diffusion_options(args: argparse.Namespace, notes: list[str]) -> DiffusionOptions:
     """sd-scripts' checks of the noise and loss options (specs/training.md 1.5), one sentence each."""
     if args.adaptive_noise_scale is not None and args.noise_offset is None:
-        raise UserError("--adaptive_noise_scale adds to the offset of --noise_offset; give --noise_offset too (e.g. --noise_offset 0.05).")
+        raise UserError(
+            "--adaptive_noise_scale adds to the offset of --noise_offset; give --noise_offset too (e.g. --noise_offset 0.05)."
+        )
     if args.scale_v_pred_loss_like_noise_pred and not args.v_parameterization:
-        raise UserError("--scale_v_pred_loss_like_noise_pred rescales a v-prediction loss, so it needs --v_parameterization.")
+        raise UserError(
+            "--scale_v_pred_loss_like_noise_pred rescales a v-prediction loss, so it needs --v_parameterization."
+        )
     if args.v_pred_like_loss and args.v_parameterization:
-        raise UserError("--v_pred_like_loss adds a v-prediction-like term to a noise-prediction loss; leave it out with --v_parameterization.")
+        raise UserError(
+            "--v_pred_like_loss adds a v-prediction-like term to a noise-prediction loss; leave it out with --v_parameterization."
+        )
     if args.multires_noise_iterations is not None and args.multires_noise_iterations < 0:
-        raise UserError(f"--multires_noise_iterations is {args.multires_noise_iterations}; use 1 or more (6 to 10 is common), or 0 for none.")
+        raise UserError(
+            f"--multires_noise_iterations is {args.multires_noise_iterations}; use 1 or more (6 to 10 is common), or 0 for none."
+        )
     if args.loss_type in THRESHOLD_LOSS_TYPES and args.huber_c <= 0:
-        raise UserError(f"--huber_c is {args.huber_c:g}, but the {args.loss_type} threshold must be above 0 (default {LossSettings.huber_c}).")
+        raise UserError(
+            f"--huber_c is {args.huber_c:g}, but the {args.loss_type} threshold must be above 0 (default {LossSettings.huber_c})."
+        )
     if args.zero_terminal_snr and not args.v_parameterization:
-        notes.append("--zero_terminal_snr without --v_parameterization: the last timestep's input is pure noise, which a noise-predicting "
-                     "model can only copy, so training may go unexpectedly; the option is meant for v-prediction.")
-    return _fields_of(DiffusionOptions, args, noise=_fields_of(NoiseSettings, args), loss=_fields_of(LossSettings, args))
+        notes.append(
+            "--zero_terminal_snr without --v_parameterization: the last timestep's input is pure noise, which a noise-predicting "
+            "model can only copy, so training may go unexpectedly; the option is meant for v-prediction."
+        )
+    return _fields_of(
+        DiffusionOptions, args, noise=_fields_of(NoiseSettings, args), loss=_fields_of(LossSettings, args)
+    )
 
 
 def _logging_options(args: argparse.Namespace) -> LoggingOptions:
     """accelerate silently logs nothing when the tracker's package is missing; say so instead."""
     if args.log_with and not args.logging_dir:
-        raise UserError(f"--log_with {args.log_with} writes its logs under --logging_dir; give --logging_dir too (e.g. --logging_dir logs).")
+        raise UserError(
+            f"--log_with {args.log_with} writes its logs under --logging_dir; give --logging_dir too (e.g. --logging_dir logs)."
+        )
     if args.logging_dir:
-        wanted = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}[args.log_with or "tensorboard"]
+        wanted = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}[
+            args.log_with or "tensorboard"
+        ]
         for package in wanted:
             if importlib.util.find_spec(package) is None:
-                raise UserError(f"--logging_dir logs with {package}, which is not installed; run: pip install {package} (or drop --logging_dir).")
+                raise UserError(
+                    f"--logging_dir logs with {package}, which is not installed; run: pip install {package} (or drop --logging_dir)."
+                )
     return _fields_of(LoggingOptions, args)
 
 
 def _text_encoder_caching(args: argparse.Namespace) -> TextEncoderCaching:
     """sdxl_train_network.py's caching flags; --cache_text_encoder_outputs_to_disk implies --cache_text_encoder_outputs."""
     to_disk = bool(getattr(args, "cache_text_encoder_outputs_to_disk", False))
-    caching = TextEncoderCaching(in_memory=to_disk or bool(getattr(args, "cache_text_encoder_outputs", False)), to_disk=to_disk)
+    caching = TextEncoderCaching(
+        in_memory=to_disk or bool(getattr(args, "cache_text_encoder_outputs", False)), to_disk=to_disk
+    )
     if caching.in_memory and not args.network_train_unet_only:
         flag = "--cache_text_encoder_outputs_to_disk" if to_disk else "--cache_text_encoder_outputs"
-        raise UserError(f"{flag} encodes each caption once with the frozen text encoders, so their LoRA cannot train; "
-                        "add --network_train_unet_only, or drop the caching option.")
+        raise UserError(
+            f"{flag} encodes each caption once with the frozen text encoders, so their LoRA cannot train; "
+            "add --network_train_unet_only, or drop the caching option."
+        )
     return caching

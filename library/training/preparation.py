@@ -9,9 +9,9 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -47,7 +47,9 @@ class TrainingLength:
 
 def training_length(options: TrainingOptions, plans: list[DatasetPlan], num_processes: int) -> TrainingLength:
     batches_per_epoch = EpochBatches(plans, 0, num_processes=num_processes).batches_per_epoch
-    steps_per_epoch = math.ceil(batches_per_epoch / options.length.gradient_accumulation_steps)  # never 0: empty datasets are refused
+    steps_per_epoch = math.ceil(
+        batches_per_epoch / options.length.gradient_accumulation_steps
+    )  # never 0: empty datasets are refused
     max_train_steps = options.length.max_train_steps
     if options.length.max_train_epochs:
         max_train_steps = options.length.max_train_epochs * steps_per_epoch
@@ -105,8 +107,17 @@ def processes_on_cpus() -> bool:
     return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def prepare(options: TrainingOptions, family: TrainingFamily, plans: list[DatasetPlan], length: TrainingLength, seed: int,
-            fingerprint: dict, start: Progress, samples: SampleSchedule | None, on_step: Callable[[int], None] | None) -> Run:
+def prepare(
+    options: TrainingOptions,
+    family: TrainingFamily,
+    plans: list[DatasetPlan],
+    length: TrainingLength,
+    seed: int,
+    fingerprint: dict,
+    start: Progress,
+    samples: SampleSchedule | None,
+    on_step: Callable[[int], None] | None,
+) -> Run:
     accelerator = Accelerator(
         cpu=processes_on_cpus(),
         gradient_accumulation_steps=1,  # accumulation is counted here, so that an epoch's last partial group also steps
@@ -116,31 +127,77 @@ def prepare(options: TrainingOptions, family: TrainingFamily, plans: list[Datase
     )
     _seed_everything(seed)
     latents = _cache_latents(options, family, plans, accelerator) if options.dataset.cache_latents else None
-    caption_states = _cache_text_encoder_outputs(options, family, plans, accelerator) if options.text_encoder_caching.in_memory else None
+    caption_states = (
+        _cache_text_encoder_outputs(options, family, plans, accelerator)
+        if options.text_encoder_caching.in_memory
+        else None
+    )
     network = _make_network(options, family)
     attention = _set_attention(options, family)
-    _freeze_and_place(options, family, accelerator.device, vae_needed=latents is None, text_encoders_needed=caption_states is None)
+    _freeze_and_place(
+        options, family, accelerator.device, vae_needed=latents is None, text_encoders_needed=caption_states is None
+    )
     if options.model.gradient_checkpointing:
         _enable_gradient_checkpointing(family, options.network.train_text_encoder)
     optimization = _optimization(options, network, accelerator, length)
     if options.saving.resume:
         load_state_folder(options.saving.resume, accelerator, start)
 
-    sampler = EpochBatches(plans, seed, options.length.gradient_accumulation_steps, accelerator.process_index, accelerator.num_processes)
+    sampler = EpochBatches(
+        plans, seed, options.length.gradient_accumulation_steps, accelerator.process_index, accelerator.num_processes
+    )
     dataset = options.dataset
-    settings = BatchSettings(seed, dataset.max_token_length, dataset.prior_loss_weight, length.max_train_steps, dataset.skip_bad_images)
+    settings = BatchSettings(
+        seed, dataset.max_token_length, dataset.prior_loss_weight, length.max_train_steps, dataset.skip_bad_images
+    )
     training_batches = TrainingBatches(plans, family.model.tokenizers, settings, latents)
     workers = worker_count(dataset.max_data_loader_n_workers, latents is not None)
-    loader = make_data_loader(training_batches, sampler, workers, dataset.persistent_data_loader_workers, pin_memory=accelerator.device.type == "cuda")
-    batches = Batches(plans, sampler, loader, caption_states or _caption_states(plans, options.network.train_text_encoder))
+    loader = make_data_loader(
+        training_batches,
+        sampler,
+        workers,
+        dataset.persistent_data_loader_workers,
+        pin_memory=accelerator.device.type == "cuda",
+    )
+    batches = Batches(
+        plans, sampler, loader, caption_states or _caption_states(plans, options.network.train_text_encoder)
+    )
 
-    facts = RunFacts(family.model.family, family.model.v_prediction, seed, random.randint(0, 2**32), length.max_train_steps, length.num_epochs,
-                     sampler.batches_per_epoch, optimization.description, time.time())
-    saver = Saver(accelerator, options.saving, length.save_every_n_epochs, training_metadata(options, plans, facts), base_model_metadata(options, facts),
-                  lambda where: TrainState(where.epoch, where.step, where.batches_done, seed, fingerprint))
+    facts = RunFacts(
+        family.model.family,
+        family.model.v_prediction,
+        seed,
+        random.randint(0, 2**32),
+        length.max_train_steps,
+        length.num_epochs,
+        sampler.batches_per_epoch,
+        optimization.description,
+        time.time(),
+    )
+    saver = Saver(
+        accelerator,
+        options.saving,
+        length.save_every_n_epochs,
+        training_metadata(options, plans, facts),
+        base_model_metadata(options, facts),
+        lambda where: TrainState(where.epoch, where.step, where.batches_done, seed, fingerprint),
+    )
     noise_scheduler = diffusion.training_scheduler(family.model.v_prediction, options.diffusion.zero_terminal_snr)
-    return Run(options=options, length=length, seed=seed, accelerator=accelerator, family=family, attention=attention, batches=batches,
-               optimization=optimization, noise_scheduler=noise_scheduler, saver=saver, start=start, samples=samples, on_step=on_step)
+    return Run(
+        options=options,
+        length=length,
+        seed=seed,
+        accelerator=accelerator,
+        family=family,
+        attention=attention,
+        batches=batches,
+        optimization=optimization,
+        noise_scheduler=noise_scheduler,
+        saver=saver,
+        start=start,
+        samples=samples,
+        on_step=on_step,
+    )
 
 
 def _caption_states(plans: list[DatasetPlan], train_text_encoder: bool) -> CaptionStates | None:
@@ -148,21 +205,35 @@ def _caption_states(plans: list[DatasetPlan], train_text_encoder: bool) -> Capti
     return None if train_text_encoder or captions_vary else CaptionStates()
 
 
-def _optimization(options: TrainingOptions, network: torch.nn.Module, accelerator: Accelerator, length: TrainingLength) -> Optimization:
+def _optimization(
+    options: TrainingOptions, network: torch.nn.Module, accelerator: Accelerator, length: TrainingLength
+) -> Optimization:
     network_options, optimizer_options = options.network, options.optimizer
-    param_groups, lr_descriptions = network.prepare_optimizer_params(list(network_options.text_encoder_lr) or None, network_options.unet_lr,
-                                                                     optimizer_options.learning_rate)
+    param_groups, lr_descriptions = network.prepare_optimizer_params(
+        list(network_options.text_encoder_lr) or None, network_options.unet_lr, optimizer_options.learning_rate
+    )
     if not param_groups:
-        raise UserError("every learning rate is 0, so nothing would be trained; give --learning_rate, --unet_lr or --text_encoder_lr above 0.")
+        raise UserError(
+            "every learning rate is 0, so nothing would be trained; give --learning_rate, --unet_lr or --text_encoder_lr above 0."
+        )
     for note in warns_about_learning_rate(optimizer_options.name, param_groups):
         print(note)
     network.to(accelerator.device, options.model.network_dtype)
-    optimizer, description = make_optimizer(optimizer_options.name, optimizer_options.optimizer_args, param_groups, optimizer_options.learning_rate)
+    optimizer, description = make_optimizer(
+        optimizer_options.name, optimizer_options.optimizer_args, param_groups, optimizer_options.learning_rate
+    )
     # accelerate steps a prepared scheduler once per process at every optimizer step, so its length counts processes
     processes = accelerator.num_processes
     warmup = warmup_steps(optimizer_options.lr_warmup_steps, length.max_train_steps) * processes
-    lr_scheduler = make_lr_scheduler(optimizer_options.lr_scheduler, optimizer, warmup, length.max_train_steps * processes,
-                                     optimizer_options.lr_scheduler_num_cycles, optimizer_options.lr_scheduler_power, optimizer_options.learning_rate)
+    lr_scheduler = make_lr_scheduler(
+        optimizer_options.lr_scheduler,
+        optimizer,
+        warmup,
+        length.max_train_steps * processes,
+        optimizer_options.lr_scheduler_num_cycles,
+        optimizer_options.lr_scheduler_power,
+        optimizer_options.learning_rate,
+    )
     network, optimizer, lr_scheduler = accelerator.prepare(network, optimizer, lr_scheduler)
     if options.model.full_fp16:
         _allow_fp16_gradients(accelerator)
@@ -176,7 +247,9 @@ def _allow_fp16_gradients(accelerator: Accelerator) -> None:
     if scaler is None:
         return
     unscale = scaler._unscale_grads_
-    scaler._unscale_grads_ = lambda optimizer, inv_scale, found_inf, allow_fp16: unscale(optimizer, inv_scale, found_inf, True)
+    scaler._unscale_grads_ = lambda optimizer, inv_scale, found_inf, allow_fp16: unscale(
+        optimizer, inv_scale, found_inf, True
+    )
 
 
 def _log_run_folder(options: TrainingOptions) -> str | None:
@@ -192,25 +265,47 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _cache_latents(options: TrainingOptions, family: TrainingFamily, plans: list[DatasetPlan], accelerator: Accelerator):
+def _cache_latents(
+    options: TrainingOptions, family: TrainingFamily, plans: list[DatasetPlan], accelerator: Accelerator
+):
     vae = place(family.model.vae, accelerator.device, family.vae_dtype)
     with accelerator.main_process_first():  # with a disk cache, the other processes then read the main one's files
-        latents, _, _ = cache_latents(plans, vae, accelerator.device, family.vae_dtype, options.dataset.vae_batch_size, options.dataset.cache_latents_to_disk,
-                                      progress=accelerator.is_main_process, skip_bad_images=options.dataset.skip_bad_images,
-                                      suffix=family.latent_cache_suffix)
+        latents, _, _ = cache_latents(
+            plans,
+            vae,
+            accelerator.device,
+            family.vae_dtype,
+            options.dataset.vae_batch_size,
+            options.dataset.cache_latents_to_disk,
+            progress=accelerator.is_main_process,
+            skip_bad_images=options.dataset.skip_bad_images,
+            suffix=family.latent_cache_suffix,
+        )
     place(family.model.vae, "cpu")  # not needed any more: free the device memory
     if accelerator.device.type == "cuda":
         torch.cuda.empty_cache()
     return latents
 
 
-def _cache_text_encoder_outputs(options: TrainingOptions, family: TrainingFamily, plans: list[DatasetPlan], accelerator: Accelerator) -> CaptionStates:
+def _cache_text_encoder_outputs(
+    options: TrainingOptions, family: TrainingFamily, plans: list[DatasetPlan], accelerator: Accelerator
+) -> CaptionStates:
     to_disk = options.text_encoder_caching.to_disk
     with accelerator.main_process_first():  # with a disk cache, the other processes then read the main one's files
-        states, encoded, reused = cache_text_encoder_outputs(family, plans, options.dataset.max_token_length, to_disk, accelerator.device,
-                                                             options.model.weight_dtype, progress=accelerator.is_main_process)
+        states, encoded, reused = cache_text_encoder_outputs(
+            family,
+            plans,
+            options.dataset.max_token_length,
+            to_disk,
+            accelerator.device,
+            options.model.weight_dtype,
+            progress=accelerator.is_main_process,
+        )
     if accelerator.is_main_process:
-        print(f"text encoder outputs: {encoded} captions encoded" + (f", {reused} reused from _te_outputs.npz files" if to_disk else ""))
+        print(
+            f"text encoder outputs: {encoded} captions encoded"
+            + (f", {reused} reused from _te_outputs.npz files" if to_disk else "")
+        )
     return states
 
 
@@ -219,16 +314,28 @@ def _make_network(options: TrainingOptions, family: TrainingFamily) -> torch.nn.
     module = importlib.import_module(network_options.network_module)
     text_encoder = family.network_text_encoder()
     if network_options.dim_from_weights:
-        network, weights = module.create_network_from_weights(1.0, network_options.network_weights, model.vae, text_encoder, model.unet)
+        network, weights = module.create_network_from_weights(
+            1.0, network_options.network_weights, model.vae, text_encoder, model.unet
+        )
         network.load_state_dict(weights)
     else:
-        network = module.create_network(1.0, network_options.network_dim, network_options.network_alpha, model.vae, text_encoder, model.unet,
-                                        neuron_dropout=network_options.network_dropout, **network_options.keyword_args())
+        network = module.create_network(
+            1.0,
+            network_options.network_dim,
+            network_options.network_alpha,
+            model.vae,
+            text_encoder,
+            model.unet,
+            neuron_dropout=network_options.network_dropout,
+            **network_options.keyword_args(),
+        )
     network.apply_to(text_encoder, model.unet, network_options.train_text_encoder, network_options.train_unet)
     if network_options.network_weights and not network_options.dim_from_weights:
         missing = network.load_weights(network_options.network_weights)
-        print(f"continuing from {network_options.network_weights}"
-              + (f" ({len(missing.missing_keys)} modules not in the file start fresh)" if missing.missing_keys else ""))
+        print(
+            f"continuing from {network_options.network_weights}"
+            + (f" ({len(missing.missing_keys)} modules not in the file start fresh)" if missing.missing_keys else "")
+        )
     return network
 
 
@@ -244,7 +351,9 @@ def _set_attention(options: TrainingOptions, family: TrainingFamily) -> str:
     return "xformers"
 
 
-def _freeze_and_place(options: TrainingOptions, family: TrainingFamily, device: torch.device, vae_needed: bool, text_encoders_needed: bool) -> None:
+def _freeze_and_place(
+    options: TrainingOptions, family: TrainingFamily, device: torch.device, vae_needed: bool, text_encoders_needed: bool
+) -> None:
     """Frozen modules on the device in the run's dtype; the VAE and text encoders stay on the CPU when their outputs
     are cached (sample images bring them over for the drawing)."""
     model = family.model

@@ -10,8 +10,15 @@ from pathlib import Path
 import torch
 
 from library.model_files.stable_diffusion import StableDiffusionModel
+from library.sampling import (
+    SamplePrompt,
+    check_sampler,
+    generate_image,
+    read_sample_prompts,
+    sample_file_name,
+    save_sample_image,
+)
 from library.training.options import SamplingOptions
-from library.sampling import SamplePrompt, check_sampler, generate_image, read_sample_prompts, sample_file_name, save_sample_image
 
 
 @dataclass(frozen=True)
@@ -33,7 +40,10 @@ def sample_schedule(options: SamplingOptions) -> tuple[SampleSchedule | None, li
     """The schedule from the options, read and checked at start-up (a bad prompt file stops the run before anything
     loads), and notes about options that will have no effect."""
     notes = []
-    intervals = {"--sample_every_n_steps": options.sample_every_n_steps, "--sample_every_n_epochs": options.sample_every_n_epochs}
+    intervals = {
+        "--sample_every_n_steps": options.sample_every_n_steps,
+        "--sample_every_n_epochs": options.sample_every_n_epochs,
+    }
     for flag, value in intervals.items():
         if value is not None and value <= 0:
             notes.append(f"{flag} {value}: not a positive interval; ignored.")
@@ -45,9 +55,17 @@ def sample_schedule(options: SamplingOptions) -> tuple[SampleSchedule | None, li
             notes.append("sample images are asked for, but there is no --sample_prompts file; none will be drawn.")
         return None, notes
     if not triggered:
-        notes.append("--sample_prompts without --sample_every_n_steps, --sample_every_n_epochs or --sample_at_first: no samples will be drawn.")
+        notes.append(
+            "--sample_prompts without --sample_every_n_steps, --sample_every_n_epochs or --sample_at_first: no samples will be drawn."
+        )
     prompts = tuple(read_sample_prompts(options.sample_prompts))
-    schedule = SampleSchedule(prompts, check_sampler(options.sample_sampler, "--sample_sampler"), options.sample_at_first, every_n_steps, every_n_epochs)
+    schedule = SampleSchedule(
+        prompts,
+        check_sampler(options.sample_sampler, "--sample_sampler"),
+        options.sample_at_first,
+        every_n_steps,
+        every_n_epochs,
+    )
     return schedule, notes
 
 
@@ -71,9 +89,21 @@ def draw_samples(
     files = []
     try:
         for index, prompt in enumerate(schedule.prompts):
-            generated = generate_image(model.unet, model.text_encoders, model.tokenizers, model.vae, prompt, v_prediction=model.v_prediction,
-                                       clip_skip=clip_skip, default_sampler=schedule.sampler, device=device, dtype=dtype)
-            path = sample_file_name(output_dir, output_name, epoch=epoch, step=step, index=index, seed=prompt.seed, now=now)
+            generated = generate_image(
+                model.unet,
+                model.text_encoders,
+                model.tokenizers,
+                model.vae,
+                prompt,
+                v_prediction=model.v_prediction,
+                clip_skip=clip_skip,
+                default_sampler=schedule.sampler,
+                device=device,
+                dtype=dtype,
+            )
+            path = sample_file_name(
+                output_dir, output_name, epoch=epoch, step=step, index=index, seed=prompt.seed, now=now
+            )
             files.append(save_sample_image(generated, path))
     finally:
         network.train(was_training)

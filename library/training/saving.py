@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -150,18 +150,20 @@ def _dataset_metadata(plan: DatasetPlan) -> dict:
     subsets = []
     for subset in config.subsets:
         members = [sample for sample in plan.samples if sample.subset == subset]
-        subsets.append({
-            "img_count": len(members),
-            "num_repeats": subset.num_repeats,
-            "color_aug": bool(subset.color_aug),
-            "flip_aug": bool(subset.flip_aug),
-            "random_crop": bool(subset.random_crop),
-            "shuffle_caption": bool(subset.shuffle_caption),
-            "keep_tokens": subset.keep_tokens,
-            "image_dir": Path(subset.image_dir).name if subset.image_dir else None,
-            "class_tokens": subset.class_tokens,
-            "is_reg": bool(subset.is_reg),
-        })
+        subsets.append(
+            {
+                "img_count": len(members),
+                "num_repeats": subset.num_repeats,
+                "color_aug": bool(subset.color_aug),
+                "flip_aug": bool(subset.flip_aug),
+                "random_crop": bool(subset.random_crop),
+                "shuffle_caption": bool(subset.shuffle_caption),
+                "keep_tokens": subset.keep_tokens,
+                "image_dir": Path(subset.image_dir).name if subset.image_dir else None,
+                "class_tokens": subset.class_tokens,
+                "is_reg": bool(subset.is_reg),
+            }
+        )
     return {
         "is_dreambooth": config.style == "DreamBooth",
         "batch_size_per_device": config.batch_size,
@@ -171,7 +173,12 @@ def _dataset_metadata(plan: DatasetPlan) -> dict:
         "enable_bucket": bool(config.enable_bucket),
         "min_bucket_reso": config.min_bucket_reso,
         "max_bucket_reso": config.max_bucket_reso,
-        "bucket_info": {"buckets": {str(index): {"resolution": list(bucket), "count": count} for index, (bucket, count) in enumerate(plan.bucket_counts().items())}},
+        "bucket_info": {
+            "buckets": {
+                str(index): {"resolution": list(bucket), "count": count}
+                for index, (bucket, count) in enumerate(plan.bucket_counts().items())
+            }
+        },
         "subsets": subsets,
     }
 
@@ -191,8 +198,15 @@ class Saver:
     """Saves the network (and with --save_state the training state) when the options ask for it, under sd-scripts'
     names, and removes the saves that fall out of the kept window. Every process calls it; the main one writes."""
 
-    def __init__(self, accelerator: Accelerator, options: SavingOptions, save_every_n_epochs: int | None, metadata: dict[str, str],
-                 base_metadata: dict[str, str], train_state: Callable[[Progress], TrainState]):
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        options: SavingOptions,
+        save_every_n_epochs: int | None,
+        metadata: dict[str, str],
+        base_metadata: dict[str, str],
+        train_state: Callable[[Progress], TrainState],
+    ):
         self.accelerator = accelerator
         self.options = options
         self.save_every_n_epochs = save_every_n_epochs
@@ -204,17 +218,27 @@ class Saver:
         every, options = self.options.save_every_n_steps, self.options
         if not every or where.step % every or where.step >= max_train_steps:
             return
-        self._save_and_prune(network, lambda n: step_file(options.output_dir, options.output_name, n, options.save_model_as), where.step, where,
-                             step_file_to_remove(where.step, every, options.save_last_n_steps),
-                             step_file_to_remove(where.step, every, options.save_last_n_steps_state or options.save_last_n_steps))
+        self._save_and_prune(
+            network,
+            lambda n: step_file(options.output_dir, options.output_name, n, options.save_model_as),
+            where.step,
+            where,
+            step_file_to_remove(where.step, every, options.save_last_n_steps),
+            step_file_to_remove(where.step, every, options.save_last_n_steps_state or options.save_last_n_steps),
+        )
 
     def after_epoch(self, network: torch.nn.Module, where: Progress) -> None:
         every, options = self.save_every_n_epochs, self.options
         if not every or where.epoch % every:
             return
-        self._save_and_prune(network, lambda n: epoch_file(options.output_dir, options.output_name, n, options.save_model_as), where.epoch, where,
-                             epoch_file_to_remove(where.epoch, every, options.save_last_n_epochs),
-                             epoch_file_to_remove(where.epoch, every, options.save_last_n_epochs_state or options.save_last_n_epochs))
+        self._save_and_prune(
+            network,
+            lambda n: epoch_file(options.output_dir, options.output_name, n, options.save_model_as),
+            where.epoch,
+            where,
+            epoch_file_to_remove(where.epoch, every, options.save_last_n_epochs),
+            epoch_file_to_remove(where.epoch, every, options.save_last_n_epochs_state or options.save_last_n_epochs),
+        )
 
     def final(self, network: torch.nn.Module, where: Progress) -> Path:
         path = final_file(self.options.output_dir, self.options.output_name, self.options.save_model_as)
@@ -231,10 +255,19 @@ class Saver:
             save_state_folder(self.accelerator, folder, self.train_state(where))
             print(f"stopped at step {where.step}; continue with --resume {folder}")
         else:
-            print(f"stopped at step {where.step}; nothing was saved (with --save_state, Ctrl-C saves a state to resume from)")
+            print(
+                f"stopped at step {where.step}; nothing was saved (with --save_state, Ctrl-C saves a state to resume from)"
+            )
 
-    def _save_and_prune(self, network, file_for: Callable[[int], Path], number: int, where: Progress, old_number: int | None,
-                        old_state_number: int | None) -> None:
+    def _save_and_prune(
+        self,
+        network,
+        file_for: Callable[[int], Path],
+        number: int,
+        where: Progress,
+        old_number: int | None,
+        old_state_number: int | None,
+    ) -> None:
         """Save as file_for(number), with its state folder under --save_state, then remove the save (and the state)
         that fell out of the kept window."""
         self.save(network, file_for(number), where)
@@ -253,9 +286,15 @@ class Saver:
             return
         network = self.accelerator.unwrap_model(network)
         if not all(torch.isfinite(parameter).all() for parameter in network.parameters()):
-            raise UserError(f"the LoRA weights hold NaN or infinite values at step {where.step}; {path.name} was not written. "
-                            "Lower the learning rate or use bf16.")
-        metadata = self.base_metadata if self.options.no_metadata else finished_metadata(self.metadata, where.epoch, where.step)
+            raise UserError(
+                f"the LoRA weights hold NaN or infinite values at step {where.step}; {path.name} was not written. "
+                "Lower the learning rate or use bf16."
+            )
+        metadata = (
+            self.base_metadata
+            if self.options.no_metadata
+            else finished_metadata(self.metadata, where.epoch, where.step)
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         network.save_weights(path, self.options.save_dtype, metadata)
         print(f"saved {path}")

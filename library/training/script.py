@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from library.training.arguments import build_parser
 from library.training.config_file import parse_arguments, write_config_file

@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from library.dataset.plan import DatasetPlan
 from library.errors import UserError
@@ -32,8 +33,13 @@ class TrainState:
 
     def to_json(self) -> dict:
         # current_epoch and current_step are sd-scripts' names for the first two
-        return {"current_epoch": self.epoch, "current_step": self.step, "batches_done_in_epoch": self.batches_done,
-                "seed": self.seed, "run": self.run}
+        return {
+            "current_epoch": self.epoch,
+            "current_step": self.step,
+            "batches_done_in_epoch": self.batches_done,
+            "seed": self.seed,
+            "run": self.run,
+        }
 
 
 @dataclass(frozen=True)
@@ -85,16 +91,22 @@ def read_train_state(folder: str | Path) -> TrainState:
     folder = Path(folder)
     file = folder / TRAIN_STATE_FILE
     if not folder.is_dir():
-        raise UserError(f"--resume {folder}: no such folder; give a state folder written with --save_state (name-000001-state, ...).")
+        raise UserError(
+            f"--resume {folder}: no such folder; give a state folder written with --save_state (name-000001-state, ...)."
+        )
     if not file.is_file():
-        raise UserError(f"--resume {folder}: no {TRAIN_STATE_FILE} in it; give a state folder written with --save_state.")
+        raise UserError(
+            f"--resume {folder}: no {TRAIN_STATE_FILE} in it; give a state folder written with --save_state."
+        )
     saved = json.loads(file.read_text())
     if "run" not in saved:
         raise UserError(
             f"--resume {folder}: this state was written by sd-scripts (or without the run's settings) and cannot be continued "
             f"exactly; start from its weights with --network_weights {folder / 'model.safetensors'} instead."
         )
-    return TrainState(saved["current_epoch"], saved["current_step"], saved["batches_done_in_epoch"], saved["seed"], saved["run"])
+    return TrainState(
+        saved["current_epoch"], saved["current_step"], saved["batches_done_in_epoch"], saved["seed"], saved["run"]
+    )
 
 
 def check_same_run(folder: str | Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
@@ -140,11 +152,15 @@ def save_state_folder(accelerator, folder: Path, state: TrainState) -> None:
     accelerator.wait_for_everyone()
 
 
-def resume_point(folder: str, resumed: TrainState, fingerprint: dict, max_train_steps: int, batches_per_epoch: int) -> Progress:
+def resume_point(
+    folder: str, resumed: TrainState, fingerprint: dict, max_train_steps: int, batches_per_epoch: int
+) -> Progress:
     """Where a resumed run goes on, after checking that it trains what the saved run trained (before anything loads)."""
     check_same_run(folder, resumed.run, fingerprint)
     if resumed.step >= max_train_steps:
-        raise UserError(f"--resume {folder}: that run already did {resumed.step} steps, and --max_train_steps is {max_train_steps}; raise it to train further.")
+        raise UserError(
+            f"--resume {folder}: that run already did {resumed.step} steps, and --max_train_steps is {max_train_steps}; raise it to train further."
+        )
     if resumed.batches_done >= batches_per_epoch:
         return Progress(resumed.epoch + 1, resumed.step, 0)
     return Progress(resumed.epoch, resumed.step, resumed.batches_done)
@@ -155,5 +171,7 @@ def load_state_folder(folder: str, accelerator, start: Progress) -> None:
     try:
         accelerator.load_state(folder)
     except (OSError, RuntimeError, ValueError, KeyError) as error:
-        raise UserError(f"--resume {folder}: the state could not be loaded ({error}); was it saved by this trainer with these settings?") from error
+        raise UserError(
+            f"--resume {folder}: the state could not be loaded ({error}); was it saved by this trainer with these settings?"
+        ) from error
     print(f"resuming {folder}: epoch {start.epoch}, step {start.step}")

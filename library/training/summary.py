@@ -26,8 +26,11 @@ def run_summary_lines(run: Run) -> list[str]:
         f"network: {trains.network_module}, rank {rank}, alpha {alpha:g} (scale {lora_scale(alpha, rank):g}), "
         f"{unet_modules} U-Net and {text_modules} text-encoder modules trained",
         f"optimizer: {run.optimization.description}, "
-        + ("step size chosen by Adafactor (relative_step), schedule adafactor" if uses_relative_step(optimizer.optimizer)
-           else f"learning rates per group {', '.join(rates)}, schedule {options.optimizer.lr_scheduler}"),
+        + (
+            "step size chosen by Adafactor (relative_step), schedule adafactor"
+            if uses_relative_step(optimizer.optimizer)
+            else f"learning rates per group {', '.join(rates)}, schedule {options.optimizer.lr_scheduler}"
+        ),
         f"precision: {options.model.mixed_precision} on {run.accelerator.device}, attention: {run.attention}"
         f"{', gradient checkpointing' if options.model.gradient_checkpointing else ''}",
         f"text encoder: {_text_encoder_use(run)}",
@@ -39,7 +42,11 @@ def _text_encoder_use(run: Run) -> str:
         return "trained, so its outputs are computed at every step"
     caching = run.options.text_encoder_caching
     if caching.in_memory:
-        return "frozen, every caption encoded before training" + (" (kept in _te_outputs.npz files)" if caching.to_disk else "") + "; off the device"
+        return (
+            "frozen, every caption encoded before training"
+            + (" (kept in _te_outputs.npz files)" if caching.to_disk else "")
+            + "; off the device"
+        )
     if run.batches.caption_states:
         return "frozen, each caption encoded once at its first use"
     return "frozen, but captions change from use to use (shuffle, tag dropout, wildcards or token warmup), so encoded at every step"

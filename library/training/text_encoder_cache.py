@@ -39,11 +39,21 @@ def check_captions_fixed(plans: list[DatasetPlan], flag: str) -> None:
             settings = CaptionSettings.of(subset)
             if not settings.varies_per_use:
                 continue
-            varying = [name for name, on in (("shuffle_caption", settings.shuffle_caption), ("caption_tag_dropout_rate", settings.caption_tag_dropout_rate > 0),
-                                              ("token_warmup_step", settings.token_warmup_step > 0), ("enable_wildcard", settings.enable_wildcard)) if on]
+            varying = [
+                name
+                for name, on in (
+                    ("shuffle_caption", settings.shuffle_caption),
+                    ("caption_tag_dropout_rate", settings.caption_tag_dropout_rate > 0),
+                    ("token_warmup_step", settings.token_warmup_step > 0),
+                    ("enable_wildcard", settings.enable_wildcard),
+                )
+                if on
+            ]
             where = subset.image_dir or subset.metadata_file
-            raise UserError(f"{flag}: the subset {where} sets {varying[0]}, which changes its captions from use to use, so they cannot be encoded "
-                            f"once; turn {varying[0]} off for it, or drop {flag}.")
+            raise UserError(
+                f"{flag}: the subset {where} sets {varying[0]}, which changes its captions from use to use, so they cannot be encoded "
+                f"once; turn {varying[0]} off for it, or drop {flag}."
+            )
 
 
 def outputs_file(image_path: Path) -> Path:
@@ -51,8 +61,15 @@ def outputs_file(image_path: Path) -> Path:
     return image_path.with_name(image_path.stem + TE_OUTPUTS_SUFFIX)
 
 
-def cache_text_encoder_outputs(family: TrainingFamily, plans: list[DatasetPlan], max_token_length: int | None, to_disk: bool, device: torch.device,
-                               dtype: torch.dtype, progress: bool = True) -> tuple[CaptionStates, int, int]:
+def cache_text_encoder_outputs(
+    family: TrainingFamily,
+    plans: list[DatasetPlan],
+    max_token_length: int | None,
+    to_disk: bool,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: bool = True,
+) -> tuple[CaptionStates, int, int]:
     """The outputs of every caption the datasets use (the empty caption too when captions are dropped), kept on the
     CPU; returns them with the counts of captions encoded and of files reused. The text encoders end on the CPU."""
     captions = _fixed_captions(plans)
@@ -74,7 +91,9 @@ def cache_text_encoder_outputs(family: TrainingFamily, plans: list[DatasetPlan],
             chunk = to_encode[start : start + ENCODE_BATCH]
             ids = _token_ids(family, [caption for caption, _, _ in chunk], max_token_length)
             with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                outputs = tuple(output.float().cpu() for output in family.encode_text([part.to(device) for part in ids]))
+                outputs = tuple(
+                    output.float().cpu() for output in family.encode_text([part.to(device) for part in ids])
+                )
             for row, (caption, image_paths, key_ids) in enumerate(chunk):
                 entry = tuple(output[row] for output in outputs)
                 states.put(key_ids, entry)
@@ -95,8 +114,12 @@ def _fixed_captions(plans: list[DatasetPlan]) -> dict[str, list[Path]]:
     captions: dict[str, list[Path]] = {}
     for plan in plans:
         for sample in plan.samples:
-            settings = replace(CaptionSettings.of(sample.subset), caption_dropout_rate=0.0, caption_dropout_every_n_epochs=0)
-            caption = process_caption(sample.image.caption, settings, random.Random(0), epoch=1, global_step=0, max_train_steps=1)
+            settings = replace(
+                CaptionSettings.of(sample.subset), caption_dropout_rate=0.0, caption_dropout_every_n_epochs=0
+            )
+            caption = process_caption(
+                sample.image.caption, settings, random.Random(0), epoch=1, global_step=0, max_train_steps=1
+            )
             paths = captions.setdefault(caption, [])
             if sample.image.path not in paths:
                 paths.append(sample.image.path)
@@ -135,7 +158,11 @@ def _read_valid(family: TrainingFamily, image_paths: list[Path], caption: str, f
 
 
 def _write(family: TrainingFamily, path: Path, entry: tuple[torch.Tensor, ...], caption: str, fingerprint: str) -> None:
-    arrays = {**family.text_outputs_to_arrays(entry), "caption": np.array(caption), "text_encoders": np.array(fingerprint)}
+    arrays = {
+        **family.text_outputs_to_arrays(entry),
+        "caption": np.array(caption),
+        "text_encoders": np.array(fingerprint),
+    }
     with atomic_output(path) as temporary:
         with open(temporary, "wb") as stream:
             np.savez(stream, **arrays)

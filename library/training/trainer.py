@@ -7,8 +7,8 @@ from __future__ import annotations
 import math
 import random
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from accelerate import PartialState
@@ -48,11 +48,19 @@ def train(options: TrainingOptions, on_step: Callable[[int], None] | None = None
     fingerprint = run_fingerprint(options, plans, num_processes)
     start = Progress(1, 0, 0)
     if resumed:
-        start = resume_point(options.saving.resume, resumed, fingerprint, length.max_train_steps, length.batches_per_epoch)
+        start = resume_point(
+            options.saving.resume, resumed, fingerprint, length.max_train_steps, length.batches_per_epoch
+        )
     family = load_training_family(options.model, options.sdxl)
     if options.dataset.debug_dataset:
-        settings = BatchSettings(seed=seed, max_token_length=options.dataset.max_token_length, skip_bad_images=options.dataset.skip_bad_images)
-        lines, _ = debug_dataset(plans, family.model.tokenizers[0], settings, Path(options.saving.output_dir) / "debug_dataset")
+        settings = BatchSettings(
+            seed=seed,
+            max_token_length=options.dataset.max_token_length,
+            skip_bad_images=options.dataset.skip_bad_images,
+        )
+        lines, _ = debug_dataset(
+            plans, family.model.tokenizers[0], settings, Path(options.saving.output_dir) / "debug_dataset"
+        )
         print("\n".join(lines))
         return Path(options.saving.output_dir)
     run = prepare(options, family, plans, length, seed, fingerprint, start, samples, on_step)
@@ -68,7 +76,9 @@ def train_loop(run: Run) -> Path:
     where = run.start
     steps_per_epoch = math.ceil(length.batches_per_epoch / run.options.length.gradient_accumulation_steps)
     recent_losses = deque(maxlen=steps_per_epoch)  # about an epoch, as sd-scripts
-    progress = tqdm(total=length.max_train_steps, initial=where.step, desc="steps", disable=not accelerator.is_main_process)
+    progress = tqdm(
+        total=length.max_train_steps, initial=where.step, desc="steps", disable=not accelerator.is_main_process
+    )
     if run.samples and run.samples.at_first and where.step == 0:
         _draw_samples(run, epoch=0)
     with StopRequest() as stop:
@@ -81,7 +91,11 @@ def train_loop(run: Run) -> Path:
                 raise KeyboardInterrupt
             if not finished:
                 run.saver.after_epoch(run.optimization.network, where)
-            if (where.batches_done == length.batches_per_epoch or finished) and run.samples and run.samples.after_epoch(epoch):
+            if (
+                (where.batches_done == length.batches_per_epoch or finished)
+                and run.samples
+                and run.samples.after_epoch(epoch)
+            ):
                 _draw_samples(run, epoch=epoch)
             if finished:
                 break
@@ -130,8 +144,18 @@ def _draw_samples(run: Run, epoch: int | None = None, step: int | None = None) -
     """The main process draws the sample images; the others wait for it."""
     accelerator, options = run.accelerator, run.options
     if accelerator.is_main_process:
-        files = draw_samples(run.samples, run.family.model, run.network, options.saving.output_dir, options.saving.output_name,
-                             clip_skip=options.model.clip_skip, device=accelerator.device, dtype=options.model.weight_dtype, epoch=epoch, step=step)
+        files = draw_samples(
+            run.samples,
+            run.family.model,
+            run.network,
+            options.saving.output_dir,
+            options.saving.output_name,
+            clip_skip=options.model.clip_skip,
+            device=accelerator.device,
+            dtype=options.model.weight_dtype,
+            epoch=epoch,
+            step=step,
+        )
         print(f"sample images: {', '.join(file.name for file in files)}")
     accelerator.wait_for_everyone()
 
@@ -160,7 +184,9 @@ def _micro_step(run: Run, batch: dict, step: int) -> float:
             text = family.encode_text(token_ids)
     settings = options.diffusion
     noise = diffusion.make_noise(latents, settings.noise, generator)
-    timesteps = diffusion.sample_timesteps(latents.shape[0], settings.min_timestep, settings.max_timestep, device, generator)
+    timesteps = diffusion.sample_timesteps(
+        latents.shape[0], settings.min_timestep, settings.max_timestep, device, generator
+    )
     perturbation = diffusion.input_perturbation(noise, settings.noise, generator)
     noisy, target = diffusion.noisy_latents_and_target(run.noise_scheduler, latents, noise, timesteps, perturbation)
     if options.model.gradient_checkpointing:
@@ -168,8 +194,12 @@ def _micro_step(run: Run, batch: dict, step: int) -> float:
     with run.accelerator.autocast():
         prediction = family.predict(noisy, timesteps, text, batch)
     threshold = settings.loss.threshold(timesteps, run.noise_scheduler)
-    loss = diffusion.per_sample_loss(prediction, target, batch["loss_weights"], batch["alpha_masks"], settings.loss.loss_type, threshold)
-    loss = diffusion.snr_weighted_loss(loss, diffusion.snr(run.noise_scheduler, timesteps), settings.loss, family.model.v_prediction).mean()
+    loss = diffusion.per_sample_loss(
+        prediction, target, batch["loss_weights"], batch["alpha_masks"], settings.loss.loss_type, threshold
+    )
+    loss = diffusion.snr_weighted_loss(
+        loss, diffusion.snr(run.noise_scheduler, timesteps), settings.loss, family.model.v_prediction
+    ).mean()
     run.accelerator.backward(loss / options.length.gradient_accumulation_steps)
     value = loss.detach().item()  # read once the backward is queued, so the device does not wait for the host
     if not math.isfinite(value):

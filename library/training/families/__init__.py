@@ -54,7 +54,9 @@ class TrainingFamily(ABC):
         """The text encoders' outputs for token ids on the encoders' device."""
 
     @abstractmethod
-    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text: TextOutputs, batch: dict) -> torch.Tensor:
+    def predict(
+        self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text: TextOutputs, batch: dict
+    ) -> torch.Tensor:
         """The U-Net's prediction for the noisy latents, conditioned on the text outputs (and, for SDXL, the batch's
         sizes and crops)."""
 

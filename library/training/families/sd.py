@@ -24,10 +24,17 @@ class StableDiffusionTraining(TrainingFamily):
         holds a float32 copy of the weights."""
         path = options.pretrained_model_name_or_path
         if local_model_family(path) is ModelFamily.SDXL:
-            raise UserError(f"{path}: an SDXL model; train it with sdxl_train_network.py, which takes the same options.")
+            raise UserError(
+                f"{path}: an SDXL model; train it with sdxl_train_network.py, which takes the same options."
+            )
         vae_dtype = torch.float32 if options.no_half_vae else options.weight_dtype
-        model = load_stable_diffusion(path, family=family_from_flags(v2=options.v2), v_parameterization=options.v_parameterization,
-                                      dtype=options.weight_dtype, vae_dtype=vae_dtype)
+        model = load_stable_diffusion(
+            path,
+            family=family_from_flags(v2=options.v2),
+            v_parameterization=options.v_parameterization,
+            dtype=options.weight_dtype,
+            vae_dtype=vae_dtype,
+        )
         if options.vae:
             load_vae_weights(model.vae, options.vae)
         return model
@@ -35,6 +42,10 @@ class StableDiffusionTraining(TrainingFamily):
     def encode_text(self, token_ids: list[torch.Tensor]) -> TextOutputs:
         return (encode_tokens(self.model.text_encoders[0], token_ids[0], self.options.clip_skip),)
 
-    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text: TextOutputs, batch: dict) -> torch.Tensor:
+    def predict(
+        self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text: TextOutputs, batch: dict
+    ) -> torch.Tensor:
         (context,) = text
-        return self.model.unet(noisy_latents, timesteps, context.to(noisy_latents.device, self.options.weight_dtype)).sample
+        return self.model.unet(
+            noisy_latents, timesteps, context.to(noisy_latents.device, self.options.weight_dtype)
+        ).sample

@@ -39,11 +39,18 @@ class SDXLTraining(TrainingFamily):
             raise UserError("--v2 names an SD 2.x model, but sdxl_train_network.py trains SDXL models; remove --v2.")
         family = local_model_family(path)
         if family not in (None, ModelFamily.SDXL):
-            raise UserError(f"{path}: an {family.label} model; train it with train_network.py, which takes the same options.")
+            raise UserError(
+                f"{path}: an {family.label} model; train it with train_network.py, which takes the same options."
+            )
         if options.disable_mmap_load_safetensors and Path(path).is_file():
             _read_sequentially(Path(path))
-        model = load_stable_diffusion(path, family=ModelFamily.SDXL, v_parameterization=options.v_parameterization,
-                                      dtype=options.weight_dtype, vae_dtype=torch.float32)
+        model = load_stable_diffusion(
+            path,
+            family=ModelFamily.SDXL,
+            v_parameterization=options.v_parameterization,
+            dtype=options.weight_dtype,
+            vae_dtype=torch.float32,
+        )
         if options.vae:
             load_vae_weights(model.vae, options.vae)
         return model
@@ -56,7 +63,10 @@ class SDXLTraining(TrainingFamily):
         """The context (B, 75n + 2, 2048) and text encoder 2's pooled output (B, 1280)."""
         ids1, ids2 = token_ids
         text_encoder1, text_encoder2 = self.model.text_encoders
-        context1 = encode_windows(lambda flat: text_encoder1(flat, output_hidden_states=True).hidden_states[CONTEXT_LAYER], ids1.to(text_encoder1.device))
+        context1 = encode_windows(
+            lambda flat: text_encoder1(flat, output_hidden_states=True).hidden_states[CONTEXT_LAYER],
+            ids1.to(text_encoder1.device),
+        )
         pooled = []
 
         def context2_states(flat: torch.Tensor) -> torch.Tensor:
@@ -79,13 +89,19 @@ class SDXLTraining(TrainingFamily):
         """One caption's outputs as sd-scripts' `_te_outputs.npz` keys: each encoder's states and the pooled vector."""
         context, pooled = outputs
         width = self.model.text_encoders[0].config.hidden_size
-        return {"hidden_state1": context[:, :width].float().numpy(), "hidden_state2": context[:, width:].float().numpy(), "pool2": pooled.float().numpy()}
+        return {
+            "hidden_state1": context[:, :width].float().numpy(),
+            "hidden_state2": context[:, width:].float().numpy(),
+            "pool2": pooled.float().numpy(),
+        }
 
     def text_outputs_from_arrays(self, arrays) -> TextOutputs:
         context = np.concatenate([arrays["hidden_state1"], arrays["hidden_state2"]], axis=-1)
         return torch.from_numpy(context), torch.from_numpy(arrays["pool2"])
 
-    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text: TextOutputs, batch: dict) -> torch.Tensor:
+    def predict(
+        self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text: TextOutputs, batch: dict
+    ) -> torch.Tensor:
         context, pooled = text
         dtype = self.options.weight_dtype
         device = noisy_latents.device
