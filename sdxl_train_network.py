@@ -1,8 +1,9 @@
 """Train a LoRA for SDXL with sd-scripts' command line:
 
-    accelerate launch sdxl_train_network.py --pretrained_model_name_or_path sdxl.safetensors --dataset_config data.toml \
-        --output_dir out --output_name my_lora --network_module networks.lora --network_train_unet_only \
-        --cache_latents --cache_text_encoder_outputs --mixed_precision bf16 --learning_rate 1e-4 --max_train_steps 1000
+    accelerate launch sdxl_train_network.py --pretrained_model_name_or_path sdxl.safetensors \
+        --dataset_config data.toml --output_dir out --output_name my_lora --network_module networks.lora \
+        --network_train_unet_only --cache_latents --cache_text_encoder_outputs --mixed_precision bf16 \
+        --learning_rate 1e-4 --max_train_steps 1000
 
 It takes every option of train_network.py, plus --cache_text_encoder_outputs(_to_disk) and
 --disable_mmap_load_safetensors. See docs/training_sdxl.md.

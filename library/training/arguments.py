@@ -269,7 +269,8 @@ def _saving_arguments(group) -> None:
     group.add_argument(
         "--save_state",
         action="store_true",
-        help="with every save, also save the training state (optimizer, scheduler, RNG, step) for --resume; Ctrl-C saves one too",
+        help="with every save, also save the training state (optimizer, scheduler, RNG, step) for --resume; "
+        "Ctrl-C saves one too",
     )
     group.add_argument(
         "--save_state_on_train_end", action="store_true", help="save the training state once, at the end"

@@ -11,7 +11,8 @@ def non_finite_loss_message(options: TrainingOptions, step: int) -> str:
         causes.append("fp16 overflow (try --mixed_precision bf16, or --no_half_vae if the latents are NaN)")
     network = options.network
     causes.append(
-        f"a learning rate too high for this network (learning rate {options.optimizer.learning_rate}, unet_lr {network.unet_lr})"
+        f"a learning rate too high for this network (learning rate {options.optimizer.learning_rate}, unet_lr "
+        f"{network.unet_lr})"
     )
     if network.network_alpha and network.network_dim and network.network_alpha > network.network_dim:
         causes.append(

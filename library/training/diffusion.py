@@ -238,7 +238,8 @@ def min_snr_weight(snr_values: torch.Tensor, gamma: float, v_prediction: bool) -
 
 
 def v_prediction_scale(snr_values: torch.Tensor) -> torch.Tensor:
-    """SNR / (SNR + 1), SNR clamped to SNR_CLAMP: the factor between an epsilon loss and the v loss of the same error."""
+    """SNR / (SNR + 1), SNR clamped to SNR_CLAMP: the factor between an epsilon loss and the v loss of the same
+    error."""
     clamped = snr_values.clamp(*SNR_CLAMP)
     return clamped / (clamped + 1)
 

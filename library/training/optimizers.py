@@ -146,7 +146,8 @@ def _by_class_path(name: str) -> Callable:
             ["AdamW", "AdamW8bit", "PagedAdamW8bit", "Lion", "SGDNesterov", "Prodigy", "DAdaptation", "DAdaptAdam"]
         )
         raise UserError(
-            f"--optimizer_type {name}: no such optimizer; use one of {known}, a torch.optim class name, or module.ClassName."
+            f"--optimizer_type {name}: no such optimizer; use one of {known}, a torch.optim class name, or "
+            "module.ClassName."
         ) from None
     return lambda params, lr, **kwargs: optimizer_class(params, lr=lr, **kwargs)
 
@@ -161,7 +162,8 @@ def warns_about_learning_rate(name: str, param_groups: list[dict]) -> list[str]:
         notes.append(f"{name} sets its own step size; the learning rate should be about 1.0 (it is {min(rates)}).")
     if len(set(rates)) > 1:
         notes.append(
-            f"{name} uses the first group's learning rate only; --unet_lr and --text_encoder_lr differ ({sorted(set(rates))})."
+            f"{name} uses the first group's learning rate only; --unet_lr and --text_encoder_lr differ "
+            f"({sorted(set(rates))})."
         )
     return notes
 
@@ -201,7 +203,8 @@ def make_lr_scheduler(
         raise UserError(f"--lr_scheduler {name}: use one of {', '.join(SCHEDULERS)}.")
     if name == "constant" and warmup:
         raise UserError(
-            f"--lr_scheduler constant has no warmup, but --lr_warmup_steps gives {warmup}; use constant_with_warmup or drop the warmup."
+            f"--lr_scheduler constant has no warmup, but --lr_warmup_steps gives {warmup}; use constant_with_warmup "
+            "or drop the warmup."
         )
     return get_scheduler(
         name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps, num_cycles=num_cycles, power=power

@@ -216,14 +216,16 @@ def _model_options(args: argparse.Namespace, sdxl: bool, notes: list[str]) -> Mo
     model = _fields_of(ModelOptions, args)
     if sdxl and model.clip_skip is not None:
         notes.append(
-            f"--clip_skip {model.clip_skip} ignored: SDXL is trained on the penultimate layer of both text encoders, as sd-scripts does."
+            f"--clip_skip {model.clip_skip} ignored: SDXL is trained on the penultimate layer of both text encoders, "
+            "as sd-scripts does."
         )
         model = replace(model, clip_skip=None)
     if args.mem_eff_attn:
         notes.append("--mem_eff_attn: PyTorch's scaled-dot-product attention is used, which is as memory-efficient.")
     if args.v2 and args.clip_skip:
         notes.append(
-            f"--clip_skip {args.clip_skip} with --v2: SD 2.x text encoders already stop one layer early, so this skips more; usually leave it out."
+            f"--clip_skip {args.clip_skip} with --v2: SD 2.x text encoders already stop one layer early, so this "
+            "skips more; usually leave it out."
         )
     if torch.cuda.is_available():
         return model
@@ -263,7 +265,8 @@ def _diffusion_options(args: argparse.Namespace, notes: list[str]) -> DiffusionO
     """sd-scripts' checks of the noise and loss options (specs/training.md 1.5), one sentence each."""
     if args.adaptive_noise_scale is not None and args.noise_offset is None:
         raise UserError(
-            "--adaptive_noise_scale adds to the offset of --noise_offset; give --noise_offset too (e.g. --noise_offset 0.05)."
+            "--adaptive_noise_scale adds to the offset of --noise_offset; give --noise_offset too (e.g. "
+            "--noise_offset 0.05)."
         )
     if args.scale_v_pred_loss_like_noise_pred and not args.v_parameterization:
         raise UserError(
@@ -271,19 +274,23 @@ def _diffusion_options(args: argparse.Namespace, notes: list[str]) -> DiffusionO
         )
     if args.v_pred_like_loss and args.v_parameterization:
         raise UserError(
-            "--v_pred_like_loss adds a v-prediction-like term to a noise-prediction loss; leave it out with --v_parameterization."
+            "--v_pred_like_loss adds a v-prediction-like term to a noise-prediction loss; leave it out with "
+            "--v_parameterization."
         )
     if args.multires_noise_iterations is not None and args.multires_noise_iterations < 0:
         raise UserError(
-            f"--multires_noise_iterations is {args.multires_noise_iterations}; use 1 or more (6 to 10 is common), or 0 for none."
+            f"--multires_noise_iterations is {args.multires_noise_iterations}; use 1 or more (6 to 10 is common), or "
+            "0 for none."
         )
     if args.loss_type in THRESHOLD_LOSS_TYPES and args.huber_c <= 0:
         raise UserError(
-            f"--huber_c is {args.huber_c:g}, but the {args.loss_type} threshold must be above 0 (default {LossSettings.huber_c})."
+            f"--huber_c is {args.huber_c:g}, but the {args.loss_type} threshold must be above 0 (default "
+            f"{LossSettings.huber_c})."
         )
     if args.zero_terminal_snr and not args.v_parameterization:
         notes.append(
-            "--zero_terminal_snr without --v_parameterization: the last timestep's input is pure noise, which a noise-predicting "
+            "--zero_terminal_snr without --v_parameterization: the last timestep's input is pure noise, which a "
+            "noise-predicting "
             "model can only copy, so training may go unexpectedly; the option is meant for v-prediction."
         )
     return _fields_of(
@@ -295,7 +302,8 @@ def _logging_options(args: argparse.Namespace) -> LoggingOptions:
     """accelerate silently logs nothing when the tracker's package is missing; say so instead."""
     if args.log_with and not args.logging_dir:
         raise UserError(
-            f"--log_with {args.log_with} writes its logs under --logging_dir; give --logging_dir too (e.g. --logging_dir logs)."
+            f"--log_with {args.log_with} writes its logs under --logging_dir; give --logging_dir too (e.g. "
+            "--logging_dir logs)."
         )
     if args.logging_dir:
         wanted = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}[
@@ -304,13 +312,15 @@ def _logging_options(args: argparse.Namespace) -> LoggingOptions:
         for package in wanted:
             if importlib.util.find_spec(package) is None:
                 raise UserError(
-                    f"--logging_dir logs with {package}, which is not installed; run: pip install {package} (or drop --logging_dir)."
+                    f"--logging_dir logs with {package}, which is not installed; run: pip install {package} (or drop "
+                    "--logging_dir)."
                 )
     return _fields_of(LoggingOptions, args)
 
 
 def _text_encoder_caching(args: argparse.Namespace) -> TextEncoderCaching:
-    """sdxl_train_network.py's caching flags; --cache_text_encoder_outputs_to_disk implies --cache_text_encoder_outputs."""
+    """sdxl_train_network.py's caching flags; --cache_text_encoder_outputs_to_disk implies
+    --cache_text_encoder_outputs."""
     to_disk = bool(getattr(args, "cache_text_encoder_outputs_to_disk", False))
     caching = TextEncoderCaching(
         in_memory=to_disk or bool(getattr(args, "cache_text_encoder_outputs", False)), to_disk=to_disk

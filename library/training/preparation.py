@@ -214,7 +214,8 @@ def _optimization(
     )
     if not param_groups:
         raise UserError(
-            "every learning rate is 0, so nothing would be trained; give --learning_rate, --unet_lr or --text_encoder_lr above 0."
+            "every learning rate is 0, so nothing would be trained; give --learning_rate, --unet_lr or "
+            "--text_encoder_lr above 0."
         )
     for note in warns_about_learning_rate(optimizer_options.name, param_groups):
         print(note)

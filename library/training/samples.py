@@ -56,7 +56,8 @@ def sample_schedule(options: SamplingOptions) -> tuple[SampleSchedule | None, li
         return None, notes
     if not triggered:
         notes.append(
-            "--sample_prompts without --sample_every_n_steps, --sample_every_n_epochs or --sample_at_first: no samples will be drawn."
+            "--sample_prompts without --sample_every_n_steps, --sample_every_n_epochs or --sample_at_first: no "
+            "samples will be drawn."
         )
     prompts = tuple(read_sample_prompts(options.sample_prompts))
     schedule = SampleSchedule(

@@ -41,7 +41,8 @@ def final_file(output_dir: str | Path, output_name: str | None, save_model_as: s
 
 
 def state_folder(model_file: Path) -> Path:
-    """The --save_state folder saved with a model file: `<name>-000001-state`, `<name>-step00000100-state`, `<name>-state`."""
+    """The --save_state folder saved with a model file: `<name>-000001-state`, `<name>-step00000100-state`,
+    `<name>-state`."""
     return model_file.with_name(f"{model_file.stem}-state")
 
 
@@ -256,7 +257,8 @@ class Saver:
             print(f"stopped at step {where.step}; continue with --resume {folder}")
         else:
             print(
-                f"stopped at step {where.step}; nothing was saved (with --save_state, Ctrl-C saves a state to resume from)"
+                f"stopped at step {where.step}; nothing was saved (with --save_state, Ctrl-C saves a state to resume "
+                "from)"
             )
 
     def _save_and_prune(

@@ -92,7 +92,8 @@ def read_train_state(folder: str | Path) -> TrainState:
     file = folder / TRAIN_STATE_FILE
     if not folder.is_dir():
         raise UserError(
-            f"--resume {folder}: no such folder; give a state folder written with --save_state (name-000001-state, ...)."
+            f"--resume {folder}: no such folder; give a state folder written with --save_state (name-000001-state, "
+            "...)."
         )
     if not file.is_file():
         raise UserError(
@@ -101,7 +102,8 @@ def read_train_state(folder: str | Path) -> TrainState:
     saved = json.loads(file.read_text())
     if "run" not in saved:
         raise UserError(
-            f"--resume {folder}: this state was written by sd-scripts (or without the run's settings) and cannot be continued "
+            f"--resume {folder}: this state was written by sd-scripts (or without the run's settings) and cannot be "
+            "continued "
             f"exactly; start from its weights with --network_weights {folder / 'model.safetensors'} instead."
         )
     return TrainState(
@@ -159,7 +161,8 @@ def resume_point(
     check_same_run(folder, resumed.run, fingerprint)
     if resumed.step >= max_train_steps:
         raise UserError(
-            f"--resume {folder}: that run already did {resumed.step} steps, and --max_train_steps is {max_train_steps}; raise it to train further."
+            f"--resume {folder}: that run already did {resumed.step} steps, and --max_train_steps is "
+            f"{max_train_steps}; raise it to train further."
         )
     if resumed.batches_done >= batches_per_epoch:
         return Progress(resumed.epoch + 1, resumed.step, 0)
@@ -172,6 +175,7 @@ def load_state_folder(folder: str, accelerator, start: Progress) -> None:
         accelerator.load_state(folder)
     except (OSError, RuntimeError, ValueError, KeyError) as error:
         raise UserError(
-            f"--resume {folder}: the state could not be loaded ({error}); was it saved by this trainer with these settings?"
+            f"--resume {folder}: the state could not be loaded ({error}); was it saved by this trainer with these "
+            "settings?"
         ) from error
     print(f"resuming {folder}: epoch {start.epoch}, step {start.step}")

@@ -21,7 +21,8 @@ def run_summary_lines(run: Run) -> list[str]:
     return [
         f"model: {model.source} ({model.family.label}, {'v' if model.v_prediction else 'epsilon'} prediction)"
         f"{f', VAE from {options.model.vae}' if options.model.vae else ''}",
-        f"training: {run.length.num_epochs} epochs of {run.batches.sampler.batches_per_epoch} batches, {run.length.max_train_steps} optimizer steps, "
+        f"training: {run.length.num_epochs} epochs of {run.batches.sampler.batches_per_epoch} batches, "
+        f"{run.length.max_train_steps} optimizer steps, "
         f"effective batch {total_batch} (batch x {accumulation} accumulation x {processes} processes)",
         f"network: {trains.network_module}, rank {rank}, alpha {alpha:g} (scale {lora_scale(alpha, rank):g}), "
         f"{unet_modules} U-Net and {text_modules} text-encoder modules trained",
@@ -49,4 +50,7 @@ def _text_encoder_use(run: Run) -> str:
         )
     if run.batches.caption_states:
         return "frozen, each caption encoded once at its first use"
-    return "frozen, but captions change from use to use (shuffle, tag dropout, wildcards or token warmup), so encoded at every step"
+    return (
+        "frozen, but captions change from use to use (shuffle, tag dropout, wildcards or token warmup), "
+        "so encoded at every step"
+    )

@@ -51,7 +51,8 @@ def check_captions_fixed(plans: list[DatasetPlan], flag: str) -> None:
             ]
             where = subset.image_dir or subset.metadata_file
             raise UserError(
-                f"{flag}: the subset {where} sets {varying[0]}, which changes its captions from use to use, so they cannot be encoded "
+                f"{flag}: the subset {where} sets {varying[0]}, which changes its captions from use to use, so they "
+                "cannot be encoded "
                 f"once; turn {varying[0]} off for it, or drop {flag}."
             )
 
