@@ -123,13 +123,16 @@ def test_interrupted_save_leaves_nothing(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_demo_trains_and_writes_the_samples_side_by_side(tmp_path):
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_the_demo_trains_and_writes_the_samples_side_by_side(tmp_path, family):
     from PIL import Image
 
-    result = run_script("tools/demo.py", "--output_dir", str(tmp_path), "--max_train_steps", "3")
+    flags = ["--sdxl"] if family == "sdxl" else []
+    result = run_script("tools/demo.py", "--output_dir", str(tmp_path), "--max_train_steps", "3", *flags)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "demo_lora.safetensors").is_file()
     assert len(list((tmp_path / "sample").glob("demo_lora_*.png"))) == 2  # before the first step and after the last
     sheet = Image.open(tmp_path / "samples_before_after.png")
     assert sheet.width == 3 * 3 * 64  # before, after and the dataset image, each enlarged three times
     assert "wrote" in result.stdout
+    assert (tmp_path / f"tiny-{family}.safetensors").is_file()

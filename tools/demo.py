@@ -1,5 +1,6 @@
 """The built-in demo: train a LoRA with train_network.py on a tiny model and dataset that the demo makes itself,
-on the CPU in about a minute, with a sample image before the first step and after the last.
+on the CPU in about a minute, with a sample image before the first step and after the last. With --sdxl it trains a
+tiny SDXL model with sdxl_train_network.py instead.
 
 It writes `demo_output/samples_before_after.png`: the sample before training, the sample after, and the dataset image
 whose caption was the prompt as the tiny model's VAE reproduces it (encoded and decoded). The tiny model has random
@@ -35,15 +36,17 @@ def main() -> None:
     parser.add_argument(
         "--max_train_steps", type=int, default=150, help="optimizer steps (default 150: about a minute on 2 CPU cores)"
     )
+    parser.add_argument("--sdxl", action="store_true", help="train the tiny SDXL model with sdxl_train_network.py")
     options = parser.parse_args()
+    family = ModelFamily.SDXL if options.sdxl else ModelFamily.SD1
     output = Path(options.output_dir)
     started = time.perf_counter()
 
     def report(message: str) -> None:
         print(f"[{time.perf_counter() - started:5.1f} s] {message}", flush=True)
 
-    model_file = output / "tiny-sd1.safetensors"
-    save_stable_diffusion_checkpoint(make_tiny_model(ModelFamily.SD1, seed=0), model_file)
+    model_file = output / f"tiny-{family.value}.safetensors"
+    save_stable_diffusion_checkpoint(make_tiny_model(family, seed=0), model_file)
     image_dir = make_tiny_dataset(output / "dataset", images=4, repeats=10)
     reference = sorted(image_dir.glob("*.png"))[0]
     caption = reference.with_suffix(".txt").read_text(encoding="utf-8").strip()
@@ -51,9 +54,13 @@ def main() -> None:
     prompts.write_text(
         f"{caption} --w {RESOLUTION} --h {RESOLUTION} --d {SAMPLE_SEED} --s 20 --l 1\n", encoding="utf-8"
     )
-    report(f"made a tiny SD1 model ({model_file}), a dataset of 4 captioned images ({image_dir}/) and a prompt file")
+    report(
+        f"made a tiny {family.label} model ({model_file}), a dataset of 4 captioned images ({image_dir}/) and a "
+        "prompt file"
+    )
 
-    lora = run_training_script(sdxl=False, argv=_training_command(model_file, output, prompts, options.max_train_steps))
+    command = _training_command(model_file, output, prompts, options.max_train_steps, options.sdxl)
+    lora = run_training_script(sdxl=options.sdxl, argv=command)
     report(f"trained {lora}")
 
     samples = sorted((output / "sample").glob("*.png"))
@@ -69,45 +76,17 @@ def main() -> None:
     report(f"wrote {sheet}: the sample before training, after training, and the prompt's dataset image through the VAE")
 
 
-def _training_command(model_file: Path, output: Path, prompts: Path, steps: int) -> list[str]:
-    """The seed's example command, scaled down for a tiny model on a CPU."""
-    return [
-        "--pretrained_model_name_or_path",
-        str(model_file),
-        "--train_data_dir",
-        str(output / "dataset"),
-        "--resolution",
-        str(RESOLUTION),
-        "--output_dir",
-        str(output),
-        "--output_name",
-        "demo_lora",
-        "--network_module",
-        "networks.lora",
-        "--network_dim",
-        "16",
-        "--network_alpha",
-        "16",
-        "--learning_rate",
-        "1e-2",
-        "--network_train_unet_only",
-        "--max_train_steps",
-        str(steps),
-        "--cache_latents",
-        "--seed",
-        "0",
-        "--max_data_loader_n_workers",
-        "0",
-        "--sample_prompts",
-        str(prompts),
-        "--sample_at_first",
-        "--sample_every_n_steps",
-        str(steps),
-        "--save_model_as",
-        "safetensors",
-        "--prior_loss_weight",
-        "1.0",
-    ]
+def _training_command(model_file: Path, output: Path, prompts: Path, steps: int, sdxl: bool) -> list[str]:
+    """The seed's example command, scaled down for a tiny model on a CPU (for SDXL with cached text-encoder outputs)."""
+    paths = ["--pretrained_model_name_or_path", str(model_file), "--train_data_dir", str(output / "dataset")]
+    paths += ["--output_dir", str(output), "--sample_prompts", str(prompts)]
+    flags = (
+        f"--resolution {RESOLUTION} --output_name demo_lora --network_module networks.lora --network_dim 16 "
+        f"--network_alpha 16 --learning_rate 1e-2 --network_train_unet_only --max_train_steps {steps} --cache_latents "
+        f"--seed 0 --max_data_loader_n_workers 0 --sample_at_first --sample_every_n_steps {steps} "
+        "--save_model_as safetensors --prior_loss_weight 1.0"
+    )
+    return paths + flags.split() + (["--cache_text_encoder_outputs"] if sdxl else [])
 
 
 def _through_vae(model_file: Path, image_path: Path) -> Image.Image:
