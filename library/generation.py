@@ -109,7 +109,8 @@ def options_from_arguments(args: argparse.Namespace, notes: list[str]) -> Genera
         notes.append("--xformers needs a CUDA GPU; using PyTorch's scaled-dot-product attention.")
     if args.v2 and args.clip_skip:
         notes.append(
-            f"--clip_skip {args.clip_skip} with --v2: SD 2.x text encoders already stop one layer early, so this skips more; usually leave it out."
+            f"--clip_skip {args.clip_skip} with --v2: SD 2.x text encoders already stop one layer early,"
+            " so this skips more; usually leave it out."
         )
     if args.batch_size > 1:
         notes.append(f"--batch_size {args.batch_size}: images are drawn one at a time (same images, not batched).")
@@ -157,11 +158,13 @@ def _network_choices(
     weights, modules, multipliers = weights or [], modules or [DEFAULT_NETWORK_MODULE], multipliers or []
     if len(modules) not in (1, len(weights)) and weights:
         raise UserError(
-            f"--network_module names {len(modules)} modules for {len(weights)} --network_weights files; give one module, or one per file."
+            f"--network_module names {len(modules)} modules for {len(weights)} --network_weights files;"
+            " give one module, or one per file."
         )
     if len(multipliers) > len(weights):
         raise UserError(
-            f"--network_mul has {len(multipliers)} values for {len(weights)} --network_weights files; give at most one per file."
+            f"--network_mul has {len(multipliers)} values for {len(weights)} --network_weights files;"
+            " give at most one per file."
         )
     for file in weights:
         if not Path(file).is_file():
@@ -254,7 +257,8 @@ def attach_networks(model: StableDiffusionModel, choices: list[NetworkChoice], m
             network.eval()
             networks.append(network)
         print(
-            f"{'merged' if merge else 'applied'} {choice.weights} ({choice.module}) with multiplier {choice.multiplier:g}"
+            f"{'merged' if merge else 'applied'} {choice.weights} ({choice.module})"
+            f" with multiplier {choice.multiplier:g}"
         )
     return networks
 
@@ -270,11 +274,13 @@ def _network_module(choice: NetworkChoice):
         module = importlib.import_module(choice.module)
     except ModuleNotFoundError:
         raise UserError(
-            f"--network_module {choice.module}: no such module; use networks.lora, networks.dylora or an importable module."
+            f"--network_module {choice.module}: no such module;"
+            " use networks.lora, networks.dylora or an importable module."
         ) from None
     if not hasattr(module, "create_network_from_weights"):
         raise UserError(
-            f"--network_module {choice.module}: the module has no create_network_from_weights; use networks.lora or networks.dylora."
+            f"--network_module {choice.module}: the module has no create_network_from_weights;"
+            " use networks.lora or networks.dylora."
         )
     return module
 

@@ -58,7 +58,7 @@ def tiny_model_pair(family: ModelFamily, seed: int = 0):
 
 def assert_outputs_close(expected: list[torch.Tensor], actual: list[torch.Tensor], atol: float = 1e-5) -> None:
     for index, (a, b) in enumerate(zip(expected, actual, strict=True)):
-        torch.testing.assert_close(b, a, atol=atol, rtol=1e-5, msg=lambda m: f"output {index}: {m}")
+        torch.testing.assert_close(b, a, atol=atol, rtol=1e-5, msg=lambda m, index=index: f"output {index}: {m}")
 
 
 def diffusers_pipeline(model):

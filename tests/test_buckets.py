@@ -7,6 +7,7 @@ import random
 import pytest
 
 from library.dataset.buckets import (
+    SDXL_STEP_DIVISOR,
     BucketAssigner,
     BucketSettings,
     Placement,
@@ -77,8 +78,10 @@ def test_placement_with_upscaling(image, bucket, resized):
 
 def test_no_upscale_large_image():
     # 1000x700, A = 262144, aspect 1.4286: rw = sqrt(A * 1.4286) = 611.96, rh = A / rw = 428.37.
-    # width first: int(612.46) = 612 -> 576; height from it: 576 / 1.4286 = 403.2 -> int(403.7) = 403 -> 384; 576/384 = 1.5
-    # height first: int(428.87) = 428 -> 384; width from it: 384 * 1.4286 = 548.6 -> int(549.1) = 549 -> 512; 512/384 = 1.333
+    # width first: int(612.46) = 612 -> 576; height from it: 576 / 1.4286 = 403.2 -> int(403.7) = 403 -> 384;
+    # 576/384 = 1.5
+    # height first: int(428.87) = 428 -> 384; width from it: 384 * 1.4286 = 548.6 -> int(549.1) = 549 -> 512;
+    # 512/384 = 1.333
     # |1.5 - 1.4286| = 0.071 < |1.333 - 1.4286| = 0.095: width first, resized = (576, int(403.2 + 0.5)) = (576, 403),
     # bucket = (576, 403 - 403 % 64) = (576, 384)
     assigner = BucketAssigner(BucketSettings(resolution=(512, 512), enable_bucket=True, bucket_no_upscale=True))
@@ -86,8 +89,9 @@ def test_no_upscale_large_image():
     # 768x1024, aspect 0.75: rw = 443.4, rh = 591.2; width first 443 -> 384, height 512 -> 512, aspect 0.75 (exact);
     # height first 591 -> 576, width 432 -> 384, aspect 0.667; width first wins: (384, int(512.0 + 0.5)) = (384, 512)
     assert assigner.place((768, 1024)) == Placement((384, 512), (384, 512))
-    # 1000x800, aspect 1.25: rw = sqrt(327680) = 572.43, rh = 457.95; width first 572 -> 512, height 409.6 -> 410 -> 384,
-    # aspect 1.333 (error 0.083); height first 458 -> 448, width 560 -> 512, aspect 1.143 (error 0.107);
+    # 1000x800, aspect 1.25: rw = sqrt(327680) = 572.43, rh = 457.95; width first 572 -> 512,
+    # height 409.6 -> 410 -> 384, aspect 1.333 (error 0.083); height first 458 -> 448, width 560 -> 512,
+    # aspect 1.143 (error 0.107);
     # width first: resized = (512, int(409.6 + 0.5)) = (512, 410)
     assert assigner.place((1000, 800)) == Placement((512, 384), (512, 410))
     # 1370x570, aspect 2.4035: rw = 793.77, rh = 330.25; width first 794 -> 768, height 319.53 -> 320 -> 320;
@@ -140,7 +144,17 @@ def test_check_accepts_good_settings():
 def test_check_rejects_steps_not_a_positive_multiple_of_64(steps):
     [problem] = check_bucket_settings(BucketSettings((512, 512), enable_bucket=True, bucket_reso_steps=steps), WHERE)
     assert problem.startswith(WHERE) and f"bucket_reso_steps is {steps}" in problem and "64" in problem
-    assert "train_network" in problem
+    assert "divisible by 64" in problem
+
+
+@pytest.mark.parametrize(("steps", "valid"), [(32, True), (96, True), (48, False)])
+def test_sdxl_bucket_steps_are_multiples_of_32(steps, valid):
+    settings = BucketSettings((512, 512), enable_bucket=True, min_bucket_reso=256, bucket_reso_steps=steps)
+    problems = check_bucket_settings(settings, WHERE, SDXL_STEP_DIVISOR)
+    if valid:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and "divisible by 32" in problems[0]
 
 
 def test_check_min_and_max_against_the_resolution():

@@ -74,7 +74,9 @@ def assert_recovers(path, expected):
     extracted = extracted_deltas(path)
     assert sorted(extracted) == sorted(expected)
     for name, delta in expected.items():
-        torch.testing.assert_close(extracted[name], delta, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            extracted[name], delta, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +108,8 @@ def test_c3lier_extract_with_conv_dim_recovers_the_3x3_convs_too(sd1_tuned, tmp_
     modules = extract_lora(single_file, tuned, out, ExtractOptions(dim=RANK, conv_dim=RANK, progress=False, **EXACT))
     assert max(module.relative_error for module in modules.values()) < 1e-4
     assert summary(modules).startswith(
-        f"{len(deltas)} modules (18 text encoder, {len(deltas) - 18} U-Net); relative error ||dW - up @ down|| / ||dW||: 0.0% on average"
+        f"{len(deltas)} modules (18 text encoder, {len(deltas) - 18} U-Net);"
+        " relative error ||dW - up @ down|| / ||dW||: 0.0% on average"
     )
     assert any(delta.dim() == 4 and delta.shape[-1] == 3 for delta in deltas.values())
     assert_recovers(out, deltas)
@@ -247,8 +250,8 @@ def test_the_script_writes_an_fp16_lora_with_metadata_and_fresh_hashes(sd1_tuned
     single_file, _, tuned, deltas = sd1_tuned
     out = tmp_path / "out.safetensors"
     finished = run_script(
-        EXTRACT, "--model_org", str(single_file), "--model_tuned", str(tuned), "--save_to", str(out), "--dim", str(RANK),
-        "--clamp_quantile", "1", "--save_precision", "fp16",
+        EXTRACT, "--model_org", str(single_file), "--model_tuned", str(tuned), "--save_to", str(out),
+        "--dim", str(RANK), "--clamp_quantile", "1", "--save_precision", "fp16",
     )  # fmt: skip
     assert finished.returncode == 0, finished.stderr
     assert f"saved {out}" in finished.stdout and "extracting" in finished.stderr  # the progress bar
@@ -256,7 +259,9 @@ def test_the_script_writes_an_fp16_lora_with_metadata_and_fresh_hashes(sd1_tuned
     assert {tensor.dtype for tensor in weights.values()} == {torch.float16}
     alpha = weights["lora_te_text_model_encoder_layers_0_mlp_fc1.alpha"]
     assert alpha.shape == () and float(alpha) == RANK
-    assert {key: metadata[key] for key in ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_v2", "ss_base_model_version")} == {
+    assert {key: metadata[key] for key in (
+        "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_v2", "ss_base_model_version",
+    )} == {
         "ss_network_module": "networks.lora", "ss_network_dim": "4", "ss_network_alpha": "4.0", "ss_network_args": "{}",
         "ss_v2": "False", "ss_base_model_version": "sd_v1",
     }  # fmt: skip

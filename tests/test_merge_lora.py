@@ -43,7 +43,9 @@ SD1_CHECKPOINT_KEYS = {
     + "middle_block.1.transformer_blocks.0.ff.net.0.proj.weight",
     "lora_unet_up_blocks_0_upsamplers_0_conv": UNET + "output_blocks.2.1.conv.weight",
     "lora_unet_up_blocks_1_resnets_2_time_emb_proj": UNET + "output_blocks.5.0.emb_layers.1.weight",
-    "lora_te_text_model_encoder_layers_1_mlp_fc1": "cond_stage_model.transformer.text_model.encoder.layers.1.mlp.fc1.weight",
+    "lora_te_text_model_encoder_layers_1_mlp_fc1": (
+        "cond_stage_model.transformer.text_model.encoder.layers.1.mlp.fc1.weight"
+    ),
 }
 
 
@@ -56,7 +58,8 @@ def make_lora(model, path, seed, dim, alpha, **network_args):
 
 @pytest.fixture(scope="module")
 def loras(tiny_checkpoints, tmp_path_factory):
-    """family -> {c3lier: rank 4 alpha 2 with 3x3 convs of rank 2 alpha 1, lierla: rank 4 alpha 4, rank8: rank 8 alpha 1}."""
+    """family -> {c3lier: rank 4 alpha 2 with 3x3 convs of rank 2 alpha 1, lierla: rank 4 alpha 4,
+    rank8: rank 8 alpha 1}."""
     folder = tmp_path_factory.mktemp("loras")
     made = {}
     for family, (model, _, _) in tiny_checkpoints.items():
@@ -71,7 +74,8 @@ def loras(tiny_checkpoints, tmp_path_factory):
 
 
 def delta_by_hand(up, down, scale):
-    """scale * up @ down in float64, written with einsum, shaped like the layer's weight ([out, in] or [out, in, k, k])."""
+    """scale * up @ down in float64, written with einsum, shaped like the layer's weight
+    ([out, in] or [out, in, k, k])."""
     up = up.double().reshape(up.shape[0], up.shape[1])
     return scale * torch.einsum("or,ri...->oi...", up, down.double())
 

@@ -62,7 +62,8 @@ def test_small_image_is_never_upscaled_only_cropped(tmp_path):
         "64",
     )
     assert result.returncode == 0, result.stderr
-    # 512x512: 60000 px <= 262144 -> kept 300x200 -> 256x192; 128x128: f = sqrt(16384 / 60000) = 0.52256 -> 156x104 -> 128x64
+    # 512x512: 60000 px <= 262144 -> kept 300x200 -> 256x192;
+    # 128x128: f = sqrt(16384 / 60000) = 0.52256 -> 156x104 -> 128x64
     assert sizes(tmp_path / "dst") == {"small+512x512.jpg": (256, 192), "small+128x128.jpg": (128, 64)}
 
 

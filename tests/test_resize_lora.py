@@ -73,7 +73,7 @@ def test_a_resized_module_is_the_truncated_svd_of_its_delta_with_the_same_scale(
             truncated_by_torch(delta(original), rank),
             atol=1e-5,
             rtol=1e-4,
-            msg=lambda m: f"{name}: {m}",
+            msg=lambda m, name=name: f"{name}: {m}",
         )
         assert factors.down.dim() == original.down.dim() and factors.down.shape[1:] == original.down.shape[1:]
     assert resized[CONV_3X3].kept.frobenius_share < 1 and resized[LINEAR].old_rank == 6

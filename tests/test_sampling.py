@@ -104,7 +104,8 @@ def test_json_list_of_lines_and_objects(tmp_path):
         tmp_path / "prompts.json",
         """
         ["a cat --n ugly, bad --w 768 --d 3",
-         {"prompt": "a dog", "width": 256, "height": 1000, "seed": 1, "scale": 4, "sample_steps": 0, "sample_sampler": "k_dpm_2_a"}]
+         {"prompt": "a dog", "width": 256, "height": 1000, "seed": 1, "scale": 4, "sample_steps": 0,
+          "sample_sampler": "k_dpm_2_a"}]
         """,
     )
     assert read_sample_prompts(path) == [

@@ -179,7 +179,7 @@ def test_with_enough_rank_the_merge_is_the_exact_weighted_sum(sd1_files):
     assert got.keys() == expected.keys()
     assert any(name.startswith("lora_te") for name in got) and CONV_3X3 in got  # modules of only one input
     for name, delta in expected.items():
-        torch.testing.assert_close(got[name], delta, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[name], delta, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
     tensors = read_lora_file(path)[0]
     ranks = {name: tensors[f"{name}.lora_down.weight"].shape[0] for name in got}
     assert (
@@ -254,7 +254,10 @@ def test_bad_flags_are_one_sentence_naming_the_files(sd1_files, tmp_path):
     save_lora_file(tmp_path / "other.safetensors", weights, metadata)
     with pytest.raises(
         UserError,
-        match=rf"a\.safetensors and .*other\.safetensors: module '{PROJ_IN}' adapts a layer of shape 32 -> 32 in the first but 7 -> 32",
+        match=(
+            rf"a\.safetensors and .*other\.safetensors: module '{PROJ_IN}' adapts a layer of shape 32 -> 32"
+            r" in the first but 7 -> 32"
+        ),
     ):
         svd_merge(
             SvdMergeOptions(
@@ -344,7 +347,7 @@ def test_block_weights_scale_each_inputs_modules(sd1_files, tmp_path):
     assert 0.5 in weight_a.values() and 0.0 in weight_a.values() and 2.0 in weight_b.values()
     for name in got:
         expected = 0.7 * weight_a.get(name, 0) * da.get(name, 0) - 0.4 * weight_b.get(name, 0) * db.get(name, 0)
-        torch.testing.assert_close(got[name], expected, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[name], expected, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize(
@@ -388,7 +391,10 @@ def test_a_layout_of_the_other_family_is_refused(sd1_files, tmp_path):
     )
     with pytest.raises(
         UserError,
-        match=r"--lbws: lists of 12 values are a layout for another model family; these are SD1\.x LoRAs, so give 17 or 26 values",
+        match=(
+            r"--lbws: lists of 12 values are a layout for another model family;"
+            r" these are SD1\.x LoRAs, so give 17 or 26 values"
+        ),
     ):
         svd_merge(options)
 
@@ -414,7 +420,7 @@ def test_sdxl_files_merge_exactly_and_do_not_mix_with_sd1(sdxl_files, sd1_files)
     got = deltas_of(out)
     assert got.keys() == expected.keys() and {name[:9] for name in got} >= {"lora_te1_", "lora_te2_"}
     for name, delta in expected.items():
-        torch.testing.assert_close(got[name], delta, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[name], delta, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
     metadata = open_checkpoint(out).metadata
     assert (
         metadata["ss_base_model_version"] == "sdxl_base_v1-0"
@@ -422,7 +428,10 @@ def test_sdxl_files_merge_exactly_and_do_not_mix_with_sd1(sdxl_files, sd1_files)
     )
     with pytest.raises(
         UserError,
-        match=r"a\.safetensors is an SD1\.x LoRA but .*x\.safetensors is an SDXL LoRA; LoRAs for different model families",
+        match=(
+            r"a\.safetensors is an SD1\.x LoRA but .*x\.safetensors is an SDXL LoRA;"
+            r" LoRAs for different model families"
+        ),
     ):
         svd_merge(SvdMergeOptions((sd1_files / "a.safetensors", x), (1, 1), sdxl_files / "mixed.safetensors"))
 

@@ -140,7 +140,8 @@ def test_the_weights_stay_finite_where_zero_terminal_snr_makes_snr_zero():
 
 
 def test_elementwise_losses_on_exact_cases():
-    # d = prediction - target; thresholds 1.5 and 0.6 make sqrt(d^2 + c^2) exact: sqrt(2^2 + 1.5^2) = 2.5, sqrt(0.8^2 + 0.6^2) = 1
+    # d = prediction - target; thresholds 1.5 and 0.6 make sqrt(d^2 + c^2) exact: sqrt(2^2 + 1.5^2) = 2.5,
+    # sqrt(0.8^2 + 0.6^2) = 1
     prediction = torch.tensor([2.0, -2.0, 0.0, 0.8, -0.8, 0.0]).view(2, 1, 1, 3)
     target = torch.zeros_like(prediction)
     threshold = torch.tensor([1.5, 0.6])
@@ -320,7 +321,8 @@ def test_training_with_the_new_options_gives_a_loadable_file_and_records_them(ti
         metadata["ss_huber_scale"],
     ) == ("huber", "snr", "0.1", "1.0")
 
-    # epsilon prediction at the last timesteps, where zero terminal SNR takes SNR to 0: the weights' floor keeps it finite
+    # epsilon prediction at the last timesteps, where zero terminal SNR takes SNR to 0:
+    # the weights' floor keeps it finite
     eps_options = (
         "--zero_terminal_snr",
         "--min_timestep",

@@ -107,7 +107,10 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     caching.add_argument(
         "--max_data_loader_n_workers",
         type=int,
-        help=f"data loader processes (default {DEFAULT_WORKERS}, or {WORKERS_WITH_CACHED_LATENTS} with cached latents; at most the CPU count)",
+        help=(
+            f"data loader processes (default {DEFAULT_WORKERS}, or {WORKERS_WITH_CACHED_LATENTS} with cached latents;"
+            " at most the CPU count)"
+        ),
     )
     caching.add_argument(
         "--persistent_data_loader_workers", action="store_true", help="keep the data loader processes between epochs"
@@ -165,21 +168,25 @@ def dataset_options(args: argparse.Namespace, notes: list[str], sdxl: bool = Fal
     change nothing add a note to `notes`."""
     if args.dataset_class:
         raise UserError(
-            "--dataset_class (a custom Python dataset) is not supported; describe the images with --dataset_config instead."
+            "--dataset_class (a custom Python dataset) is not supported;"
+            " describe the images with --dataset_config instead."
         )
     if args.vae_batch_size < 1:
         raise UserError(f"--vae_batch_size is {args.vae_batch_size}; use 1 or more.")
     if args.max_data_loader_n_workers is not None and args.max_data_loader_n_workers < 0:
         raise UserError(
-            f"--max_data_loader_n_workers is {args.max_data_loader_n_workers}; use 0 (load in the main process) or more."
+            f"--max_data_loader_n_workers is {args.max_data_loader_n_workers};"
+            " use 0 (load in the main process) or more."
         )
     if args.skip_cache_check:
         notes.append(
-            "--skip_cache_check ignored: existing latent files are always checked, so that stale ones are never trained on."
+            "--skip_cache_check ignored: existing latent files are always checked,"
+            " so that stale ones are never trained on."
         )
     if args.persistent_data_loader_workers and args.max_data_loader_n_workers == 0:
         notes.append(
-            "--persistent_data_loader_workers ignored: there are no worker processes with --max_data_loader_n_workers 0."
+            "--persistent_data_loader_workers ignored:"
+            " there are no worker processes with --max_data_loader_n_workers 0."
         )
     values = {name: getattr(args, name) for name in DATASET_FLAGS}
     return DatasetOptions(

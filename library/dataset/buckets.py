@@ -51,8 +51,8 @@ def check_bucket_settings(settings: BucketSettings, where: str, step_divisor: in
     steps = settings.bucket_reso_steps
     if steps <= 0 or steps % step_divisor:
         problems.append(
-            f"{where}: bucket_reso_steps is {steps}, but this model family's trainer (as sd-scripts') requires it to be divisible by "
-            f"{step_divisor}; use a positive multiple of {step_divisor} such as 64."
+            f"{where}: bucket_reso_steps is {steps}, but this model family's trainer (as sd-scripts')"
+            f" requires it to be divisible by {step_divisor}; use a positive multiple of {step_divisor} such as 64."
         )
     if width <= 0 or height <= 0 or settings.bucket_no_upscale or steps <= 0:
         return problems

@@ -299,7 +299,8 @@ def legacy_config(
         return {"datasets": [{"subsets": [{"image_dir": train_data_dir, "metadata_file": in_json}]}]}
     if not train_data_dir:
         problems.add(
-            "no dataset: give --dataset_config FILE.toml, or --train_data_dir with folders named <repeats>_<identifier> <class>."
+            "no dataset: give --dataset_config FILE.toml,"
+            " or --train_data_dir with folders named <repeats>_<identifier> <class>."
         )
         return {"datasets": []}
     subsets = _repeat_folders(Path(train_data_dir), "--train_data_dir", False, problems)
@@ -312,7 +313,8 @@ def _repeat_folders(parent: Path, option: str, is_reg: bool, problems: Problems)
     """One subset per `<repeats>_<identifier> <class>` folder; images right inside `parent` are one more subset."""
     if not parent.is_dir():
         problems.add(
-            f"{option} {parent}: no such folder; give the folder that holds the <repeats>_<identifier> <class> image folders."
+            f"{option} {parent}: no such folder;"
+            " give the folder that holds the <repeats>_<identifier> <class> image folders."
         )
         return []
     subsets = []
@@ -336,7 +338,8 @@ def _repeat_folders(parent: Path, option: str, is_reg: bool, problems: Problems)
         subsets.append({"image_dir": str(parent), "is_reg": is_reg})
     if not subsets and not problems.messages:
         problems.add(
-            f"{option} {parent}: no image folders in it; put images into folders named <repeats>_<identifier> <class>, e.g. 10_sks dog."
+            f"{option} {parent}: no image folders in it;"
+            " put images into folders named <repeats>_<identifier> <class>, e.g. 10_sks dog."
         )
     return subsets
 

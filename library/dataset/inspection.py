@@ -36,7 +36,8 @@ def dataset_summary_lines(plans: Sequence[DatasetPlan]) -> list[str]:
         width, height = config.resolution
         bucketing = "on" if config.enable_bucket else "off"
         lines.append(
-            f"{config.where}: {config.style}, resolution {width}x{height}, buckets {bucketing}, batch size {config.batch_size}"
+            f"{config.where}: {config.style}, resolution {width}x{height}, buckets {bucketing},"
+            f" batch size {config.batch_size}"
         )
         for subset in config.subsets:
             members = [sample for sample in plan.samples if sample.subset == subset]
@@ -46,7 +47,8 @@ def dataset_summary_lines(plans: Sequence[DatasetPlan]) -> list[str]:
             shown = str(repeats[0]) if len(repeats) == 1 else f"{repeats[0]}-{repeats[-1]}" if repeats else "0"
             lines.append(f"  {source}: {len(members)} {kind} x {shown} repeats")
         lines.append(
-            f"  {plan.num_train_images} training samples, {plan.num_reg_images} regularization samples per epoch before balancing"
+            f"  {plan.num_train_images} training samples, {plan.num_reg_images} regularization samples"
+            " per epoch before balancing"
         )
         lines.extend(f"  {line}" for line in bucket_summary_lines(plan.bucket_counts()))
         if config.enable_bucket:

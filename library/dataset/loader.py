@@ -123,7 +123,8 @@ class EpochBatches(torch.utils.data.Sampler):
 class TrainingBatches(torch.utils.data.Dataset):
     """Builds the batch dict for a `BatchKey`. With `latents` (from `cache_latents`) the batch holds latents and no
     images; without, images are decoded and augmented here. Keys follow sd-scripts' batch dict:
-    `latents` or `images`, `input_ids` (B, n, 77) and for SDXL's second tokenizer `input_ids2`, `captions`, `loss_weights` (B), `alpha_masks` (B, H, W) or None,
+    `latents` or `images`, `input_ids` (B, n, 77) and for SDXL's second tokenizer `input_ids2`, `captions`,
+    `loss_weights` (B), `alpha_masks` (B, H, W) or None,
     `network_multipliers` (B), `flippeds`, and the SDXL size conditioning `original_sizes_hw`, `crop_top_lefts`,
     `target_sizes_hw` (B, 2), and `batch_seed` for the batch's noise.
 

@@ -102,8 +102,8 @@ def prepare_datasets(
     ]
     if not any(plan.samples for plan in plans):
         problems.add(
-            "no images to train on: every subset was skipped or every image left out (see the notes above); check the folders,"
-            " num_repeats and --train_data_dir (the parent of the <repeats>_<name> folders)."
+            "no images to train on: every subset was skipped or every image left out (see the notes above);"
+            " check the folders, num_repeats and --train_data_dir (the parent of the <repeats>_<name> folders)."
         )
     problems.raise_if_any()
     return plans, problems.notes
@@ -121,7 +121,8 @@ def _check_supported(datasets: list[DatasetConfig], problems: Problems) -> None:
         for subset in dataset.subsets:
             if subset.face_crop_aug_range is not None:
                 problems.add(
-                    f"{subset.where}: face_crop_aug_range is not supported yet; remove it (or drop --face_crop_aug_range)."
+                    f"{subset.where}: face_crop_aug_range is not supported yet;"
+                    " remove it (or drop --face_crop_aug_range)."
                 )
 
 
@@ -160,8 +161,8 @@ def _check_caching(datasets: list[DatasetConfig], problems: Problems) -> None:
             for key in ("color_aug", "random_crop"):
                 if getattr(subset, key):
                     problems.add(
-                        f"{subset.where}: {key} changes the image every epoch, so its latents cannot be cached; turn {key}"
-                        " off or drop --cache_latents / --cache_latents_to_disk."
+                        f"{subset.where}: {key} changes the image every epoch, so its latents cannot be cached;"
+                        f" turn {key} off or drop --cache_latents / --cache_latents_to_disk."
                     )
 
 
@@ -178,7 +179,8 @@ def _plan(
     num_reg = sum(subset.num_repeats for _, subset in reg)
     if reg and num_train < num_reg:
         problems.note(
-            f"{dataset.where}: {num_reg} regularization samples for {num_train} training samples; only as many as needed are used."
+            f"{dataset.where}: {num_reg} regularization samples for {num_train} training samples;"
+            " only as many as needed are used."
         )
     reg_repeats = balanced_reg_repeats([subset.num_repeats for _, subset in reg], num_train)
     samples = [Sample(image, subset, assigner.place(image.size), subset.num_repeats) for image, subset in train]

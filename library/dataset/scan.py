@@ -54,7 +54,8 @@ def _scan_subset(subset: SubsetConfig, style: str, problems: Problems, skip_bad_
     paths = sorted(path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         problems.add(
-            f"{subset.where}: image_dir '{folder}' holds no images ({', '.join(IMAGE_SUFFIXES)}); put the images directly in it."
+            f"{subset.where}: image_dir '{folder}' holds no images ({', '.join(IMAGE_SUFFIXES)});"
+            " put the images directly in it."
         )
         return ScannedSubset(subset, (), subset.caption_extension, ())
     extension = _caption_extension(paths, subset.caption_extension)
@@ -158,7 +159,8 @@ def _scan_metadata_subset(subset: SubsetConfig, problems: Problems, skip_bad_ima
         if not path.is_absolute():
             if not subset.image_dir:
                 problems.add(
-                    f"{subset.where}: '{key}' in {metadata_path} is a relative path; set image_dir to the folder it is relative to."
+                    f"{subset.where}: '{key}' in {metadata_path} is a relative path;"
+                    " set image_dir to the folder it is relative to."
                 )
                 return ScannedSubset(subset, (), "", ())
             path = Path(subset.image_dir) / key

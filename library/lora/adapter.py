@@ -80,8 +80,9 @@ class LayerAdapter(torch.nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         """Add multiplier * alpha / rank * (up @ down) into the layer's weight, from `sd` (this module's keys
-        without the name; no alpha means alpha = rank) or from the module's own factors. The delta is computed on `device` (default: where the weight is)
-        and added in float32; the weight keeps its dtype. `dtype` is accepted for sd-scripts' signature."""
+        without the name; no alpha means alpha = rank) or from the module's own factors. The delta is computed on
+        `device` (default: where the weight is) and added in float32; the weight keeps its dtype. `dtype` is accepted
+        for sd-scripts' signature."""
         if sd:
             up, down, scale = sd[UP], sd[DOWN], lora_scale(sd.get(ALPHA), sd[DOWN].shape[0])
         else:

@@ -61,7 +61,8 @@ def parse_block_weights(lbws: Sequence[str], models: Sequence[str | Path]) -> li
     lengths = {len(values) for values in lists}
     if len(lengths) > 1:
         raise UserError(
-            f"--lbws: the lists have different lengths ({', '.join(map(str, sorted(lengths)))}); give every model a list of one layout."
+            f"--lbws: the lists have different lengths ({', '.join(map(str, sorted(lengths)))});"
+            " give every model a list of one layout."
         )
     length = lengths.pop()
     if length not in LAYOUTS:

@@ -68,8 +68,10 @@ def split_modules(weights: Mapping[str, torch.Tensor], source: str) -> dict[str,
         name, _, part = key.partition(".")
         if part not in LORA_PARTS:
             raise UserError(
-                f"{source}: key '{key}' is not part of a LoRA-LierLa/C3Lier file (each module has only {', '.join(LORA_PARTS)});"
-                " the file was made for another network type (LyCORIS, OFT, DoRA, PEFT names?), which networks.lora cannot load."
+                f"{source}: key '{key}' is not part of a LoRA-LierLa/C3Lier file"
+                f" (each module has only {', '.join(LORA_PARTS)});"
+                " the file was made for another network type (LyCORIS, OFT, DoRA, PEFT names?),"
+                " which networks.lora cannot load."
             )
         parts.setdefault(name, {})[part] = tensor
     modules = {}
@@ -125,8 +127,8 @@ def read_lora_inputs(models: Sequence[str | os.PathLike], ratios: Sequence[float
     (a mismatch names both files)."""
     if len(ratios) != len(models):
         raise UserError(
-            f"--ratios gives {len(ratios)} value(s) but --models names {len(models)} file(s) ({', '.join(map(str, models))});"
-            " give one ratio per model, in the same order."
+            f"--ratios gives {len(ratios)} value(s) but --models names {len(models)} file(s)"
+            f" ({', '.join(map(str, models))}); give one ratio per model, in the same order."
         )
     inputs = []
     for path, ratio in zip(models, ratios):
@@ -168,9 +170,9 @@ def modules_by_name(inputs: Sequence[LoraInput], block_weights: Sequence[BlockWe
             members = groups.setdefault(name, [])
             if members and _layer_shape(members[0].factors) != _layer_shape(factors):
                 raise UserError(
-                    f"{members[0].path} and {each.path}: module '{name}' adapts a layer of shape {_describe(members[0].factors)}"
-                    f" in the first but {_describe(factors)} in the second; the files were made for different models, so merge"
-                    " LoRAs of one model."
+                    f"{members[0].path} and {each.path}: module '{name}' adapts a layer of shape"
+                    f" {_describe(members[0].factors)} in the first but {_describe(factors)} in the second;"
+                    " the files were made for different models, so merge LoRAs of one model."
                 )
             block_weight = block_weights[position].for_module(name) if block_weights else 1.0
             members.append(Member(each.path, factors, each.ratio * block_weight))

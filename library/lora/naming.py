@@ -50,7 +50,10 @@ class BlockLayout:
         return self.down + self.mid + self.up + 2 * self.edge
 
     def description(self) -> str:
-        parts = f"IN00-IN{self.down - 1:02d}, {'MID' if self.mid == 1 else f'MID0-MID{self.mid - 1}'}, OUT00-OUT{self.up - 1:02d}"
+        parts = (
+            f"IN00-IN{self.down - 1:02d}, {'MID' if self.mid == 1 else f'MID0-MID{self.mid - 1}'},"
+            f" OUT00-OUT{self.up - 1:02d}"
+        )
         return f"time embedding, {parts}, output" if self.edge else parts
 
 

@@ -57,7 +57,8 @@ def parse_network_args(kwargs: Mapping[str, object], sdxl: bool) -> LoRAArgs:
     unknown = sorted(set(kwargs) - set(KNOWN_KEYS))
     if unknown:
         raise UserError(
-            f"--network_args: unknown argument '{unknown[0]}' for networks.lora; the known ones are {', '.join(KNOWN_KEYS)}."
+            f"--network_args: unknown argument '{unknown[0]}' for networks.lora;"
+            f" the known ones are {', '.join(KNOWN_KEYS)}."
         )
     given = {key: value for key, value in kwargs.items() if value is not None and str(value).strip() != ""}
     layout = block_layout(sdxl)

@@ -62,7 +62,8 @@ def detect_family(shapes: Mapping[str, tuple[int, ...]], source: str) -> ModelFa
     if any(key.startswith("cond_stage_model.transformer.") for key in shapes):
         return ModelFamily.SD1
     raise UserError(
-        f"{source}: the text encoder weights are missing (no 'cond_stage_model.' or 'conditioner.' keys); the file is incomplete."
+        f"{source}: the text encoder weights are missing (no 'cond_stage_model.' or 'conditioner.' keys);"
+        " the file is incomplete."
     )
 
 
@@ -86,7 +87,8 @@ def check_family(detected: ModelFamily, expected: ModelFamily | None, source: st
     if expected is not None and expected != detected:
         flag = FAMILY_FLAGS[expected]
         raise UserError(
-            f"{source}: {flag} was given, but the file is an {detected.label} model; remove {flag} or pick the right file."
+            f"{source}: {flag} was given, but the file is an {detected.label} model;"
+            f" remove {flag} or pick the right file."
         )
 
 

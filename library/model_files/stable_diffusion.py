@@ -126,7 +126,7 @@ def load_stable_diffusion(
     model, checkpoint, unused = _open_single_file(path, family, v_parameterization, tokenizer_cache_dir)
     for module, links in model.components():
         _fill_module(module, links, checkpoint, vae_dtype or dtype if module is model.vae else dtype)
-    model.unused_tensors = {key: checkpoint.read(key) for key in unused}
+    model.unused_tensors = {key: checkpoint.read(key).clone() for key in unused}  # no view keeps the file mapped
     return model
 
 
@@ -201,8 +201,8 @@ def _download_from_hub(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as error:  # the hub client raises many kinds (offline, not found, gated, network)
         raise UserError(
-            f"{repo_id}: no such local file or folder, and fetching it from the Hugging Face Hub failed ({type(error).__name__});"
-            " give the path of a local .safetensors/.ckpt file or Diffusers folder."
+            f"{repo_id}: no such local file or folder, and fetching it from the Hugging Face Hub failed"
+            f" ({type(error).__name__}); give the path of a local .safetensors/.ckpt file or Diffusers folder."
         ) from None
 
 
@@ -233,6 +233,9 @@ class AliasedCheckpoint:
     def read(self, name: str) -> torch.Tensor:
         return self.checkpoint.read(self._names[name])
 
+    def release(self, name: str) -> None:
+        self.checkpoint.release(self._names[name])
+
     def file_key(self, name: str) -> str:
         return self._names[name]
 
@@ -242,7 +245,8 @@ def _architecture(family: ModelFamily, shapes, path: Path):
         return architecture_from_shapes(family, shapes)
     except (KeyError, IndexError, ValueError) as error:
         raise UserError(
-            f"{path}: the {family.label} weights are incomplete ({error} is missing or malformed); the file is damaged or not a full model."
+            f"{path}: the {family.label} weights are incomplete ({error} is missing or malformed);"
+            " the file is damaged or not a full model."
         ) from None
 
 
@@ -289,7 +293,8 @@ def _check_keys(checkpoint: AliasedCheckpoint, components, family: ModelFamily, 
     report = "; ".join(f"{len(keys)} {what} (first: {', '.join(sorted(keys)[:3])})" for keys, what in problems if keys)
     if report:
         raise UserError(
-            f"{path}: not a complete {family.label} checkpoint, its tensors do not match the model: {report}. The file is damaged, or a merge left it incomplete."
+            f"{path}: not a complete {family.label} checkpoint, its tensors do not match the model: {report}."
+            " The file is damaged, or a merge left it incomplete."
         )
 
 
@@ -297,19 +302,24 @@ def _fill_module(
     module: torch.nn.Module, links: dict[str, KeyLink], checkpoint: AliasedCheckpoint, dtype: torch.dtype
 ) -> None:
     for key, link in links.items():
-        tensor = to_model_tensor(checkpoint.read(link.file_key), link)
-        _assign(module, key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+        file_tensor = checkpoint.read(link.file_key)
+        tensor = to_model_tensor(file_tensor, link)
+        kept = _assign(module, key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+        if kept.untyped_storage().data_ptr() != file_tensor.untyped_storage().data_ptr():
+            checkpoint.release(link.file_key)
 
 
-def _assign(module: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:
+def _assign(module: torch.nn.Module, key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Put the tensor into the module under `key`; returns what the module now holds."""
     owner_path, _, name = key.rpartition(".")
     owner = module.get_submodule(owner_path)
     if name in owner._parameters:
         owner._parameters[name] = torch.nn.Parameter(
             tensor.contiguous(), requires_grad=owner._parameters[name].requires_grad
         )
-    else:
-        owner._buffers[name] = tensor.contiguous()
+        return owner._parameters[name]
+    owner._buffers[name] = tensor.contiguous()
+    return owner._buffers[name]
 
 
 def _load_diffusers_folder(
@@ -323,7 +333,8 @@ def _load_diffusers_folder(
     for needed in ("unet", "vae", "text_encoder"):
         if not (folder / needed / "config.json").is_file():
             raise UserError(
-                f"{folder}: not a Diffusers model folder ({needed}/config.json is missing); give a model folder or a single .safetensors/.ckpt file."
+                f"{folder}: not a Diffusers model folder ({needed}/config.json is missing);"
+                " give a model folder or a single .safetensors/.ckpt file."
             )
     family = _folder_family(folder)
     check_family(family, expected, str(folder))

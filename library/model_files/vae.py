@@ -41,7 +41,8 @@ def _weights_file(folder: Path) -> Path:
             if (candidate / name).is_file():
                 return candidate / name
     raise UserError(
-        f"--vae {folder}: a folder without {DIFFUSERS_WEIGHTS[0]} (or in vae/); give a Diffusers VAE folder or a VAE file."
+        f"--vae {folder}: a folder without {DIFFUSERS_WEIGHTS[0]} (or in vae/);"
+        " give a Diffusers VAE folder or a VAE file."
     )
 
 
@@ -51,7 +52,8 @@ def _from_ldm_names(vae: AutoencoderKL, checkpoint, keys: set[str], path: Path) 
     missing = [link.file_key for link in links.values() if prefix + link.file_key[len(VAE_PREFIX) :] not in keys]
     if missing:
         raise UserError(
-            f"--vae {path}: {len(missing)} VAE tensors are missing (first: {missing[0]}); it is not a VAE file, or not one of this model's kind."
+            f"--vae {path}: {len(missing)} VAE tensors are missing (first: {missing[0]});"
+            " it is not a VAE file, or not one of this model's kind."
         )
     return {
         key: to_model_tensor(checkpoint.read(prefix + link.file_key[len(VAE_PREFIX) :]), link)
@@ -68,5 +70,6 @@ def _check_shapes(vae: AutoencoderKL, weights: dict[str, torch.Tensor], path: Pa
     ]
     if wrong:
         raise UserError(
-            f"--vae {path}: {len(wrong)} tensors have another shape (first: {wrong[0]}); it is not a VAE of this model's kind."
+            f"--vae {path}: {len(wrong)} tensors have another shape (first: {wrong[0]});"
+            " it is not a VAE of this model's kind."
         )

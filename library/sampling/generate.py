@@ -60,7 +60,8 @@ def generate_image(
     text_encoders, tokenizers = list(text_encoders), list(tokenizers)
     if len(text_encoders) not in (1, 2) or len(tokenizers) != len(text_encoders):
         raise ValueError(
-            f"give one text encoder and tokenizer (SD 1.x/2.x) or two of each (SDXL), not {len(text_encoders)} and {len(tokenizers)}"
+            "give one text encoder and tokenizer (SD 1.x/2.x) or two of each (SDXL),"
+            f" not {len(text_encoders)} and {len(tokenizers)}"
         )
     sampler = check_sampler(prompt.sampler or default_sampler)
     scheduler = make_scheduler(sampler, v_prediction)

@@ -92,7 +92,8 @@ def parse_prompt_line(
         flag = flag.lower()
         if flag not in LINE_OPTIONS:
             raise UserError(
-                f"{where}: unknown option --{flag}; use --n, --w, --h, --d, --l, --s or --ss, and write ' --' only before an option."
+                f"{where}: unknown option --{flag}; use --n, --w, --h, --d, --l, --s or --ss,"
+                " and write ' --' only before an option."
             )
         if not value:
             raise UserError(f"{where}: option --{flag} has no value; write it as --{flag} VALUE.")
@@ -119,7 +120,8 @@ def _read_toml(text: str, source: str, defaults: dict[str, Any]) -> list[SampleP
     for key in tables:
         if key != "prompt":
             raise UserError(
-                f"{source}: unknown top-level key '{key}'; put defaults in [prompt] and each prompt in a [[prompt.subset]] table."
+                f"{source}: unknown top-level key '{key}';"
+                " put defaults in [prompt] and each prompt in a [[prompt.subset]] table."
             )
     table_defaults = _table(tables.get("prompt"), f"{source}, [prompt]")
     subsets = table_defaults.pop("subset", [])

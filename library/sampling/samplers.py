@@ -79,7 +79,8 @@ def check_sampler(name: str, where: str = "") -> str:
     if isinstance(scheduler_class, DummyObject):
         missing = " and ".join(backend for backend in scheduler_class._backends if backend != "torch")
         raise UserError(
-            f"{prefix}sampler '{canonical}' needs the {missing} package; install it with `pip install {missing}` or choose another sampler."
+            f"{prefix}sampler '{canonical}' needs the {missing} package;"
+            f" install it with `pip install {missing}` or choose another sampler."
         )
     return canonical
 
