@@ -1,7 +1,9 @@
-"""Generate images with a Stable Diffusion 1.x / 2.x / SDXL model and LoRA networks, with sd-scripts' gen_img_diffusers.py flags:
+"""Generate images with a Stable Diffusion 1.x / 2.x / SDXL model and LoRA networks, with sd-scripts'
+gen_img_diffusers.py flags:
 
     python gen_img_diffusers.py --ckpt model.safetensors --outdir out --prompt "a cat --n blurry" --steps 30 \
-        --sampler k_euler_a --seed 1 --network_module networks.lora --network_weights my_lora.safetensors --network_mul 0.8
+        --sampler k_euler_a --seed 1 --network_module networks.lora --network_weights my_lora.safetensors \
+        --network_mul 0.8
 
 See docs/generation.md.
 """

@@ -5,8 +5,8 @@ The base is the random-weight SD1.5 single file of bench_model_loading.py (fp16,
 every weight, so every layer changes at full rank and the text encoder changes by more than --min_diff. Each device
 gets one end-to-end extract as a user runs it (loading both models, the text-encoder check, the SVD of every
 module's difference, saving), timed as a whole and in its two main phases: loading, and the difference + SVD loop
-that --device moves to the GPU. With both devices the CUDA record has the CPU / CUDA speed ratios. The results are printed and appended
-as JSON lines to bench/results.jsonl.
+that --device moves to the GPU. With both devices the CUDA record has the CPU / CUDA speed ratios. The results are
+printed and appended as JSON lines to bench/results.jsonl.
 
     python bench/bench_extract.py [--work_dir bench/runs] [--dim 4] [--conv_dim N] [--devices cpu cuda]
 """

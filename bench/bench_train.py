@@ -95,9 +95,9 @@ def quoted_sd_scripts_reference(setting: dict, device: torch.device) -> dict | N
         return {
             "quoted_not_measured": True,
             "source": "GitHub issue 14, item 9",
-            "note": "sd-scripts' sdxl_train_network.py on this 2-core machine, real-size SDXL file, 128 px, batch 2, bf16 with "
-            "--full_bf16, U-Net-only rank 4, cached latents and text-encoder outputs, 2 steps: 3.4 s per step, 40 s in "
-            "all, 16.8 GB peak host memory. Target: at most half that memory and no slower.",
+            "note": "sd-scripts' sdxl_train_network.py on this 2-core machine, real-size SDXL file, 128 px, batch 2, "
+            "bf16 with --full_bf16, U-Net-only rank 4, cached latents and text-encoder outputs, 2 steps: 3.4 s per "
+            "step, 40 s in all, 16.8 GB peak host memory. Target: at most half that memory and no slower.",
         }
     if setting["model"] != "sd15" or setting["resolution"] != 512 or device.type != "cuda":
         return None
@@ -261,7 +261,10 @@ def parse_arguments() -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument(
         "--model",
         choices=list(MODEL_FILES),
-        help="sd15 / sdxl: the real-size architecture, random weights (sd15 is the default on CUDA); tiny: the test model (default on the CPU)",
+        help=(
+            "sd15 / sdxl: the real-size architecture, random weights (sd15 is the default on CUDA); tiny: the test"
+            " model (default on the CPU)"
+        ),
     )
     parser.add_argument(
         "--steps",

@@ -97,7 +97,8 @@ class DyLoRAModule(LayerAdapter):
         if self.step_rank is None:
             raise UserError(
                 f"networks.dylora: module {self.lora_name} runs in training mode but no rank was drawn; call"
-                " network.on_step_start() before each optimizer step (train_network.py does), or network.eval() for inference."
+                " network.on_step_start() before each optimizer step (train_network.py does), or network.eval() for"
+                " inference."
             )
         return self.factors_at(self.step_rank, train_last_unit_only=True)
 
@@ -113,7 +114,8 @@ class DyLoRAModule(LayerAdapter):
             expected = _concatenated_shape(units, axis)
             if full.shape != expected:
                 error_msgs.append(
-                    f"size mismatch for {prefix}{key}: the file's shape is {tuple(full.shape)}, this network's {tuple(expected)}."
+                    f"size mismatch for {prefix}{key}: the file's shape is {tuple(full.shape)}, this network's"
+                    f" {tuple(expected)}."
                 )
                 continue
             for index, chunk in enumerate(full.split(self.unit, axis)):
@@ -195,7 +197,8 @@ class DyLoRANetwork(LoRANetwork):
         extracted from this network would."""
         if rank is not None and rank not in self.ranks:
             raise UserError(
-                f"networks.dylora: rank {rank} is not one this network trains (rank {self.lora_dim} in units of {self.unit});"
+                f"networks.dylora: rank {rank} is not one this network trains (rank {self.lora_dim} in units of"
+                f" {self.unit});"
                 f" choose one of {', '.join(map(str, self.ranks))}, or None for the full rank."
             )
         self.rank = rank
@@ -224,11 +227,13 @@ def parse_dylora_args(
     if unknown and unknown[0] in LORA_KEYS:
         raise UserError(
             f"--network_args: '{unknown[0]}' is an option of networks.lora that networks.dylora does not have (one rank"
-            " is drawn per step for the whole network, so there are no block-wise ranks or learning rates and no dropouts); remove it."
+            " is drawn per step for the whole network, so there are no block-wise ranks or learning rates and no"
+            " dropouts); remove it."
         )
     if unknown:
         raise UserError(
-            f"--network_args: unknown argument '{unknown[0]}' for networks.dylora; the known ones are {', '.join(KNOWN_KEYS)}."
+            f"--network_args: unknown argument '{unknown[0]}' for networks.dylora; the known ones are"
+            f" {', '.join(KNOWN_KEYS)}."
         )
     given = {key: value for key, value in kwargs.items() if value is not None and str(value).strip() != ""}
     unit = parse_number("unit", given["unit"], int) if "unit" in given else DEFAULT_UNIT
@@ -248,7 +253,8 @@ def check_unit_divides(rank: int, unit: int, what: str, fix: str) -> None:
     """`what` names the rank (`--network_dim 10`, `FILE: its rank 10`), `fix` says what to change."""
     if rank % unit:
         raise UserError(
-            f"{what} is not a multiple of unit={unit}; DyLoRA's ranks are unit, 2*unit, ... up to the full rank, so {fix}."
+            f"{what} is not a multiple of unit={unit}; DyLoRA's ranks are unit, 2*unit, ... up to the full rank, so"
+            f" {fix}."
         )
 
 
@@ -279,7 +285,8 @@ def create_network(
     conv_alpha, loraplus_*). `vae` is not adapted; it is taken for sd-scripts' signature."""
     if neuron_dropout is not None:
         raise UserError(
-            f"--network_dropout {neuron_dropout}: networks.dylora has no dropout (nor has sd-scripts' DyLoRA); remove it."
+            f"--network_dropout {neuron_dropout}: networks.dylora has no dropout (nor has sd-scripts' DyLoRA);"
+            " remove it."
         )
     lora_dim, alpha = dim_and_alpha(network_dim, network_alpha)
     args = parse_dylora_args(kwargs, lora_dim, alpha, is_sdxl_unet(unet))
@@ -312,7 +319,8 @@ def create_network_from_weights(
     if len(ranks) != 1:
         found = f"modules of ranks {', '.join(map(str, ranks))}" if ranks else "no LoRA modules"
         raise UserError(
-            f"{loaded.source}: it has {found}; a DyLoRA network needs one rank for all modules, so load it with networks.lora."
+            f"{loaded.source}: it has {found}; a DyLoRA network needs one rank for all modules, so load it with"
+            " networks.lora."
         )
     unit = kwargs.pop("unit", None) or unit_from_metadata(loaded.metadata) or DEFAULT_UNIT
     args = parse_dylora_args({**kwargs, "unit": unit}, ranks[0], None, is_sdxl_unet(unet))

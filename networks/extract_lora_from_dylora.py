@@ -72,23 +72,25 @@ def _checked_unit(model: Path, metadata: Mapping[str, str], unit: int | None) ->
     network_module = metadata.get("ss_network_module")
     if network_module is None and model.suffix.lower() == ".safetensors":
         raise UserError(
-            f"{model}: the file has no ss_network_module metadata, so it is not a DyLoRA saved by train_network.py; give a file trained with --network_module {NETWORK_MODULE}."
+            f"{model}: the file has no ss_network_module metadata, so it is not a DyLoRA saved by train_network.py;"
+            f" give a file trained with --network_module {NETWORK_MODULE}."
         )
     if network_module is not None and network_module != NETWORK_MODULE:
         raise UserError(
-            f"{model}: the file was trained with {network_module}, not {NETWORK_MODULE}; only a DyLoRA has a good LoRA in"
-            " every lower rank (use resize_lora.py to shrink an ordinary LoRA)."
+            f"{model}: the file was trained with {network_module}, not {NETWORK_MODULE}; only a DyLoRA has a good LoRA"
+            " in every lower rank (use resize_lora.py to shrink an ordinary LoRA)."
         )
     # A DyLoRA's metadata lacks the unit when it was trained with sd-scripts' default of 1; a torch pickle has none.
     trained_unit = unit_from_metadata(metadata) or DEFAULT_UNIT if network_module == NETWORK_MODULE else None
     if unit is None and trained_unit is None:
         raise UserError(
-            f"{model}: the file does not say which unit it was trained with ({model.suffix} files carry no metadata); give it with --unit."
+            f"{model}: the file does not say which unit it was trained with ({model.suffix} files carry no metadata);"
+            " give it with --unit."
         )
     if unit is not None and trained_unit is not None and unit % trained_unit:
         raise UserError(
-            f"--unit {unit}: {model} was trained with unit={trained_unit}, so only ranks that are multiples of {trained_unit} were"
-            f" trained; give --unit {trained_unit} or a multiple of it."
+            f"--unit {unit}: {model} was trained with unit={trained_unit}, so only ranks that are multiples of"
+            f" {trained_unit} were trained; give --unit {trained_unit} or a multiple of it."
         )
     return unit or trained_unit
 

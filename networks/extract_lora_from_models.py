@@ -1,7 +1,8 @@
 """Make a LoRA from the difference of two Stable Diffusion models, an original and a fine-tuned one, as sd-scripts'
 extract_lora_from_models.py does.
 
-    python networks/extract_lora_from_models.py --model_org base.safetensors --model_tuned tuned.safetensors --save_to diff.safetensors --dim 8
+    python networks/extract_lora_from_models.py --model_org base.safetensors --model_tuned tuned.safetensors \
+        --save_to diff.safetensors --dim 8
 
 Every layer that networks.lora adapts (LoRA-LierLa; with --conv_dim also the 3x3 convs, LoRA-C3Lier) gets the best
 rank-`dim` approximation of its weight difference tuned - original (truncated SVD, optionally clamped as
@@ -95,7 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--v_parameterization",
         action="store_true",
         default=None,
-        help="mark the LoRA as v-prediction (default: with --v2, as sd-scripts does, or when a file is marked as v-prediction)",
+        help=(
+            "mark the LoRA as v-prediction (default: with --v2, as sd-scripts does, or when a file is marked as"
+            " v-prediction)"
+        ),
     )
     parser.add_argument(
         "--dim", type=int, default=DEFAULT_DIM, help=f"rank of Linear and 1x1 conv layers (default {DEFAULT_DIM})"
@@ -107,13 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--clamp_quantile",
         type=float,
         default=DEFAULT_CLAMP_QUANTILE,
-        help=f"clamp the factors' entries to this quantile of their values, as sd-scripts does (default {DEFAULT_CLAMP_QUANTILE}); 1 = no clamp",
+        help=(
+            "clamp the factors' entries to this quantile of their values, as sd-scripts does"
+            f" (default {DEFAULT_CLAMP_QUANTILE}); 1 = no clamp"
+        ),
     )
     parser.add_argument(
         "--min_diff",
         type=float,
         default=DEFAULT_MIN_DIFF,
-        help=f"text encoders whose weights differ by at most this much are taken as unchanged and left out (default {DEFAULT_MIN_DIFF})",
+        help=(
+            "text encoders whose weights differ by at most this much are taken as unchanged and left out"
+            f" (default {DEFAULT_MIN_DIFF})"
+        ),
     )
     parser.add_argument(
         "--device", default=None, help="device for the differences and SVDs, e.g. cuda (default: the CPU)"
@@ -183,8 +193,8 @@ def extract_lora(
     modules = extracted_modules(pairs, options)
     if not any(module.up.any() for module in modules.values()):
         raise UserError(
-            f"{original.source} and {tuned.source} have the same weights in every layer a LoRA adapts, so there is nothing"
-            " to extract; give the fine-tuned model as --model_tuned."
+            f"{original.source} and {tuned.source} have the same weights in every layer a LoRA adapts, so there is"
+            " nothing to extract; give the fine-tuned model as --model_tuned."
         )
     tensors = {}
     for name, module in modules.items():
@@ -213,8 +223,9 @@ def paired_layers(
     """The layers networks.lora adapts, matched by name; both models must have the same ones with the same shapes."""
     if original.family is not tuned.family:
         raise UserError(
-            f"{original.source} is an {original.family.label} model but {tuned.source} is an {tuned.family.label} model; a"
-            " LoRA can only be extracted between two models of the same family: give the model the second was fine-tuned from."
+            f"{original.source} is an {original.family.label} model but {tuned.source} is an {tuned.family.label}"
+            " model; a LoRA can only be extracted between two models of the same family: give the model the second"
+            " was fine-tuned from."
         )
     tuned_layers = {name: layer for name, layer, _, _ in _adapted_layers(tuned, options)}
     pairs = []
@@ -246,8 +257,9 @@ def _report_architectures(original: StableDiffusionModel, tuned: StableDiffusion
         return "missing" if module is None else "x".join(map(str, module.weight.shape))
 
     raise UserError(
-        f"{original.source} and {tuned.source} are {original.family.label} models of different architectures (layer '{name}':"
-        f" {shape(layer)} in the first, {shape(other)} in the second); give the model the second was fine-tuned from as --model_org."
+        f"{original.source} and {tuned.source} are {original.family.label} models of different architectures"
+        f" (layer '{name}': {shape(layer)} in the first, {shape(other)} in the second); give the model the second"
+        " was fine-tuned from as --model_org."
     )
 
 
@@ -269,8 +281,8 @@ def _without_unchanged_text_encoders(
         return pairs
     encoders = "text encoders" if family is ModelFamily.SDXL else "text encoder"
     print(
-        f"the {encoders} did not change (largest weight difference {largest:.3g}, not above --min_diff {options.min_diff}):"
-        " no text-encoder modules are written, only the U-Net's"
+        f"the {encoders} did not change (largest weight difference {largest:.3g}, not above --min_diff"
+        f" {options.min_diff}): no text-encoder modules are written, only the U-Net's"
     )
     return [pair for pair in pairs if not pair.is_text_encoder]
 

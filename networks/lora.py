@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 NETWORK_MODULE = "networks.lora"
 DEFAULT_DIM = 4
 DEFAULT_ALPHA = 1.0
+DEFAULT_ARGS = LoRAArgs()
 
 
 class LoRAModule(LayerAdapter):
@@ -136,7 +137,7 @@ class LoRANetwork(torch.nn.Module):
         lora_dim: int = DEFAULT_DIM,
         alpha: float | None = DEFAULT_ALPHA,
         dropout: float | None = None,
-        args: LoRAArgs = LoRAArgs(),
+        args: LoRAArgs = DEFAULT_ARGS,
         modules_dim: Mapping[str, int] | None = None,
         modules_alpha: Mapping[str, float] | None = None,
         network_args: Mapping[str, str] | None = None,
@@ -272,8 +273,9 @@ class LoRANetwork(torch.nn.Module):
             own = own_state.get(key)
             if own is not None and own.shape != tensor.shape:
                 raise UserError(
-                    f"{file}: '{key}' has shape {tuple(tensor.shape)} but this network's has {tuple(own.shape)}; the file"
-                    " was trained with another rank or for another model (use --dim_from_weights to take its ranks)."
+                    f"{file}: '{key}' has shape {tuple(tensor.shape)} but this network's has {tuple(own.shape)}; the"
+                    " file was trained with another rank or for another model (use --dim_from_weights to take its"
+                    " ranks)."
                 )
         return super().load_state_dict(fitted, strict=False)
 
@@ -435,7 +437,8 @@ def create_network(
     check_probability("--network_dropout", neuron_dropout)
     if neuron_dropout is not None and args.dropout is not None and neuron_dropout != args.dropout:
         raise UserError(
-            f"--network_dropout {neuron_dropout} and --network_args dropout={args.dropout} disagree; give the neuron dropout once."
+            f"--network_dropout {neuron_dropout} and --network_args dropout={args.dropout} disagree; give the neuron"
+            " dropout once."
         )
     return LoRANetwork(
         text_encoder,
@@ -470,8 +473,8 @@ def create_network_from_weights(
 ) -> tuple[LoRANetwork, dict[str, torch.Tensor]]:
     """A network with exactly the modules of a LoRA file, each with the file's rank and alpha (a missing alpha
     means alpha = rank). Returns the network and the state dict to load into it: SDXL files with diffusers-style
-    U-Net names are renamed to sd-scripts' names, and a missing alpha is filled in. The weights are not loaded. Every module can be merged, so
-    `for_inference` changes nothing; it is taken for sd-scripts' signature, as is `vae`."""
+    U-Net names are renamed to sd-scripts' names, and a missing alpha is filled in. The weights are not loaded. Every
+    module can be merged, so `for_inference` changes nothing; it is taken for sd-scripts' signature, as is `vae`."""
     loaded = read_weights_for_model(file, text_encoder, unet, weights_sd)
     network = LoRANetwork(
         loaded.text_encoders,
@@ -560,8 +563,8 @@ def _check_modules_fit(
         weight_shape = layers[name].weight.shape
         if factors.up.shape[0] != weight_shape[0] or factors.down[0].numel() != math.prod(weight_shape[1:]):
             raise UserError(
-                f"{source}: module '{name}' has factors for a {factors.down.shape[1]} -> {factors.up.shape[0]} layer but"
-                f" {owner}'s layer is {weight_shape[1]} -> {weight_shape[0]}{_trained_for(metadata)};"
+                f"{source}: module '{name}' has factors for a {factors.down.shape[1]} -> {factors.up.shape[0]} layer"
+                f" but {owner}'s layer is {weight_shape[1]} -> {weight_shape[0]}{_trained_for(metadata)};"
                 " use the model the LoRA was trained for."
             )
 

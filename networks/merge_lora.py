@@ -1,6 +1,7 @@
 """Merge LoRAs into a Stable Diffusion checkpoint, or several LoRAs into one, with sd-scripts' merge_lora.py flags.
 
-    python networks/merge_lora.py --sd_model model.safetensors --save_to merged.safetensors --models a.safetensors b.safetensors --ratios 0.8 0.5
+    python networks/merge_lora.py --sd_model model.safetensors --save_to merged.safetensors \
+        --models a.safetensors b.safetensors --ratios 0.8 0.5
     python networks/merge_lora.py --save_to ab.safetensors --models a.safetensors b.safetensors --ratios 1 1 --concat
 
 Into a checkpoint (`--sd_model`): each LoRA in turn adds ratio * alpha / rank * (up @ down) to the weight of the
@@ -133,7 +134,10 @@ def build_parser(sdxl: bool = False) -> argparse.ArgumentParser:
         "--save_precision",
         choices=PRECISION_CHOICES,
         default=None,
-        help="dtype of the saved tensors (default: --precision when given; otherwise a checkpoint's tensors keep their dtype and a LoRA is float)",
+        help=(
+            "dtype of the saved tensors (default: --precision when given; otherwise a checkpoint's tensors keep their"
+            " dtype and a LoRA is float)"
+        ),
     )
     parser.add_argument("--device", default=None, help="device for the computation, e.g. cuda (default: the CPU)")
     parser.add_argument(
@@ -190,8 +194,8 @@ def merge_into_checkpoint(
         )
     if Path(sd_model).is_dir():
         raise UserError(
-            f"--sd_model {sd_model}: a Diffusers folder; LoRAs are merged into a single .safetensors/.ckpt checkpoint (write"
-            " one with tools/convert_diffusers20_original_sd.py)."
+            f"--sd_model {sd_model}: a Diffusers folder; LoRAs are merged into a single .safetensors/.ckpt checkpoint"
+            " (write one with tools/convert_diffusers20_original_sd.py)."
         )
     model, checkpoint = open_single_file_model(sd_model, family=ModelFamily.SD2 if options.v2 else None)
     _check_script_family(model, options)
@@ -241,14 +245,14 @@ def _modules_in_checkpoint(
     fits, is refused."""
     if lora.family is not None and lora.family is not model.family:
         raise UserError(
-            f"{lora.path} is an {lora.family.label} LoRA but {model.source} is an {model.family.label} checkpoint; merge it into"
-            " a checkpoint of the family it was trained for."
+            f"{lora.path} is an {lora.family.label} LoRA but {model.source} is an {model.family.label} checkpoint;"
+            " merge it into a checkpoint of the family it was trained for."
         )
     unknown = [name for name in lora.modules if name not in weights]
     if len(unknown) == len(lora.modules):
         raise UserError(
-            f"{lora.path}: none of its {len(unknown)} modules names a layer of the {model.family.label} checkpoint {model.source}"
-            f" (first: '{unknown[0]}'); the LoRA was made for another model."
+            f"{lora.path}: none of its {len(unknown)} modules names a layer of the {model.family.label} checkpoint"
+            f" {model.source} (first: '{unknown[0]}'); the LoRA was made for another model."
         )
     if unknown:
         logger.warning(
@@ -264,9 +268,9 @@ def _modules_in_checkpoint(
         shape = weights[name].shape
         if factors.up.shape[0] != shape[0] or factors.down[0].numel() != math.prod(shape[1:]):
             raise UserError(
-                f"{lora.path}: module '{name}' has factors for a {factors.down.shape[1]} -> {factors.up.shape[0]} layer, but that"
-                f" layer of {model.source} is {shape[1]} -> {shape[0]}; the LoRA was trained for another model (SD1.x and SD2.x"
-                " LoRAs share their names)."
+                f"{lora.path}: module '{name}' has factors for a {factors.down.shape[1]} -> {factors.up.shape[0]}"
+                f" layer, but that layer of {model.source} is {shape[1]} -> {shape[0]}; the LoRA was trained for"
+                " another model (SD1.x and SD2.x LoRAs share their names)."
             )
     return matched
 
@@ -288,7 +292,8 @@ def _checkpoint_entries(checkpoint: AliasedCheckpoint, merged: Mapping[str, torc
 
 
 def merge_loras(save_to: str | os.PathLike, loras: Sequence[LoraInput], options: MergeOptions = MergeOptions()) -> Path:
-    """Merge the LoRAs into one and write it to `save_to` (atomically); modules missing from a file count as zero there."""
+    """Merge the LoRAs into one and write it to `save_to` (atomically); modules missing from a file count as zero
+    there."""
     save_to = check_lora_output(save_to)
     check_layout_family(options.block_weights, inputs_family(loras))
     groups = modules_by_name(loras, options.block_weights)
@@ -320,7 +325,8 @@ def _note_missing_modules(loras: Sequence[LoraInput], names: Sequence[str]) -> N
         missing = [name for name in names if name not in lora.modules]
         if missing:
             print(
-                f"{lora.path} has no module for {len(missing)} of the {len(names)} modules (first: '{missing[0]}'); it adds nothing there"
+                f"{lora.path} has no module for {len(missing)} of the {len(names)} modules (first: '{missing[0]}');"
+                " it adds nothing there"
             )
 
 
@@ -345,8 +351,8 @@ def factor_sum(name: str, members: Sequence[Member], options: MergeOptions) -> M
         if member.factors.rank != first.factors.rank:
             raise UserError(
                 f"{member.path}: module '{name}' has rank {member.factors.rank}, but in {first.path} it has rank"
-                f" {first.factors.rank}; the default merge adds the factors themselves, which needs equal ranks: use --concat"
-                " (exact, the ranks add up) or svd_merge_lora.py (a rank you choose)."
+                f" {first.factors.rank}; the default merge adds the factors themselves, which needs equal ranks: use"
+                " --concat (exact, the ranks add up) or svd_merge_lora.py (a rank you choose)."
             )
         s = math.sqrt(member.factors.alpha_value / base_alpha) * member.ratio
         member_up, member_down = _prepared(member.factors, first.factors, options)
@@ -407,16 +413,17 @@ def _report_factor_sum(deviations: Mapping[str, float], loras: Sequence[LoraInpu
     worst = max(deviations, key=deviations.get)
     if deviations[worst] <= EXACT:
         print(
-            f"the factor sum is exact here: the merged LoRA applies {wanted} (largest relative deviation {deviations[worst]:.1e})"
+            f"the factor sum is exact here: the merged LoRA applies {wanted} (largest relative deviation"
+            f" {deviations[worst]:.1e})"
         )
         return
     why = "each ratio enters as ratio*|ratio|" + (
         " and factors of different files multiply each other" if len(loras) > 1 else ""
     )
     logger.warning(
-        "the default merge adds the LoRAs' factors (sd-scripts' formula), which is not the sum of their deltas: the merged"
-        " LoRA differs from %s by up to %.1f%% (module '%s'), as %s; use --concat for the exact sum, or svd_merge_lora.py"
-        " for a rank you choose",
+        "the default merge adds the LoRAs' factors (sd-scripts' formula), which is not the sum of their deltas: the"
+        " merged LoRA differs from %s by up to %.1f%% (module '%s'), as %s; use --concat for the exact sum, or"
+        " svd_merge_lora.py for a rank you choose",
         wanted,
         100 * deviations[worst],
         worst,

@@ -1,7 +1,8 @@
 """Resize a LoRA to a lower rank by SVD, with the flags of sd-scripts' resize_lora.py.
 
     python networks/resize_lora.py --model big.safetensors --save_to small.safetensors --new_rank 8
-    python networks/resize_lora.py --model big.safetensors --save_to small.safetensors --new_rank 32 --dynamic_method sv_fro --dynamic_param 0.9 --verbose
+    python networks/resize_lora.py --model big.safetensors --save_to small.safetensors --new_rank 32 \
+        --dynamic_method sv_fro --dynamic_param 0.9 --verbose
 
 Each module keeps the largest singular values of its delta up @ down: the resized module is the best approximation of
 that rank (Eckart-Young), computed exactly from the factors, and it keeps the module's scale alpha / rank
@@ -112,14 +113,16 @@ def _check_dynamic(method: str | None, parameter: float | None) -> None:
     if method is None:
         if parameter is not None:
             raise UserError(
-                f"--dynamic_param {parameter} is given without --dynamic_method; add --dynamic_method sv_ratio, sv_fro or sv_cumulative, or drop it."
+                f"--dynamic_param {parameter} is given without --dynamic_method; add --dynamic_method sv_ratio, sv_fro"
+                " or sv_cumulative, or drop it."
             )
         return
     if parameter is None:
         raise UserError(f"--dynamic_method {method} needs --dynamic_param (its target).")
     if method == "sv_ratio" and parameter < 1:
         raise UserError(
-            f"--dynamic_param {parameter}: sv_ratio keeps the singular values above S_max / p, so p must be at least 1 (e.g. 8)."
+            f"--dynamic_param {parameter}: sv_ratio keeps the singular values above S_max / p, so p must be at least 1"
+            " (e.g. 8)."
         )
     if method != "sv_ratio" and not 0 < parameter <= 1:
         raise UserError(
@@ -174,7 +177,10 @@ def _resize_module(factors: ModuleFactors, options: ResizeOptions) -> tuple[torc
 def report_line(name: str, module: ResizedModule, dynamic: bool) -> str:
     """sd-scripts' --verbose line: what the module keeps, and with a dynamic method its new rank and alpha."""
     kept = module.kept
-    line = f"{name:75} | sum(S) retained: {kept.sum_share:.1%}, fro retained: {kept.frobenius_share:.1%}, max(S) ratio: {kept.max_ratio:0.1f}"
+    line = (
+        f"{name:75} | sum(S) retained: {kept.sum_share:.1%}, fro retained: {kept.frobenius_share:.1%},"
+        f" max(S) ratio: {kept.max_ratio:0.1f}"
+    )
     return line + (f", dynamic | dim: {module.rank}, alpha: {module.alpha}" if dynamic else "") + "\n"
 
 

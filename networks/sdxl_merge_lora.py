@@ -1,7 +1,9 @@
 """Merge LoRAs into an SDXL checkpoint, or several SDXL LoRAs into one, with sd-scripts' sdxl_merge_lora.py flags.
 
-    python networks/sdxl_merge_lora.py --sd_model sdxl.safetensors --save_to merged.safetensors --models a.safetensors --ratios 0.8
-    python networks/sdxl_merge_lora.py --save_to ab.safetensors --models a.safetensors b.safetensors --ratios 1 1 --concat
+    python networks/sdxl_merge_lora.py --sd_model sdxl.safetensors --save_to merged.safetensors \
+        --models a.safetensors --ratios 0.8
+    python networks/sdxl_merge_lora.py --save_to ab.safetensors --models a.safetensors b.safetensors \
+        --ratios 1 1 --concat
 
 The same tool as networks/merge_lora.py (read its description), for SDXL: the LoRA modules are named `lora_te1_`
 (CLIP ViT-L), `lora_te2_` (OpenCLIP bigG, whose q, k, v are thirds of the file's fused in_proj tensors) and

@@ -1,6 +1,7 @@
 """Merge several LoRAs into one LoRA of a chosen rank, with the flags of sd-scripts' svd_merge_lora.py.
 
-    python networks/svd_merge_lora.py --models a.safetensors b.safetensors --ratios 0.7 0.4 --new_rank 16 --save_to merged.safetensors
+    python networks/svd_merge_lora.py --models a.safetensors b.safetensors --ratios 0.7 0.4 --new_rank 16 \
+        --save_to merged.safetensors
 
 Per module, the merged delta is the best rank-R approximation (Eckart-Young) of
 sum_i ratio_i * alpha_i / rank_i * up_i @ down_i, computed exactly from the factors (thin QR of the stacked factors
@@ -193,8 +194,8 @@ def summary(merged: dict[str, MergedModule]) -> str:
     worst = min(merged, key=lambda name: merged[name].frobenius_share)
     mean = sum(module.frobenius_share for module in merged.values()) / len(merged)
     return (
-        f"{len(merged)} modules; the best rank-limited approximations keep {mean:.1%} of the exact sum's Frobenius norm on"
-        f" average, {merged[worst].frobenius_share:.1%} at worst ({worst})"
+        f"{len(merged)} modules; the best rank-limited approximations keep {mean:.1%} of the exact sum's Frobenius"
+        f" norm on average, {merged[worst].frobenius_share:.1%} at worst ({worst})"
     )
 
 

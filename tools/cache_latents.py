@@ -2,7 +2,8 @@
 --sdxl) beside the images, as sd-scripts' tools/cache_latents.py does; the next training run with
 --cache_latents_to_disk and the same dataset settings reuses them. It takes the same dataset options as the trainers.
 
-    python tools/cache_latents.py --pretrained_model_name_or_path model.safetensors --dataset_config data.toml --vae_batch_size 4
+    python tools/cache_latents.py --pretrained_model_name_or_path model.safetensors --dataset_config data.toml \
+        --vae_batch_size 4
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def main() -> None:
     )
     seconds = time.perf_counter() - started
     print(
-        f"{encoded} images encoded on {device} in {dtype} ({encoded / max(seconds, 1e-9):.1f} images/s), {reused} up-to-date cache files reused"
+        f"{encoded} images encoded on {device} in {dtype} ({encoded / max(seconds, 1e-9):.1f} images/s), {reused}"
+        " up-to-date cache files reused"
     )
 
 

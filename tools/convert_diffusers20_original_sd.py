@@ -88,7 +88,8 @@ def main() -> None:
         reference = Path(args.reference_model)
         model.tokenizers = load_tokenizers(model.family, [reference / name for name in TOKENIZER_FOLDERS])
     print(
-        f"loaded {model.family.label} model from {args.model_to_load} ({'v-prediction' if model.v_prediction else 'epsilon'} prediction: {model.prediction_reason})"
+        f"loaded {model.family.label} model from {args.model_to_load}"
+        f" ({'v-prediction' if model.v_prediction else 'epsilon'} prediction: {model.prediction_reason})"
     )
     target = Path(args.model_to_save)
     if target.suffix.lower() in CHECKPOINT_SUFFIXES:

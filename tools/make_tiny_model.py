@@ -41,9 +41,8 @@ def main() -> None:
     save_diffusers_folder(model, output / f"tiny-{family.value}", dtype)
     print(f"wrote {single_file} and {output / f'tiny-{family.value}'}/")
     if args.dataset:
-        print(
-            f"wrote {args.images} captioned images to {make_tiny_dataset(output / 'dataset', images=args.images, seed=args.seed)}/"
-        )
+        dataset = make_tiny_dataset(output / "dataset", images=args.images, seed=args.seed)
+        print(f"wrote {args.images} captioned images to {dataset}/")
 
 
 if __name__ == "__main__":

@@ -125,7 +125,8 @@ def main() -> None:
             print(f"error: {error}", file=sys.stderr)
             failed += 1
     print(
-        f"saved {saved} images from {len(images) - failed} source images and copied {len(others)} other files into {destination}"
+        f"saved {saved} images from {len(images) - failed} source images and copied {len(others)} other files into"
+        f" {destination}"
     )
     if failed:
         raise UserError(f"{failed} of {len(images)} images could not be processed; see the errors above.")
