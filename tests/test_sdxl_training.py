@@ -15,15 +15,17 @@ from library.dataset.loader import BatchKey, BatchSettings, TrainingBatches
 from library.dataset.plan import prepare_datasets
 from library.errors import UserError
 from library.model_files.family import ModelFamily
-from library.model_files.stable_diffusion import load_stable_diffusion
+from library.model_files.stable_diffusion import empty_model, load_stable_diffusion
 from library.text_encoding import tokenize
 from library.tiny_models import make_tiny_dataset, make_tiny_model
 from library.training.families.sdxl import SDXLTraining, size_conditioning
+from library.training.fp8 import FP8, store_weights_in_fp8
+from library.training.memory import estimate_peak_memory
 from library.training.options import ModelOptions
 from library.training.text_encoder_cache import outputs_file
 from library.training.trainer import train
 from lora_helpers import diffusers_pipeline, peft_layer_count
-from networks.lora import create_network_from_weights
+from networks.lora import create_network, create_network_from_weights
 from training_helpers import training_arguments
 
 PROMPT = "a red circle on a white background, simple shape"
@@ -236,3 +238,67 @@ def test_an_sdxl_run_resumed_from_its_epoch_state_ends_as_one_that_never_stopped
     assert tensors.keys() == expected.keys()
     for key in expected:
         torch.testing.assert_close(tensors[key], expected[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_fp8_base_halves_the_frozen_weights_and_keeps_the_outputs_close():
+    model = make_tiny_model(ModelFamily.SDXL)
+    unet = model.unet.requires_grad_(False)
+    generator = torch.Generator().manual_seed(0)
+    latents, context = torch.randn(1, 4, 16, 16, generator=generator), torch.randn(1, 77, 128, generator=generator)
+    added = {
+        "text_embeds": torch.randn(1, 64, generator=generator),
+        "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]]),
+    }
+    with torch.no_grad():
+        expected = unet(latents, torch.tensor([500]), context, added_cond_kwargs=added).sample
+        layers = store_weights_in_fp8(unet, torch.float32)
+        stored = unet(latents, torch.tensor([500]), context, added_cond_kwargs=added).sample
+    weights = [layer.weight for layer in unet.modules() if type(layer) in (torch.nn.Linear, torch.nn.Conv2d)]
+    assert layers == len(weights) > 0 and all(weight.dtype == FP8 for weight in weights)
+    assert (stored - expected).norm() / expected.norm() < 0.1  # e4m3 keeps 3 mantissa bits: a few percent
+
+
+@pytest.mark.slow
+def test_an_sdxl_run_with_fp8_base_trains_both_text_encoders_and_the_unet(tiny_sdxl, sdxl_dataset, tmp_path):
+    options = ["--max_train_steps", "2", "--learning_rate", "1e-3", "--mixed_precision", "bf16", "--fp8_base"]
+    final = train(training_arguments(tiny_sdxl, sdxl_dataset, tmp_path, *options, sdxl=True))
+    weights = load_file(final)
+    assert {key.split("_")[1] for key in weights} == {"te1", "te2", "unet"}
+    assert any(tensor.abs().sum() > 0 for key, tensor in weights.items() if "lora_up" in key)  # it learned
+    with safe_open(str(final), "pt") as file:
+        assert file.metadata()["ss_fp8_base"] == "True"
+
+
+def test_the_memory_estimate_of_real_size_sdxl_follows_the_spec(tiny_sdxl, sdxl_dataset):
+    model = empty_model(ModelFamily.SDXL)  # the real architecture on the meta device: no memory
+    unet = model.unet.to(torch.bfloat16)
+    network = create_network(1.0, 8, 8, None, model.text_encoders, unet)
+    network.apply_to(model.text_encoders, unet, apply_text_encoder=False)
+    flags = [
+        "--network_train_unet_only",
+        "--mixed_precision",
+        "bf16",
+        "--gradient_checkpointing",
+        "--optimizer_type",
+        "AdamW8bit",
+    ]
+    options = training_arguments(tiny_sdxl, sdxl_dataset, "out", *flags, sdxl=True)
+    estimate = estimate_peak_memory(options, ModelFamily.SDXL, [unet], network, (1024, 1024), 1)
+    assert estimate.weights * 2**30 == pytest.approx(5.13e9, rel=0.02)  # specs/performance.md 1.3: 2567 M in bf16
+    assert estimate.activations == pytest.approx(0.54)
+    assert estimate.total < 8  # the spec's "6-8 GB" for SDXL with GC and cached text-encoder outputs
+    with_fp8 = sum(p.numel() * (1 if p.dim() > 1 else 2) for p in unet.parameters()) / 2**30
+    assert with_fp8 + estimate.training + estimate.activations + 0.5 < 10  # the 10 GB target with --fp8_base
+
+
+def test_running_out_of_cuda_memory_names_the_options_that_would_help(tiny_sdxl, sdxl_dataset, tmp_path, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr("library.training.trainer._micro_step", out_of_memory)
+    with pytest.raises(UserError, match="CUDA ran out of memory; to need less, try --gradient_checkpointing") as error:
+        train(training_arguments(tiny_sdxl, sdxl_dataset, tmp_path, "--max_train_steps", "1", sdxl=True))
+    message = str(error.value)
+    assert "--cache_latents" in message and "--network_train_unet_only with --cache_text_encoder_outputs" in message
+    assert "--optimizer_type AdamW8bit" in message and "\n" not in message
+    assert not list(tmp_path.glob("*.safetensors"))

@@ -107,6 +107,12 @@ def _training_arguments(group) -> None:
         "--full_bf16", action="store_true", help="keep the LoRA weights in bf16 too (needs --mixed_precision bf16)"
     )
     group.add_argument(
+        "--fp8_base",
+        action="store_true",
+        help="store the frozen U-Net's and text encoders' weights in float8 (needs mixed precision)",
+    )
+    group.add_argument("--fp8_base_unet", action="store_true", help="store only the frozen U-Net's weights in float8")
+    group.add_argument(
         "--clip_skip", type=int, help="use the k-th hidden layer of CLIP from the end (2 for many anime models)"
     )
     group.add_argument("--noise_offset", type=float, help="offset-noise strength (e.g. 0.05)")

@@ -33,6 +33,8 @@ class ModelOptions:
     xformers: bool = False
     full_fp16: bool = False
     full_bf16: bool = False
+    fp8_base: bool = False  # the frozen U-Net's and text encoders' Linear/conv weights in float8
+    fp8_base_unet: bool = False  # the U-Net's only
     gradient_checkpointing: bool = False
     clip_skip: int | None = None
     max_token_length: int | None = None
@@ -213,6 +215,11 @@ def _model_options(args: argparse.Namespace, sdxl: bool, notes: list[str]) -> Mo
         raise UserError("--full_fp16 needs --mixed_precision fp16.")
     if args.full_bf16 and args.mixed_precision != "bf16":
         raise UserError("--full_bf16 needs --mixed_precision bf16.")
+    if (args.fp8_base or args.fp8_base_unet) and args.mixed_precision == "no":
+        flag = "--fp8_base" if args.fp8_base else "--fp8_base_unet"
+        raise UserError(
+            f"{flag} computes each layer in the mixed-precision dtype; give --mixed_precision bf16 (or fp16)."
+        )
     model = _fields_of(ModelOptions, args)
     if sdxl and model.clip_skip is not None:
         notes.append(

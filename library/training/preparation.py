@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from diffusers import DDPMScheduler
 
 from library.dataset.captions import CaptionSettings
@@ -27,6 +28,7 @@ from library.model_files.stable_diffusion import place
 from library.text_encoding import CaptionStates
 from library.training import diffusion
 from library.training.families import TrainingFamily
+from library.training.fp8 import store_weights_in_fp8
 from library.training.optimizers import make_lr_scheduler, make_optimizer, warmup_steps, warns_about_learning_rate
 from library.training.options import TrainingOptions
 from library.training.samples import SampleSchedule
@@ -118,6 +120,9 @@ def prepare(
     samples: SampleSchedule | None,
     on_step: Callable[[int], None] | None,
 ) -> Run:
+    # accelerate keeps one precision per process; forget the last run's, so that one process can train several times
+    # (tests, the benchmark, a notebook). The process group (PartialState) stays.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         cpu=processes_on_cpus(),
         gradient_accumulation_steps=1,  # accumulation is counted here, so that an epoch's last partial group also steps
@@ -132,11 +137,11 @@ def prepare(
         if options.text_encoder_caching.in_memory
         else None
     )
+    on_device = caption_states is None  # cached text-encoder outputs leave the encoders on the CPU
+    _freeze_and_place(options, family, accelerator.device, vae_needed=latents is None, text_encoders_needed=on_device)
+    _store_base_in_fp8(options, family, text_encoders_on_device=on_device)
     network = _make_network(options, family)
     attention = _set_attention(options, family)
-    _freeze_and_place(
-        options, family, accelerator.device, vae_needed=latents is None, text_encoders_needed=caption_states is None
-    )
     if options.model.gradient_checkpointing:
         _enable_gradient_checkpointing(family, options.network.train_text_encoder)
     optimization = _optimization(options, network, accelerator, length)
@@ -366,6 +371,17 @@ def _freeze_and_place(
         place(text_encoder, device if text_encoders_needed else "cpu", options.model.weight_dtype)
     if vae_needed:
         place(model.vae, device, family.vae_dtype)
+
+
+def _store_base_in_fp8(options: TrainingOptions, family: TrainingFamily, text_encoders_on_device: bool) -> None:
+    """--fp8_base: the U-Net and the text encoders on the device (cached ones stay on the CPU as they are);
+    --fp8_base_unet: the U-Net only."""
+    model, dtype = family.model, options.model.weight_dtype
+    if options.model.fp8_base or options.model.fp8_base_unet:
+        store_weights_in_fp8(model.unet, dtype)
+    if options.model.fp8_base and text_encoders_on_device:
+        for text_encoder in model.text_encoders:
+            store_weights_in_fp8(text_encoder, dtype)
 
 
 def _enable_gradient_checkpointing(family: TrainingFamily, train_text_encoder: bool) -> None:

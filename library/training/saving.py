@@ -112,6 +112,8 @@ def training_metadata(options: TrainingOptions, plans: Sequence[DatasetPlan], fa
         "ss_network_dropout": str(network.network_dropout),
         "ss_mixed_precision": model.mixed_precision,
         "ss_full_fp16": str(model.full_fp16),
+        "ss_fp8_base": str(model.fp8_base),
+        "ss_fp8_base_unet": str(model.fp8_base_unet),
         "ss_clip_skip": str(model.clip_skip),
         "ss_max_token_length": str(model.max_token_length),
         "ss_cache_latents": str(dataset.cache_latents),

@@ -4,6 +4,7 @@ network and its scale, optimizer and learning rates, precision, what happens to 
 from __future__ import annotations
 
 from library.lora.factors import lora_scale
+from library.training.memory import MemoryEstimate, estimate_peak_memory
 from library.training.optimizers import uses_relative_step
 from library.training.preparation import Run
 
@@ -35,7 +36,21 @@ def run_summary_lines(run: Run) -> list[str]:
         f"precision: {options.model.mixed_precision} on {run.accelerator.device}, attention: {run.attention}"
         f"{', gradient checkpointing' if options.model.gradient_checkpointing else ''}",
         f"text encoder: {_text_encoder_use(run)}",
+        memory_estimate(run).line(),
     ]
+
+
+def memory_estimate(run: Run) -> MemoryEstimate:
+    """For the modules that stay on the device (the VAE and text encoders leave it when their outputs are cached)
+    and the largest bucket at the largest batch size."""
+    options, model = run.options, run.family.model
+    on_device = [model.unet]
+    on_device += [] if options.text_encoder_caching.in_memory else model.text_encoders
+    on_device += [] if options.dataset.cache_latents else [model.vae]
+    buckets = [bucket for plan in run.batches.plans for bucket in plan.bucket_counts()]
+    largest = max(buckets, key=lambda size: size[0] * size[1])
+    batch_size = max(plan.config.batch_size for plan in run.batches.plans)
+    return estimate_peak_memory(options, model.family, on_device, run.network, largest, batch_size)
 
 
 def _text_encoder_use(run: Run) -> str:

@@ -21,6 +21,7 @@ from library.errors import UserError
 from library.training import diffusion
 from library.training.diagnosis import non_finite_loss_message
 from library.training.families import load_training_family
+from library.training.memory import out_of_memory_advice
 from library.training.options import TrainingOptions
 from library.training.preparation import Run, prepare, processes_on_cpus, training_length
 from library.training.samples import draw_samples, sample_schedule
@@ -63,10 +64,16 @@ def train(options: TrainingOptions, on_step: Callable[[int], None] | None = None
         )
         print("\n".join(lines))
         return Path(options.saving.output_dir)
-    run = prepare(options, family, plans, length, seed, fingerprint, start, samples, on_step)
-    for line in run_summary_lines(run):
-        print(line)
-    return train_loop(run)
+    batch_size = max(plan.config.batch_size for plan in plans)
+    try:
+        run = prepare(options, family, plans, length, seed, fingerprint, start, samples, on_step)
+        for line in run_summary_lines(run):
+            print(line)
+        return train_loop(run)
+    except torch.cuda.OutOfMemoryError as error:
+        raise UserError(
+            f"CUDA ran out of memory; to need less, try {out_of_memory_advice(options, batch_size)}."
+        ) from error
 
 
 def train_loop(run: Run) -> Path:
