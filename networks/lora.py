@@ -41,6 +41,7 @@ from library.lora.naming import (
     is_sdxl_unet,
     model_family,
     module_name,
+    text_encoder_prefixes,
     text_encoder_targets,
     unet_targets,
 )
@@ -299,16 +300,15 @@ class LoRANetwork(torch.nn.Module):
     def prepare_optimizer_params(
         self, text_encoder_lr=None, unet_lr=None, default_lr=None
     ) -> tuple[list[dict], list[str]]:
-        """Optimizer parameter groups and their descriptions (`textencoder`, `unet`, `unet_block{i}`, each with a
-        ` plus` part for LoRA+'s lora_up weights). A group whose learning rate is 0 or None is left out."""
-        if isinstance(text_encoder_lr, (list, tuple)):  # --text_encoder_lr takes several values; one is used
-            text_encoder_lr = text_encoder_lr[0] if text_encoder_lr else None
-        text_encoder_lr = default_lr if text_encoder_lr is None else text_encoder_lr
+        """Optimizer parameter groups and their descriptions (`textencoder`, or `textencoder1` and `textencoder2`
+        when SDXL's encoders get a rate each, `unet`, `unet_block{i}`, each with a ` plus` part for LoRA+'s lora_up
+        weights). A group whose learning rate is 0 or None is left out. `text_encoder_lr` is one rate or a list (the
+        --text_encoder_lr values): with two text encoders a second value is the second encoder's rate; otherwise the
+        first value serves all, as in sd-scripts."""
         unet_lr = default_lr if unet_lr is None else unet_lr
         groups: list[tuple[dict, str]] = []
-        groups += _param_groups(
-            self.text_encoder_loras, text_encoder_lr, self.args.loraplus_text_encoder_lr_ratio, "textencoder"
-        )
+        for loras, lr, description in self._text_encoder_parts(text_encoder_lr, default_lr):
+            groups += _param_groups(loras, lr, self.args.loraplus_text_encoder_lr_ratio, description)
         if self.args.block_lr_weights:
             for slot, weight in enumerate(self.args.block_lr_weights):
                 loras = [lora for lora in self.unet_loras if lora.block == slot]
@@ -322,6 +322,21 @@ class LoRANetwork(torch.nn.Module):
             groups += _param_groups(self.unet_loras, unet_lr, self.args.loraplus_unet_lr_ratio, "unet")
         kept = [(group, description) for group, description in groups if group["lr"]]
         return [group for group, _ in kept], [description for _, description in kept]
+
+    def _text_encoder_parts(self, text_encoder_lr, default_lr) -> list[tuple[list[LoRAModule], float | None, str]]:
+        rates = list(text_encoder_lr) if isinstance(text_encoder_lr, (list, tuple)) else [text_encoder_lr]
+        rates = [default_lr if rate is None else rate for rate in rates] or [default_lr]
+        if len(rates) > 2:
+            raise UserError(
+                f"--text_encoder_lr has {len(rates)} values; give one, or one per text encoder (two for SDXL)."
+            )
+        prefixes = text_encoder_prefixes(2)
+        per_encoder = [
+            [lora for lora in self.text_encoder_loras if lora.lora_name.startswith(p + "_")] for p in prefixes
+        ]
+        if len(rates) == 1 or not all(per_encoder):
+            return [(self.text_encoder_loras, rates[0], "textencoder")]
+        return [(loras, rate, f"textencoder{index}") for index, (loras, rate) in enumerate(zip(per_encoder, rates), 1)]
 
     def prepare_grad_etc(self, text_encoder=None, unet=None) -> None:
         self.requires_grad_(True)

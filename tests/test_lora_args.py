@@ -185,3 +185,17 @@ def test_sdxl_block_wise_arguments_follow_its_23_slots():
         create_network(1.0, 4, 1, None, model.text_encoders, model.unet, block_dims=",".join(["4"] * 25))
     with pytest.raises(UserError, match="mid_lr_weight has 2 values; it takes 3"):
         create_network(1.0, 4, 1, None, model.text_encoders, model.unet, mid_lr_weight="1,1")
+
+
+def test_sdxl_text_encoders_get_a_learning_rate_each_from_two_values():
+    model = tiny_model_pair(ModelFamily.SDXL)[0]
+    net = create_network(1.0, 4, 1, None, model.text_encoders, model.unet)
+    groups, descriptions = net.prepare_optimizer_params([1e-5, 2e-5], 1e-4, 1e-3)
+    rates = dict(zip(descriptions, (group["lr"] for group in groups)))
+    assert rates == {"textencoder1": 1e-5, "textencoder2": 2e-5, "unet": 1e-4}
+    te2 = {id(lora.lora_down.weight) for lora in net.text_encoder_loras if lora.lora_name.startswith("lora_te2_")}
+    assert {id(p) for p in groups[descriptions.index("textencoder2")]["params"]} >= te2
+    single, names = net.prepare_optimizer_params([1e-5], 1e-4, 1e-3)
+    assert names == ["textencoder", "unet"] and single[0]["lr"] == 1e-5
+    with pytest.raises(UserError, match="--text_encoder_lr has 3 values"):
+        net.prepare_optimizer_params([1e-5, 1e-5, 1e-5], 1e-4, 1e-3)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -18,6 +19,7 @@ from library.model_files.family import ModelFamily
 from library.model_files.stable_diffusion import empty_model, load_stable_diffusion
 from library.text_encoding import tokenize
 from library.tiny_models import make_tiny_dataset, make_tiny_model
+from library.training.diffusion import noisy_latents_and_target, per_sample_loss, training_scheduler
 from library.training.families.sdxl import SDXLTraining, size_conditioning
 from library.training.fp8 import FP8, store_weights_in_fp8
 from library.training.memory import estimate_peak_memory
@@ -302,3 +304,61 @@ def test_running_out_of_cuda_memory_names_the_options_that_would_help(tiny_sdxl,
     assert "--cache_latents" in message and "--network_train_unet_only with --cache_text_encoder_outputs" in message
     assert "--optimizer_type AdamW8bit" in message and "\n" not in message
     assert not list(tmp_path.glob("*.safetensors"))
+
+
+HIGH_TIMESTEP = 990  # x_t is nearly pure noise there, so predicting the noise is learnable by a small LoRA
+
+
+def high_timestep_loss(model_file, data, lora_file=None) -> float:
+    """The mean loss over the dataset's images at timesteps 990.. with fixed noise, through the SDXL family's own
+    conditioning, with or without the LoRA."""
+    model = load_stable_diffusion(model_file)
+    if lora_file is not None:
+        network, weights = create_network_from_weights(1.0, lora_file, model.vae, model.text_encoders, model.unet)
+        network.load_state_dict(weights)
+        network.apply_to(model.text_encoders, model.unet)
+    family = SDXLTraining(model, ModelOptions(str(model_file)))
+    plans, _ = prepare_datasets(
+        None, {"resolution": "64"}, train_data_dir=str(data), bucket_step_divisor=SDXL_STEP_DIVISOR
+    )
+    batches = TrainingBatches(plans, model.tokenizers, BatchSettings(seed=0))
+    scheduler, generator, losses = training_scheduler(False), torch.Generator().manual_seed(0), []
+    with torch.no_grad():
+        for index in range(len(plans[0].samples)):
+            batch = batches[BatchKey(dataset=0, samples=(index,), epoch=1, position=index, global_step=0)]
+            latents = model.vae.encode(batch["images"]).latent_dist.mean * model.vae.config.scaling_factor
+            noise = torch.randn(latents.shape, generator=generator)
+            timesteps = torch.tensor([HIGH_TIMESTEP + index])
+            noisy, target = noisy_latents_and_target(scheduler, latents, noise, timesteps)
+            prediction = family.predict(noisy, timesteps, family.encode_text(family.token_ids(batch)), batch)
+            losses.append(per_sample_loss(prediction, target, torch.ones(1)).item())
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.slow
+def test_sdxl_training_lowers_the_loss_and_draws_samples(tiny_sdxl, tmp_path):
+    data = make_tiny_dataset(tmp_path / "data", images=4, repeats=5).parent
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("shp shape, a red circle --w 64 --h 64 --d 1 --s 4\n", encoding="utf-8")
+    options = ["--output_name", "xl", "--learning_rate", "1e-2", "--network_dim", "8", "--network_alpha", "8"]
+    options += ["--max_train_steps", "40", "--min_timestep", str(HIGH_TIMESTEP), "--cache_latents"]
+    options += ["--network_args", "conv_dim=8", "conv_alpha=8"]  # C3Lier: the tiny U-Net has few transformer layers
+    options += ["--sample_prompts", str(prompts), "--sample_every_n_steps", "40"]
+    final = train(training_arguments(tiny_sdxl, data, tmp_path / "out", *options, sdxl=True))
+    assert high_timestep_loss(tiny_sdxl, data, final) < 0.8 * high_timestep_loss(tiny_sdxl, data)
+    (sample,) = (tmp_path / "out" / "sample").glob("xl_000040_00_*_1.png")
+    assert Image.open(sample).size == (64, 64)
+
+
+def test_long_captions_are_encoded_in_windows_with_the_pooled_vector_of_the_first():
+    model = make_tiny_model(ModelFamily.SDXL, seed=2)
+    family = SDXLTraining(model, ModelOptions("tiny"))
+    caption = ", ".join(f"tag{index}" for index in range(60))  # more than 75 tokens
+    with torch.no_grad():
+        context, pooled = family.encode_text([tokenize(tokenizer, [caption], 150) for tokenizer in model.tokenizers])
+        first_window, first_pooled = family.encode_text(
+            [tokenize(tokenizer, [caption], None) for tokenizer in model.tokenizers]
+        )
+    assert context.shape == (1, 152, 128)
+    torch.testing.assert_close(context[:, :76], first_window[:, :76])  # BOS and the first 75 tokens
+    torch.testing.assert_close(pooled, first_pooled)  # the first window ends with EOS in both

@@ -308,3 +308,15 @@ def test_the_file_records_the_model_and_prediction_the_run_trained(
     assert metadata["ss_base_model_version"] == version and metadata["ss_v2"] == str(family is ModelFamily.SD2)
     assert metadata["modelspec.architecture"] == architecture and metadata["modelspec.prediction_type"] == prediction
     assert ("ss_seed" in metadata) == ("--no_metadata" not in extra)
+
+
+def test_nan_latents_name_the_images_and_the_fix(tiny_sd1, tiny_dataset, tmp_path, monkeypatch):
+    from library.training import trainer
+
+    encode = trainer._latents
+    monkeypatch.setattr(trainer, "_latents", lambda run, batch, generator: encode(run, batch, generator) * float("nan"))
+    with pytest.raises(
+        UserError, match=r"the VAE produced NaN or infinite latents at step 1 for .*\.png; .*--no_half_vae"
+    ):
+        train(training_arguments(tiny_sd1, tiny_dataset, tmp_path, "--max_train_steps", "1"))
+    assert not list(tmp_path.glob("*.safetensors"))

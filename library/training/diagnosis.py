@@ -1,4 +1,5 @@
-"""What went wrong, said in one sentence with the likely causes: a loss that became NaN or infinite."""
+"""What went wrong, said in one sentence with the likely causes: a loss that became NaN or infinite, and the
+images whose latents did."""
 
 from __future__ import annotations
 
@@ -19,3 +20,10 @@ def non_finite_loss_message(options: TrainingOptions, step: int) -> str:
             f"network_alpha {network.network_alpha:g} above network_dim {network.network_dim} (scale above 1)"
         )
     return f"the loss became NaN or infinite at step {step}; nothing was saved from it. Likely: {'; or '.join(causes)}."
+
+
+def non_finite_latents_message(image_paths: list[str], step: int) -> str:
+    return (
+        f"the VAE produced NaN or infinite latents at step {step} for {', '.join(image_paths)}; nothing was saved from "
+        "it. Run with --no_half_vae (a float32 VAE), use another VAE with --vae, or check the image."
+    )

@@ -148,45 +148,24 @@ def prepare(
     if options.saving.resume:
         load_state_folder(options.saving.resume, accelerator, start)
 
-    sampler = EpochBatches(
-        plans, seed, options.length.gradient_accumulation_steps, accelerator.process_index, accelerator.num_processes
-    )
-    dataset = options.dataset
-    settings = BatchSettings(
-        seed, dataset.max_token_length, dataset.prior_loss_weight, length.max_train_steps, dataset.skip_bad_images
-    )
-    training_batches = TrainingBatches(plans, family.model.tokenizers, settings, latents)
-    workers = worker_count(dataset.max_data_loader_n_workers, latents is not None)
-    loader = make_data_loader(
-        training_batches,
-        sampler,
-        workers,
-        dataset.persistent_data_loader_workers,
-        pin_memory=accelerator.device.type == "cuda",
-    )
-    batches = Batches(
-        plans, sampler, loader, caption_states or _caption_states(plans, options.network.train_text_encoder)
-    )
-
+    batches = _batches(options, family, plans, length, seed, accelerator, latents, caption_states)
     facts = RunFacts(
-        family.model.family,
-        family.model.v_prediction,
-        seed,
-        random.randint(0, 2**32),
-        length.max_train_steps,
-        length.num_epochs,
-        sampler.batches_per_epoch,
-        optimization.description,
-        time.time(),
+        family=family.model.family,
+        v_prediction=family.model.v_prediction,
+        seed=seed,
+        session_id=random.randint(0, 2**32),
+        max_train_steps=length.max_train_steps,
+        num_epochs=length.num_epochs,
+        num_batches_per_epoch=batches.sampler.batches_per_epoch,
+        optimizer=optimization.description,
+        started_at=time.time(),
     )
-    saver = Saver(
-        accelerator,
-        options.saving,
-        length.save_every_n_epochs,
-        training_metadata(options, plans, facts),
-        base_model_metadata(options, facts),
-        lambda where: TrainState(where.epoch, where.step, where.batches_done, seed, fingerprint),
-    )
+    metadata = training_metadata(options, plans, facts), base_model_metadata(options, facts)
+
+    def train_state(where: Progress) -> TrainState:
+        return TrainState(where.epoch, where.step, where.batches_done, seed, fingerprint)
+
+    saver = Saver(accelerator, options.saving, length.save_every_n_epochs, *metadata, train_state)
     noise_scheduler = diffusion.training_scheduler(family.model.v_prediction, options.diffusion.zero_terminal_snr)
     return Run(
         options=options,
@@ -203,6 +182,31 @@ def prepare(
         samples=samples,
         on_step=on_step,
     )
+
+
+def _batches(
+    options: TrainingOptions,
+    family: TrainingFamily,
+    plans: list[DatasetPlan],
+    length: TrainingLength,
+    seed: int,
+    accelerator: Accelerator,
+    latents: dict | None,
+    caption_states: CaptionStates | None,
+) -> Batches:
+    """This process's share of each epoch's batches, and the loader that builds them."""
+    dataset = options.dataset
+    sampler = EpochBatches(
+        plans, seed, options.length.gradient_accumulation_steps, accelerator.process_index, accelerator.num_processes
+    )
+    settings = BatchSettings(
+        seed, dataset.max_token_length, dataset.prior_loss_weight, length.max_train_steps, dataset.skip_bad_images
+    )
+    training_batches = TrainingBatches(plans, family.model.tokenizers, settings, latents)
+    workers = worker_count(dataset.max_data_loader_n_workers, latents is not None)
+    pin_memory = accelerator.device.type == "cuda"
+    loader = make_data_loader(training_batches, sampler, workers, dataset.persistent_data_loader_workers, pin_memory)
+    return Batches(plans, sampler, loader, caption_states or _caption_states(plans, options.network.train_text_encoder))
 
 
 def _caption_states(plans: list[DatasetPlan], train_text_encoder: bool) -> CaptionStates | None:

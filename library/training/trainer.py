@@ -19,7 +19,7 @@ from library.dataset.inspection import dataset_summary_lines, debug_dataset
 from library.dataset.loader import BatchSettings
 from library.errors import UserError
 from library.training import diffusion
-from library.training.diagnosis import non_finite_loss_message
+from library.training.diagnosis import non_finite_latents_message, non_finite_loss_message
 from library.training.families import load_training_family
 from library.training.memory import out_of_memory_advice
 from library.training.options import TrainingOptions
@@ -210,6 +210,8 @@ def _micro_step(run: Run, batch: dict, step: int) -> float:
     run.accelerator.backward(loss / options.length.gradient_accumulation_steps)
     value = loss.detach().item()  # read once the backward is queued, so the device does not wait for the host
     if not math.isfinite(value):
+        if not torch.isfinite(latents).all():
+            raise UserError(non_finite_latents_message(batch["image_paths"], step))
         raise UserError(non_finite_loss_message(options, step))
     return value
 
