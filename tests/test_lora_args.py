@@ -8,6 +8,7 @@ import math
 import pytest
 
 from library.errors import UserError
+from library.lora.naming import block_layout, ldm_block, unet_targets
 from library.model_files.family import ModelFamily
 from lora_helpers import tiny_model_pair
 from networks.lora import create_network
@@ -199,3 +200,13 @@ def test_sdxl_text_encoders_get_a_learning_rate_each_from_two_values():
     assert names == ["textencoder", "unet"] and single[0]["lr"] == 1e-5
     with pytest.raises(UserError, match="--text_encoder_lr has 3 values"):
         net.prepare_optimizer_params([1e-5, 1e-5, 1e-5], 1e-4, 1e-3)
+
+
+@pytest.mark.parametrize("family", [ModelFamily.SD1, ModelFamily.SDXL], ids=lambda family: family.value)
+def test_block_slots_from_module_names_equal_those_from_the_checkpoint_key_map(family):
+    """Training takes a layer's block from its LDM path (the key map); the merge tools see only module names.
+    Both routes must name the same block for every C3Lier module."""
+    model = tiny_model_pair(family)[0]
+    sdxl = family is ModelFamily.SDXL
+    targets = unet_targets(model.unet, with_conv_containers=True)
+    assert targets and all(block_layout(sdxl).slot(*ldm_block(target.name, sdxl)) == target.block for target in targets)

@@ -6,12 +6,12 @@ OUT00-OUT11. A module's delta is multiplied by the value of its block's slot; sl
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 from library.errors import UserError
+from library.lora.naming import ldm_block
 from library.model_files.family import ModelFamily
 
 SLOT_NAMES = ("BASE", *(f"IN{i:02d}" for i in range(12)), "MID", *(f"OUT{i:02d}" for i in range(12)))
@@ -32,8 +32,6 @@ LAYOUTS = {
     12: (True, _slots("BASE", "IN04", "IN05", "IN07", "IN08", "MID", *(f"OUT{i:02d}" for i in range(6)))),
     20: (True, _slots("BASE", *(f"IN{i:02d}" for i in range(9)), "MID", *(f"OUT{i:02d}" for i in range(9)))),
 }
-_SD_BLOCK = re.compile(r"(up|down)_blocks_(\d+)_(resnets|attentions|upsamplers|downsamplers)_(\d+)_")
-_SDXL_BLOCK = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_(\d+)_")
 
 
 class BlockWeights(NamedTuple):
@@ -105,19 +103,11 @@ def check_layout_family(block_weights: Sequence[BlockWeights], family: ModelFami
 
 def block_slot(name: str, sdxl: bool) -> int | None:
     """The template slot of a LoRA module, as sd-scripts' svd_merge_lora.py computes it: 0 for a text encoder, then by
-    U-Net block (diffusers names for SD1/SD2, LDM names for SDXL); None for anything else."""
+    its U-Net block (library.lora.naming.ldm_block); None for anything else."""
     if "text_model_encoder_" in name:
         return 0
-    if sdxl:
-        match = _SDXL_BLOCK.match(name)
-        if match is None:
-            return None
-        group, index = match.group(1), int(match.group(2))
-        return 1 + index if group == "input_blocks" else MID_SLOT if group == "middle_block" else FIRST_OUT_SLOT + index
-    match = _SD_BLOCK.search(name)
-    if match is None:
-        return MID_SLOT if "mid_block_" in name else None
-    direction, block, kind, index = match.group(1), int(match.group(2)), match.group(3), int(match.group(4))
-    if direction == "down":  # IN00 is conv_in, so down block i's j-th resnet/attention is IN(3i+j+1)
-        return 1 + (3 * (block + 1) if kind == "downsamplers" else 3 * block + index + 1)
-    return FIRST_OUT_SLOT + (3 * block + 2 if kind == "upsamplers" else 3 * block + index)
+    block = ldm_block(name, sdxl)
+    if block is None:
+        return None
+    group, index = block
+    return 1 + index if group == "input_blocks" else MID_SLOT if group == "middle_block" else FIRST_OUT_SLOT + index

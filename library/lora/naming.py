@@ -49,6 +49,14 @@ class BlockLayout:
     def slots(self) -> int:
         return self.down + self.mid + self.up + 2 * self.edge
 
+    def slot(self, group: str, index: int) -> int:
+        """The slot of LDM block `group` ("input_blocks", "middle_block", "output_blocks") number `index`."""
+        if group == "input_blocks":
+            return self.edge + index
+        if group == "middle_block":
+            return self.edge + self.down + (index if self.mid > 1 else 0)
+        return self.edge + self.down + self.mid + index
+
     def description(self) -> str:
         parts = (
             f"IN00-IN{self.down - 1:02d}, {'MID' if self.mid == 1 else f'MID0-MID{self.mid - 1}'},"
@@ -152,18 +160,33 @@ def unet_targets(unet: torch.nn.Module, with_conv_containers: bool) -> list[Lora
 _LDM_BLOCK = re.compile(r"^(input_blocks|middle_block|output_blocks)\.(\d+)\.")
 
 
+_LDM_BLOCK_NAME = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_(\d+)_")
+_DIFFUSERS_BLOCK_NAME = re.compile(r"(up|down)_blocks_(\d+)_(resnets|attentions|upsamplers|downsamplers)_(\d+)_")
+
+
 def block_slot(ldm_path: str, sdxl: bool) -> int:
     """The block slot of a U-Net layer from its LDM path, in the family's `BlockLayout`."""
     match = _LDM_BLOCK.match(ldm_path)
     if match is None:
         raise ValueError(f"'{ldm_path}' is not inside a U-Net block")
-    layout = block_layout(sdxl)
-    group, index = match.group(1), int(match.group(2))
-    if group == "input_blocks":
-        return layout.edge + index
-    if group == "middle_block":
-        return layout.edge + layout.down + (index if layout.mid > 1 else 0)
-    return layout.edge + layout.down + layout.mid + index
+    return block_layout(sdxl).slot(match.group(1), int(match.group(2)))
+
+
+def ldm_block(name: str, sdxl: bool) -> tuple[str, int] | None:
+    """The LDM U-Net block (group, index) of a LoRA module name, for tools that see only names; None outside the
+    blocks (text encoders, the input conv, the time embedding). SDXL's U-Net names are LDM paths already. SD1/SD2's
+    diffusers names map as the checkpoint key map maps them: down block i's j-th resnet or attention is input block
+    3i+j+1 and its downsampler 3i+3; up block i's j-th is output block 3i+j and its upsampler 3i+2."""
+    if sdxl:
+        match = _LDM_BLOCK_NAME.match(name)
+        return None if match is None else (match.group(1), int(match.group(2)))
+    match = _DIFFUSERS_BLOCK_NAME.search(name)
+    if match is None:
+        return ("middle_block", 0) if name.startswith(f"{UNET_PREFIX}_mid_block_") else None
+    direction, block, kind, index = match.group(1), int(match.group(2)), match.group(3), int(match.group(4))
+    if direction == "down":
+        return "input_blocks", 3 * (block + 1) if kind == "downsamplers" else 3 * block + index + 1
+    return "output_blocks", 3 * block + 2 if kind == "upsamplers" else 3 * block + index
 
 
 class CheckpointWeight(NamedTuple):
