@@ -362,3 +362,11 @@ def test_long_captions_are_encoded_in_windows_with_the_pooled_vector_of_the_firs
     assert context.shape == (1, 152, 128)
     torch.testing.assert_close(context[:, :76], first_window[:, :76])  # BOS and the first 75 tokens
     torch.testing.assert_close(pooled, first_pooled)  # the first window ends with EOS in both
+
+
+def test_an_sdxl_diffusers_folder_trains_with_a_separate_vae(tiny_checkpoints, sdxl_dataset, tmp_path, capsys):
+    folder = tiny_checkpoints[ModelFamily.SDXL][2]
+    options = ["--max_train_steps", "1", "--network_train_unet_only", "--vae", str(folder / "vae")]
+    final = train(training_arguments(folder, sdxl_dataset, tmp_path, *options, sdxl=True))
+    assert f"model: {folder} (SDXL, epsilon prediction), VAE from {folder / 'vae'}" in capsys.readouterr().out
+    assert all(key.startswith("lora_unet_") for key in load_file(final))
