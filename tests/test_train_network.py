@@ -311,10 +311,10 @@ def test_the_file_records_the_model_and_prediction_the_run_trained(
 
 
 def test_nan_latents_name_the_images_and_the_fix(tiny_sd1, tiny_dataset, tmp_path, monkeypatch):
-    from library.training import trainer
+    from library.training import forward
 
-    encode = trainer._latents
-    monkeypatch.setattr(trainer, "_latents", lambda run, batch, generator: encode(run, batch, generator) * float("nan"))
+    encode = forward.batch_latents
+    monkeypatch.setattr(forward, "batch_latents", lambda *args: encode(*args) * float("nan"))
     with pytest.raises(
         UserError, match=r"the VAE produced NaN or infinite latents at step 1 for .*\.png; .*--no_half_vae"
     ):

@@ -221,8 +221,9 @@ def config_fallbacks(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-def prepare_dataset_plans(options: DatasetOptions) -> tuple[list[DatasetPlan], list[str]]:
-    """Checked dataset plans and the notes for the start-up summary; one UserError lists every problem."""
+def prepare_dataset_plans(options: DatasetOptions, seed: int = 0) -> tuple[list[DatasetPlan], list[str]]:
+    """Checked dataset plans and the notes for the start-up summary; one UserError lists every problem. `seed`
+    splits off the validation images of datasets without their own validation_seed."""
     return prepare_datasets(
         options.dataset_config,
         options.fallbacks,
@@ -232,4 +233,5 @@ def prepare_dataset_plans(options: DatasetOptions) -> tuple[list[DatasetPlan], l
         skip_bad_images=options.skip_bad_images,
         cache_latents=options.cache_latents,
         bucket_step_divisor=options.bucket_step_divisor,
+        split_seed=seed,
     )

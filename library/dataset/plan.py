@@ -45,6 +45,25 @@ class DatasetPlan:
     samples: tuple[Sample, ...]
     num_train_images: int  # training images times their repeats
     num_reg_images: int  # regularization images times their repeats, before balancing
+    validation_samples: tuple[Sample, ...] = ()  # the images validation_split holds out, one repeat each
+
+    def validation_plan(self) -> DatasetPlan | None:
+        """The held-out images as a plan of their own (same buckets and batch size), or None without any."""
+        if not self.validation_samples:
+            return None
+        return DatasetPlan(self.config, self.validation_samples, len(self.validation_samples), 0)
+
+    def sorted_batches(self) -> list[list[int]]:
+        """The plan's samples in batches without shuffling: bucket by bucket, in order (for validation)."""
+        buckets: dict[tuple[int, int], list[int]] = {}
+        for index, sample in enumerate(self.samples):
+            buckets.setdefault(sample.placement.bucket, []).extend([index] * sample.repeats)
+        size = self.config.batch_size
+        return [
+            members[start : start + size]
+            for _, members in sorted(buckets.items())
+            for start in range(0, len(members), size)
+        ]
 
     def bucket_counts(self) -> dict[tuple[int, int], int]:
         """Samples per bucket in one epoch (repeats included)."""
@@ -84,6 +103,7 @@ def prepare_datasets(
     skip_bad_images: bool = False,
     cache_latents: bool = False,
     bucket_step_divisor: int = STEP_DIVISOR,
+    split_seed: int = 0,
 ) -> tuple[list[DatasetPlan], list[str]]:
     """Read the config (or legacy folders), scan every folder and check everything; one UserError lists every
     problem. Returns the plans and the notes for the start-up summary."""
@@ -97,7 +117,7 @@ def prepare_datasets(
         _check_caching(datasets, problems)
     problems.raise_if_any()
     plans = [
-        _plan(dataset, subsets, bucket_settings, problems)
+        _plan(dataset, subsets, bucket_settings, problems, split_seed)
         for dataset, subsets, bucket_settings in zip(datasets, scanned, settings)
     ]
     if not any(plan.samples for plan in plans):
@@ -114,9 +134,10 @@ def _check_supported(datasets: list[DatasetConfig], problems: Problems) -> None:
     for dataset in datasets:
         if dataset.batch_size < 1:
             problems.add(f"{dataset.where}: batch_size is {dataset.batch_size}; use 1 or more.")
-        if dataset.validation_split:
+        if not 0 <= dataset.validation_split <= 1:
             problems.add(
-                f"{dataset.where}: validation_split is not supported yet; remove it (or drop --validation_split)."
+                f"{dataset.where}: validation_split is {dataset.validation_split:g}; it is the fraction of each"
+                " subset's images held out for validation, from 0 (none) to 1 (the whole dataset), e.g. 0.1."
             )
         for subset in dataset.subsets:
             if subset.face_crop_aug_range is not None:
@@ -167,13 +188,18 @@ def _check_caching(datasets: list[DatasetConfig], problems: Problems) -> None:
 
 
 def _plan(
-    dataset: DatasetConfig, scanned: list[ScannedSubset], settings: BucketSettings, problems: Problems
+    dataset: DatasetConfig, scanned: list[ScannedSubset], settings: BucketSettings, problems: Problems, split_seed: int
 ) -> DatasetPlan:
     settings, notes = normalized(settings)
     for note in notes:
         problems.note(f"{dataset.where}: {note}")
     assigner = BucketAssigner(settings)
-    train = [(image, part.subset) for part in scanned if not part.subset.is_reg for image in part.images]
+    train, held_out = [], []
+    for part in scanned:
+        if not part.subset.is_reg:
+            kept, validation = _split(part, dataset, split_seed)
+            train += [(image, part.subset) for image in kept]
+            held_out += [Sample(image, part.subset, assigner.place(image.size), 1) for image in validation]
     reg = [(image, part.subset) for part in scanned if part.subset.is_reg for image in part.images]
     num_train = sum(subset.num_repeats for _, subset in train)
     num_reg = sum(subset.num_repeats for _, subset in reg)
@@ -189,7 +215,21 @@ def _plan(
         for (image, subset), repeats in zip(reg, reg_repeats)
         if repeats
     ]
-    return DatasetPlan(dataset, tuple(samples), num_train, num_reg)
+    return DatasetPlan(dataset, tuple(samples), num_train, num_reg, tuple(held_out))
+
+
+def _split(part: ScannedSubset, dataset: DatasetConfig, split_seed: int) -> tuple[list, list]:
+    """validation_split p: the subset's images in an order drawn from validation_seed (else the run's seed); the
+    first ceil(n (1 - p)) train, the rest validate. Every image lands on exactly one side, and the same seed always
+    gives the same split (sd-scripts draws the two sides separately without validation_seed, so they can overlap)."""
+    split = dataset.validation_split
+    if not split:
+        return list(part.images), []
+    seed = dataset.validation_seed if dataset.validation_seed is not None else split_seed
+    images = sorted(part.images, key=lambda image: str(image.path))
+    random.Random(f"{seed}/{part.subset.where}").shuffle(images)
+    kept = math.ceil(len(images) * (1 - split))
+    return images[:kept], images[kept:]
 
 
 def balanced_reg_repeats(subset_repeats: list[int], num_train: int) -> list[int]:

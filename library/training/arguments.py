@@ -31,6 +31,7 @@ def build_parser(sdxl: bool = False) -> argparse.ArgumentParser:
     _network_arguments(parser.add_argument_group("network"))
     _saving_arguments(parser.add_argument_group("saving and logging"))
     _sample_arguments(parser.add_argument_group("sample images"))
+    _validation_arguments(parser.add_argument_group("validation loss (images from the datasets' validation_split)"))
     add_config_file_arguments(parser)
     return parser
 
@@ -201,6 +202,16 @@ def _training_arguments(group) -> None:
     )
     group.add_argument("--lowram", action="store_true", help="accepted for compatibility")
     group.add_argument("--highvram", action="store_true", help="accepted for compatibility")
+
+
+def _validation_arguments(group) -> None:
+    group.add_argument(
+        "--validate_every_n_steps", type=int, help="also compute the validation loss every N optimizer steps"
+    )
+    group.add_argument(
+        "--validate_every_n_epochs", type=int, help="compute the validation loss every N epochs (default: every epoch)"
+    )
+    group.add_argument("--max_validation_steps", type=int, help="validation batches per evaluation (default: all)")
 
 
 def _optimizer_arguments(group) -> None:

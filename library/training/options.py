@@ -138,6 +138,15 @@ class SavingOptions:
 
 
 @dataclass(frozen=True)
+class ValidationOptions:
+    """When the validation loss is computed; the images come from the datasets' validation_split."""
+
+    validate_every_n_steps: int | None = None
+    validate_every_n_epochs: int | None = None  # every epoch when unset
+    max_validation_steps: int | None = None  # batches per evaluation; all when unset
+
+
+@dataclass(frozen=True)
 class SamplingOptions:
     sample_prompts: str | None = None
     sample_every_n_steps: int | None = None
@@ -164,6 +173,7 @@ class TrainingOptions:
     length: LengthOptions
     saving: SavingOptions
     sampling: SamplingOptions
+    validation: ValidationOptions
     logging: LoggingOptions
     text_encoder_caching: TextEncoderCaching = TextEncoderCaching()
     notes: tuple[
@@ -185,6 +195,7 @@ def training_options(args: argparse.Namespace, sdxl: bool = False) -> TrainingOp
         length=_fields_of(LengthOptions, args),
         saving=_fields_of(SavingOptions, args),
         sampling=_fields_of(SamplingOptions, args),
+        validation=_validation_options(args),
         logging=_logging_options(args),
         text_encoder_caching=_text_encoder_caching(args),
         notes=tuple(notes),
@@ -303,6 +314,14 @@ def _diffusion_options(args: argparse.Namespace, notes: list[str]) -> DiffusionO
     return _fields_of(
         DiffusionOptions, args, noise=_fields_of(NoiseSettings, args), loss=_fields_of(LossSettings, args)
     )
+
+
+def _validation_options(args: argparse.Namespace) -> ValidationOptions:
+    options = _fields_of(ValidationOptions, args)
+    for flag, value in vars(options).items():
+        if value is not None and value < 1:
+            raise UserError(f"--{flag} is {value}; use 1 or more, or leave it out.")
+    return options
 
 
 def _logging_options(args: argparse.Namespace) -> LoggingOptions:

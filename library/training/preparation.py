@@ -35,6 +35,7 @@ from library.training.samples import SampleSchedule
 from library.training.saving import RunFacts, Saver, base_model_metadata, training_metadata
 from library.training.state import Progress, TrainState, load_state_folder
 from library.training.text_encoder_cache import cache_text_encoder_outputs
+from library.training.validation import Validation, validation_keys, validation_plans, validation_schedule
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,7 @@ class Run:
     start: Progress
     samples: SampleSchedule | None
     on_step: Callable[[int], None] | None
+    validation: Validation | None
 
     @property
     def network(self) -> torch.nn.Module:
@@ -131,9 +133,11 @@ def prepare(
         project_dir=_log_run_folder(options),
     )
     _seed_everything(seed)
-    latents = _cache_latents(options, family, plans, accelerator) if options.dataset.cache_latents else None
+    held_out = validation_plans(plans)
+    every_plan = plans + held_out
+    latents = _cache_latents(options, family, every_plan, accelerator) if options.dataset.cache_latents else None
     caption_states = (
-        _cache_text_encoder_outputs(options, family, plans, accelerator)
+        _cache_text_encoder_outputs(options, family, every_plan, accelerator)
         if options.text_encoder_caching.in_memory
         else None
     )
@@ -148,7 +152,12 @@ def prepare(
     if options.saving.resume:
         load_state_folder(options.saving.resume, accelerator, start)
 
-    batches = _batches(options, family, plans, length, seed, accelerator, latents, caption_states)
+    dataset = options.dataset
+    settings = BatchSettings(
+        seed, dataset.max_token_length, dataset.prior_loss_weight, length.max_train_steps, dataset.skip_bad_images
+    )
+    batches = _batches(options, family, plans, settings, accelerator, latents, caption_states)
+    validation = _validation(options, held_out, settings, family, accelerator, latents)
     facts = RunFacts(
         family=family.model.family,
         v_prediction=family.model.v_prediction,
@@ -181,6 +190,7 @@ def prepare(
         start=start,
         samples=samples,
         on_step=on_step,
+        validation=validation,
     )
 
 
@@ -188,8 +198,7 @@ def _batches(
     options: TrainingOptions,
     family: TrainingFamily,
     plans: list[DatasetPlan],
-    length: TrainingLength,
-    seed: int,
+    settings: BatchSettings,
     accelerator: Accelerator,
     latents: dict | None,
     caption_states: CaptionStates | None,
@@ -197,16 +206,34 @@ def _batches(
     """This process's share of each epoch's batches, and the loader that builds them."""
     dataset = options.dataset
     sampler = EpochBatches(
-        plans, seed, options.length.gradient_accumulation_steps, accelerator.process_index, accelerator.num_processes
-    )
-    settings = BatchSettings(
-        seed, dataset.max_token_length, dataset.prior_loss_weight, length.max_train_steps, dataset.skip_bad_images
+        plans,
+        settings.seed,
+        options.length.gradient_accumulation_steps,
+        accelerator.process_index,
+        accelerator.num_processes,
     )
     training_batches = TrainingBatches(plans, family.model.tokenizers, settings, latents)
     workers = worker_count(dataset.max_data_loader_n_workers, latents is not None)
     pin_memory = accelerator.device.type == "cuda"
     loader = make_data_loader(training_batches, sampler, workers, dataset.persistent_data_loader_workers, pin_memory)
     return Batches(plans, sampler, loader, caption_states or _caption_states(plans, options.network.train_text_encoder))
+
+
+def _validation(
+    options: TrainingOptions,
+    held_out: list[DatasetPlan],
+    settings: BatchSettings,
+    family: TrainingFamily,
+    accelerator: Accelerator,
+    latents: dict | None,
+) -> Validation | None:
+    if not held_out:
+        return None
+    process, processes = accelerator.process_index, accelerator.num_processes
+    keys = validation_keys(held_out, options.validation.max_validation_steps, process, processes)
+    batches = TrainingBatches(held_out, family.model.tokenizers, settings, latents)
+    num_images = sum(len(plan.samples) for plan in held_out)
+    return Validation(validation_schedule(options.validation), batches, keys, num_images)
 
 
 def _caption_states(plans: list[DatasetPlan], train_text_encoder: bool) -> CaptionStates | None:

@@ -138,6 +138,12 @@ def training_metadata(options: TrainingOptions, plans: Sequence[DatasetPlan], fa
         "ss_sd_model_name": Path(model.pretrained_model_name_or_path).name,
         "ss_vae_name": Path(model.vae).name if model.vae else "None",
         "ss_training_comment": str(options.saving.training_comment),
+        "ss_num_validation_images": str(sum(len(plan.validation_samples) for plan in plans)),
+        "ss_validation_split": str(dataset.fallbacks.get("validation_split")),
+        "ss_validation_seed": str(dataset.fallbacks.get("validation_seed")),
+        "ss_validate_every_n_steps": str(options.validation.validate_every_n_steps),
+        "ss_validate_every_n_epochs": str(options.validation.validate_every_n_epochs),
+        "ss_max_validation_steps": str(options.validation.max_validation_steps),
         "ss_datasets": json.dumps([_dataset_metadata(plan) for plan in plans]),
         "ss_tag_frequency": json.dumps(_tag_frequencies(plans)),
     }

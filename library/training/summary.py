@@ -7,6 +7,7 @@ from library.lora.factors import lora_scale
 from library.training.memory import MemoryEstimate, estimate_peak_memory
 from library.training.optimizers import uses_relative_step
 from library.training.preparation import Run
+from library.training.validation import validation_timesteps
 
 
 def run_summary_lines(run: Run) -> list[str]:
@@ -36,7 +37,21 @@ def run_summary_lines(run: Run) -> list[str]:
         f"precision: {options.model.mixed_precision} on {run.accelerator.device}, attention: {run.attention}"
         f"{', gradient checkpointing' if options.model.gradient_checkpointing else ''}",
         f"text encoder: {_text_encoder_use(run)}",
+        *_validation_lines(run),
         memory_estimate(run).line(),
+    ]
+
+
+def _validation_lines(run: Run) -> list[str]:
+    validation = run.validation
+    if validation is None:
+        return []
+    schedule, options = validation.schedule, run.options.diffusion
+    when = f"every {schedule.every_n_steps} steps and " if schedule.every_n_steps else ""
+    epochs = "every epoch" if schedule.every_n_epochs == 1 else f"every {schedule.every_n_epochs} epochs"
+    timesteps = ", ".join(map(str, validation_timesteps(options.min_timestep, options.max_timestep)))
+    return [
+        f"validation: {validation.num_images} held-out images, {when}at the end of {epochs}, at timesteps {timesteps}"
     ]
 
 

@@ -18,9 +18,9 @@ from library.dataset.arguments import prepare_dataset_plans
 from library.dataset.inspection import dataset_summary_lines, debug_dataset
 from library.dataset.loader import BatchSettings
 from library.errors import UserError
-from library.training import diffusion
 from library.training.diagnosis import non_finite_latents_message, non_finite_loss_message
 from library.training.families import load_training_family
+from library.training.forward import batch_loss
 from library.training.memory import out_of_memory_advice
 from library.training.options import TrainingOptions
 from library.training.preparation import Run, prepare, processes_on_cpus, training_length
@@ -29,6 +29,7 @@ from library.training.state import Progress, read_train_state, resume_point, run
 from library.training.stop_request import StopRequest
 from library.training.summary import run_summary_lines
 from library.training.text_encoder_cache import check_captions_fixed
+from library.training.validation import validation_loss
 
 
 def train(options: TrainingOptions, on_step: Callable[[int], None] | None = None) -> Path:
@@ -39,7 +40,7 @@ def train(options: TrainingOptions, on_step: Callable[[int], None] | None = None
     if seed is None:  # the data order and noise of the run being continued, or a new random seed
         seed = resumed.seed if resumed else random.randint(0, 2**32 - 1)
     samples, sample_notes = sample_schedule(options.sampling)
-    plans, dataset_notes = prepare_dataset_plans(options.dataset)
+    plans, dataset_notes = prepare_dataset_plans(options.dataset, seed)
     if options.text_encoder_caching.in_memory:
         check_captions_fixed(plans, "--cache_text_encoder_outputs")
     for line in [*options.notes, *sample_notes, *dataset_notes, *dataset_summary_lines(plans)]:
@@ -81,38 +82,72 @@ def train_loop(run: Run) -> Path:
     if run.options.logging.logging_dir:
         accelerator.init_trackers("network_train")
     where = run.start
-    steps_per_epoch = math.ceil(length.batches_per_epoch / run.options.length.gradient_accumulation_steps)
-    recent_losses = deque(maxlen=steps_per_epoch)  # about an epoch, as sd-scripts
-    progress = tqdm(
-        total=length.max_train_steps, initial=where.step, desc="steps", disable=not accelerator.is_main_process
-    )
+    display = LossDisplay(run, where.step)
     if run.samples and run.samples.at_first and where.step == 0:
         _draw_samples(run, epoch=0)
     with StopRequest() as stop:
         for epoch in range(run.start.epoch, length.num_epochs + 1):
             skip = run.start.batches_done if epoch == run.start.epoch else 0
-            where = _train_epoch(run, Progress(epoch, where.step, skip), recent_losses, progress, stop)
+            where = _train_epoch(run, Progress(epoch, where.step, skip), display, stop)
             finished = where.step >= length.max_train_steps
             if not finished and stop.agreed(accelerator):
                 run.saver.on_stop(where)
                 raise KeyboardInterrupt
+            epoch_ended = where.batches_done == length.batches_per_epoch or finished
+            if epoch_ended and run.validation and run.validation.schedule.after_epoch(epoch):
+                display.validated(validation_loss(run), "epoch", epoch)
             if not finished:
                 run.saver.after_epoch(run.optimization.network, where)
-            if (
-                (where.batches_done == length.batches_per_epoch or finished)
-                and run.samples
-                and run.samples.after_epoch(epoch)
-            ):
+            if epoch_ended and run.samples and run.samples.after_epoch(epoch):
                 _draw_samples(run, epoch=epoch)
             if finished:
                 break
-    progress.close()
+    display.close()
     final = run.saver.final(run.optimization.network, where)
     accelerator.end_training()
     return final
 
 
-def _train_epoch(run: Run, where: Progress, recent_losses: deque, progress: tqdm, stop: StopRequest) -> Progress:
+class LossDisplay:
+    """The progress bar with the moving average of the loss (about an epoch of optimizer steps, as sd-scripts) and
+    the last validation loss, and the TensorBoard log of both."""
+
+    def __init__(self, run: Run, initial_step: int):
+        self.run = run
+        accumulation = run.options.length.gradient_accumulation_steps
+        self.recent: deque[float] = deque(maxlen=math.ceil(run.length.batches_per_epoch / accumulation))
+        self.shown: dict[str, str] = {}
+        disabled = not run.accelerator.is_main_process
+        self.bar = tqdm(total=run.length.max_train_steps, initial=initial_step, desc="steps", disable=disabled)
+
+    @property
+    def average(self) -> float:
+        return sum(self.recent) / len(self.recent)
+
+    def stepped(self, losses: list[float], step: int) -> None:
+        self.bar.update(1)
+        if not losses:
+            return
+        self.recent.append(sum(losses) / len(losses))
+        self._show(avr_loss=self.average)
+        _log(self.run, {"loss/current": self.recent[-1], "loss/average": self.average, **_rates(self.run)}, step)
+
+    def validated(self, loss: float, kind: str, at: int) -> None:
+        """A validation loss after a step (`kind` "step") or an epoch ("epoch"), logged at that step or epoch with
+        its divergence from the training loss's moving average."""
+        self._show(val_loss=loss)
+        divergence = loss - self.average if self.recent else float("nan")
+        _log(self.run, {f"loss/validation/{kind}_average": loss, f"loss/validation/{kind}_divergence": divergence}, at)
+
+    def _show(self, **values: float) -> None:
+        self.shown.update({key: f"{value:.4f}" for key, value in values.items()})
+        self.bar.set_postfix(self.shown)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _train_epoch(run: Run, where: Progress, display: LossDisplay, stop: StopRequest) -> Progress:
     """Train from `where` to the end of its epoch, or until the last step or a stop request; returns where it ended."""
     accumulation, sampler = run.options.length.gradient_accumulation_steps, run.batches.sampler
     sampler.set_epoch(where.epoch, where.step - where.batches_done // accumulation, where.batches_done)
@@ -129,12 +164,10 @@ def _train_epoch(run: Run, where: Progress, recent_losses: deque, progress: tqdm
             continue
         _optimizer_step(run)
         where = Progress(where.epoch, where.step + 1, position + 1)
-        progress.update(1)
-        if group_losses:
-            recent_losses.append(sum(group_losses) / len(group_losses))
-            epoch_losses.extend(group_losses)
-            progress.set_postfix(avr_loss=f"{sum(recent_losses) / len(recent_losses):.4f}")
-            _log(run, recent_losses[-1], recent_losses, where.step)
+        display.stepped(group_losses, where.step)
+        epoch_losses.extend(group_losses)
+        if run.validation and run.validation.schedule.after_step(where.step):
+            display.validated(validation_loss(run), "step", where.step)
         if run.samples and run.samples.after_step(where.step):
             _draw_samples(run, step=where.step)
         if run.on_step:
@@ -142,8 +175,8 @@ def _train_epoch(run: Run, where: Progress, recent_losses: deque, progress: tqdm
         run.saver.after_step(run.optimization.network, where, run.length.max_train_steps)
         if where.step >= run.length.max_train_steps or stop.agreed(run.accelerator):
             return where
-    if run.options.logging.logging_dir and epoch_losses:
-        run.accelerator.log({"loss/epoch_average": sum(epoch_losses) / len(epoch_losses)}, step=where.epoch)
+    if epoch_losses:
+        _log(run, {"loss/epoch_average": sum(epoch_losses) / len(epoch_losses)}, where.epoch)
     return Progress(where.epoch, where.step, sampler.batches_per_epoch)
 
 
@@ -179,51 +212,15 @@ def _start_step(run: Run, step: int) -> None:
 
 def _micro_step(run: Run, batch: dict, step: int) -> float:
     """Forward and backward of one batch; returns its loss, checked to be finite before the optimizer uses it."""
-    options, device, family = run.options, run.accelerator.device, run.family
-    generator = torch.Generator(device).manual_seed(batch["batch_seed"])
-    with torch.no_grad():
-        latents = _latents(run, batch, generator)
-    with run.accelerator.autocast(), torch.set_grad_enabled(options.network.train_text_encoder):
-        token_ids = [ids.to(device) for ids in family.token_ids(batch)]
-        if run.batches.caption_states:
-            text = run.batches.caption_states.encode(family.encode_text, token_ids)
-        else:
-            text = family.encode_text(token_ids)
-    settings = options.diffusion
-    noise = diffusion.make_noise(latents, settings.noise, generator)
-    timesteps = diffusion.sample_timesteps(
-        latents.shape[0], settings.min_timestep, settings.max_timestep, device, generator
-    )
-    perturbation = diffusion.input_perturbation(noise, settings.noise, generator)
-    noisy, target = diffusion.noisy_latents_and_target(run.noise_scheduler, latents, noise, timesteps, perturbation)
-    if options.model.gradient_checkpointing:
-        noisy.requires_grad_(True)  # checkpointed segments need an input that asks for gradients
-    with run.accelerator.autocast():
-        prediction = family.predict(noisy, timesteps, text, batch)
-    threshold = settings.loss.threshold(timesteps, run.noise_scheduler)
-    loss = diffusion.per_sample_loss(
-        prediction, target, batch["loss_weights"], batch["alpha_masks"], settings.loss.loss_type, threshold
-    )
-    loss = diffusion.snr_weighted_loss(
-        loss, diffusion.snr(run.noise_scheduler, timesteps), settings.loss, family.model.v_prediction
-    ).mean()
-    run.accelerator.backward(loss / options.length.gradient_accumulation_steps)
-    value = loss.detach().item()  # read once the backward is queued, so the device does not wait for the host
+    generator = torch.Generator(run.accelerator.device).manual_seed(batch["batch_seed"])
+    result = batch_loss(run, batch, generator)
+    run.accelerator.backward(result.loss / run.options.length.gradient_accumulation_steps)
+    value = result.loss.detach().item()  # read once the backward is queued, so the device does not wait for the host
     if not math.isfinite(value):
-        if not torch.isfinite(latents).all():
+        if not torch.isfinite(result.latents).all():
             raise UserError(non_finite_latents_message(batch["image_paths"], step))
-        raise UserError(non_finite_loss_message(options, step))
+        raise UserError(non_finite_loss_message(run.options, step))
     return value
-
-
-def _latents(run: Run, batch: dict, generator: torch.Generator) -> torch.Tensor:
-    """The batch's latents, scaled and in the run's dtype: cached, or encoded now from the images."""
-    device, vae = run.accelerator.device, run.family.model.vae
-    if batch["latents"] is not None:
-        latents = batch["latents"].to(device, non_blocking=True)
-    else:
-        latents = vae.encode(batch["images"].to(device, vae.dtype)).latent_dist.sample(generator).float()
-    return (latents * vae.config.scaling_factor).to(run.options.model.weight_dtype)
 
 
 def _optimizer_step(run: Run) -> None:
@@ -251,10 +248,14 @@ def _average_gradients(network: torch.nn.Module) -> None:
         gradient.copy_(averaged)
 
 
-def _log(run: Run, value: float, recent_losses: deque[float], step: int) -> None:
-    if not run.options.logging.logging_dir:
-        return
-    logs = {"loss/current": value, "loss/average": sum(recent_losses) / len(recent_losses)}
-    for description, rate in zip(run.optimization.lr_descriptions, run.optimization.lr_scheduler.get_last_lr()):
-        logs[f"lr/{description}"] = rate
-    run.accelerator.log(logs, step=step)
+def _log(run: Run, values: dict[str, float], step: int) -> None:
+    if run.options.logging.logging_dir:
+        run.accelerator.log(values, step=step)
+
+
+def _rates(run: Run) -> dict[str, float]:
+    """Each parameter group's current learning rate, as `lr/<group>`."""
+    optimization = run.optimization
+    return {
+        f"lr/{name}": rate for name, rate in zip(optimization.lr_descriptions, optimization.lr_scheduler.get_last_lr())
+    }
