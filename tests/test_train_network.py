@@ -168,7 +168,7 @@ def test_cuda_only_options_give_a_note_on_the_cpu(tiny_sd1, tiny_dataset, tmp_pa
         (["--full_fp16"], "--full_fp16 needs --mixed_precision fp16"),
         (["--network_train_unet_only", "--network_train_text_encoder_only"], "leave nothing to train"),
         (["--lr_scheduler", "constant", "--lr_warmup_steps", "10"], "constant has no warmup"),
-        (["--log_with", "wandb"], "--log_with wandb writes its logs under --logging_dir"),
+        (["--log_with", "tensorboard"], "--log_with tensorboard writes TensorBoard logs under --logging_dir"),
     ],
 )
 def test_conflicting_options_are_one_sentence(tiny_sd1, tiny_dataset, tmp_path, extra, message):

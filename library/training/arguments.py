@@ -12,6 +12,7 @@ from library.sampling.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
 from library.training.config_file import add_config_file_arguments
 from library.training.diffusion import HUBER_SCHEDULES, LOSS_TYPES, LossSettings, NoiseSettings
 from library.training.optimizers import SCHEDULERS
+from library.training.option_tables import LOG_LEVELS, MODELSPEC_FIELDS, UNSUPPORTED_OPTIONS
 from library.training.saving import SAVE_FORMATS
 
 SCRIPTS = {False: "train_network.py", True: "sdxl_train_network.py"}
@@ -32,6 +33,9 @@ def build_parser(sdxl: bool = False) -> argparse.ArgumentParser:
     _saving_arguments(parser.add_argument_group("saving and logging"))
     _sample_arguments(parser.add_argument_group("sample images"))
     _validation_arguments(parser.add_argument_group("validation loss (images from the datasets' validation_split)"))
+    _metadata_arguments(parser.add_argument_group("ModelSpec metadata written into every saved LoRA"))
+    _console_arguments(parser.add_argument_group("console"))
+    _unsupported_arguments(parser.add_argument_group("sd-scripts options that are refused here (each says why)"))
     add_config_file_arguments(parser)
     return parser
 
@@ -201,7 +205,36 @@ def _training_arguments(group) -> None:
         "--max_grad_norm", type=float, default=1.0, help="clip the LoRA gradients' norm to this; 0 = no clipping"
     )
     group.add_argument("--lowram", action="store_true", help="accepted for compatibility")
+    group.add_argument("--ddp_timeout", type=int, help="minutes the processes wait for each other (default 30)")
+    group.add_argument(
+        "--ddp_gradient_as_bucket_view", action="store_true", help="accepted; DDP's buckets are not used here"
+    )
+    group.add_argument("--ddp_static_graph", action="store_true", help="accepted; DDP is not used here")
     group.add_argument("--highvram", action="store_true", help="accepted for compatibility")
+
+
+def _metadata_arguments(group) -> None:
+    for field in MODELSPEC_FIELDS:
+        hint = " (an image file becomes a data: URL)" if field == "thumbnail" else ""
+        group.add_argument(f"--metadata_{field}", help=f"modelspec.{field} of the saved LoRA{hint}")
+
+
+def _console_arguments(group) -> None:
+    group.add_argument(
+        "--console_log_level", choices=LOG_LEVELS, help="the level of the messages printed (default INFO)"
+    )
+    group.add_argument("--console_log_file", help="also write the log messages to this file")
+    group.add_argument("--console_log_simple", action="store_true", help="messages without time and logger name")
+
+
+def _unsupported_arguments(group) -> None:
+    """sd-scripts' options that cannot apply here: known to the parser, so that commands and --config_file files
+    from sd-scripts parse, and refused in one sentence when set to anything but sd-scripts' default."""
+    for option in UNSUPPORTED_OPTIONS:
+        if option.kind == "switch":
+            group.add_argument(f"--{option.name}", action="store_true", help=option.why)
+        else:
+            group.add_argument(f"--{option.name}", nargs=option.nargs, default=option.default, help=option.why)
 
 
 def _validation_arguments(group) -> None:
@@ -317,6 +350,11 @@ def _saving_arguments(group) -> None:
         help="logger (default tensorboard when --logging_dir is given)",
     )
     group.add_argument("--log_prefix", help="prefix of the run's log folder name")
+    group.add_argument("--log_tracker_name", help="the run's name in the logger (default network_train)")
+    group.add_argument("--log_tracker_config", help="a TOML file of the loggers' settings, e.g. [wandb] entity = ...")
+    group.add_argument("--log_config", action="store_true", help="log the run's options to the logger as its config")
+    group.add_argument("--wandb_run_name", help="the run's name in wandb")
+    group.add_argument("--wandb_api_key", help="log in to wandb with this key first")
 
 
 def _sample_arguments(group) -> None:

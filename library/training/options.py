@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 import torch
 
@@ -19,6 +20,7 @@ from library.errors import UserError
 from library.sampling.samplers import DEFAULT_SAMPLER
 from library.training.diffusion import THRESHOLD_LOSS_TYPES, LossSettings, NoiseSettings
 from library.training.optimizers import CUDA_ONLY_OPTIMIZERS, optimizer_name, parse_key_values
+from library.training.option_tables import MODELSPEC_FIELDS, UNSUPPORTED_OPTIONS
 
 
 @dataclass(frozen=True)
@@ -158,8 +160,38 @@ class SamplingOptions:
 @dataclass(frozen=True)
 class LoggingOptions:
     logging_dir: str | None = None
-    log_with: str | None = None
+    log_with: str | None = None  # tensorboard, wandb or all; tensorboard when only --logging_dir is given
     log_prefix: str | None = None
+    log_tracker_name: str | None = None
+    log_tracker_config: str | None = None
+    log_config: bool = False
+    wandb_run_name: str | None = None
+    wandb_api_key: str | None = None
+    console_log_level: str | None = None
+    console_log_file: str | None = None
+    console_log_simple: bool = False
+
+    @property
+    def tracker(self) -> str | None:
+        """What accelerate logs with, or None for no logging."""
+        return self.log_with or ("tensorboard" if self.logging_dir else None)
+
+
+@dataclass(frozen=True)
+class ModelSpecOptions:
+    """--metadata_<field>: written as modelspec.<field> into every saved LoRA."""
+
+    title: str | None = None
+    author: str | None = None
+    description: str | None = None
+    license: str | None = None
+    tags: str | None = None
+    trigger_phrase: str | None = None
+    usage_hint: str | None = None
+    thumbnail: str | None = None
+    merged_from: str | None = None
+    preprocessor: str | None = None
+    is_negative_embedding: str | None = None
 
 
 @dataclass(frozen=True)
@@ -176,14 +208,16 @@ class TrainingOptions:
     validation: ValidationOptions
     logging: LoggingOptions
     text_encoder_caching: TextEncoderCaching = TextEncoderCaching()
-    notes: tuple[
-        str, ...
-    ] = ()  # how options were resolved (replaced on this machine, accepted but ignored), for the summary
+    modelspec: ModelSpecOptions = ModelSpecOptions()
+    ddp_timeout: int | None = None  # minutes
+    # how options were resolved (replaced on this machine, accepted but ignored), for the summary
+    notes: tuple[str, ...] = ()
 
 
 def training_options(args: argparse.Namespace, sdxl: bool = False) -> TrainingOptions:
     """The typed options of parsed flags, checked, with the notes for the start-up summary."""
     notes = []
+    _refuse_unsupported(args, notes)
     model = _model_options(args, sdxl, notes)
     options = TrainingOptions(
         sdxl=sdxl,
@@ -198,6 +232,8 @@ def training_options(args: argparse.Namespace, sdxl: bool = False) -> TrainingOp
         validation=_validation_options(args),
         logging=_logging_options(args),
         text_encoder_caching=_text_encoder_caching(args),
+        modelspec=ModelSpecOptions(**{field: getattr(args, f"metadata_{field}") for field in MODELSPEC_FIELDS}),
+        ddp_timeout=args.ddp_timeout,
         notes=tuple(notes),
     )
     if options.length.gradient_accumulation_steps < 1:
@@ -325,23 +361,39 @@ def _validation_options(args: argparse.Namespace) -> ValidationOptions:
 
 
 def _logging_options(args: argparse.Namespace) -> LoggingOptions:
-    """accelerate silently logs nothing when the tracker's package is missing; say so instead."""
-    if args.log_with and not args.logging_dir:
+    """accelerate silently logs nothing when the tracker's package is missing; say so instead. TensorBoard writes
+    under --logging_dir; wandb keeps its runs itself."""
+    options = _fields_of(LoggingOptions, args)
+    packages = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"], None: []}
+    wanted = packages[options.tracker]
+    if "tensorboard" in wanted and not options.logging_dir:
         raise UserError(
-            f"--log_with {args.log_with} writes its logs under --logging_dir; give --logging_dir too (e.g. "
+            f"--log_with {args.log_with} writes TensorBoard logs under --logging_dir; give --logging_dir too (e.g. "
             "--logging_dir logs)."
         )
-    if args.logging_dir:
-        wanted = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}[
-            args.log_with or "tensorboard"
-        ]
-        for package in wanted:
-            if importlib.util.find_spec(package) is None:
-                raise UserError(
-                    f"--logging_dir logs with {package}, which is not installed; run: pip install {package} (or drop "
-                    "--logging_dir)."
-                )
-    return _fields_of(LoggingOptions, args)
+    for package in wanted:
+        if importlib.util.find_spec(package) is None:
+            raise UserError(
+                f"logging with {package} needs the {package} package; run: pip install {package} (or drop "
+                "--logging_dir / --log_with)."
+            )
+    if options.log_tracker_config and not Path(options.log_tracker_config).is_file():
+        raise UserError(
+            f"--log_tracker_config {options.log_tracker_config}: no such file; give a TOML file of the loggers' "
+            "settings."
+        )
+    return options
+
+
+def _refuse_unsupported(args: argparse.Namespace, notes: list[str]) -> None:
+    """sd-scripts' options that cannot apply: refused when set to anything but sd-scripts' default."""
+    for option in UNSUPPORTED_OPTIONS:
+        value = getattr(args, option.name)
+        if value not in (None, False, [], option.default, str(option.default)):
+            raise UserError(f"--{option.name}: {option.why}.")
+    for flag in ("ddp_gradient_as_bucket_view", "ddp_static_graph"):
+        if getattr(args, flag):
+            notes.append(f"--{flag}: no effect; the LoRA's gradients are averaged in one all-reduce, not by DDP.")
 
 
 def _text_encoder_caching(args: argparse.Namespace) -> TextEncoderCaching:

@@ -4,6 +4,7 @@ schedule, the batches, and the saver."""
 
 from __future__ import annotations
 
+import datetime
 import importlib
 import math
 import os
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import InitProcessGroupKwargs
 from diffusers import DDPMScheduler
 
 from library.dataset.captions import CaptionSettings
@@ -129,7 +131,10 @@ def prepare(
         cpu=processes_on_cpus(),
         gradient_accumulation_steps=1,  # accumulation is counted here, so that an epoch's last partial group also steps
         mixed_precision=options.model.mixed_precision,
-        log_with=(options.logging.log_with or "tensorboard") if options.logging.logging_dir else None,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=options.ddp_timeout))]
+        if options.ddp_timeout
+        else None,
+        log_with=options.logging.tracker,
         project_dir=_log_run_folder(options),
     )
     _seed_everything(seed)
@@ -168,6 +173,7 @@ def prepare(
         num_batches_per_epoch=batches.sampler.batches_per_epoch,
         optimizer=optimization.description,
         started_at=time.time(),
+        resolution=plans[0].config.resolution,
     )
     metadata = training_metadata(options, plans, facts), base_model_metadata(options, facts)
 

@@ -3,7 +3,10 @@ into each file (7.6), and the saving itself: the main process writes, old saves 
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import json
+import mimetypes
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +21,7 @@ from library.dataset.plan import DatasetPlan
 from library.errors import UserError
 from library.metadata import base_model_version, lora_modelspec
 from library.model_files.family import ModelFamily
+from library.training.diffusion import NUM_TRAIN_TIMESTEPS
 from library.training.options import SavingOptions, TrainingOptions
 from library.training.state import Progress, TrainState, save_state_folder
 
@@ -76,6 +80,7 @@ class RunFacts:
     num_batches_per_epoch: int
     optimizer: str  # the optimizer's class and arguments, as sd-scripts writes it
     started_at: float
+    resolution: tuple[int, int]  # the first dataset's, for modelspec.resolution
 
 
 def base_model_metadata(options: TrainingOptions, facts: RunFacts) -> dict[str, str]:
@@ -84,8 +89,37 @@ def base_model_metadata(options: TrainingOptions, facts: RunFacts) -> dict[str, 
     return {
         "ss_v2": str(facts.family is ModelFamily.SD2),
         "ss_base_model_version": base_model_version(facts.family, facts.v_prediction),
-        **lora_modelspec(facts.family, facts.v_prediction, options.saving.output_name or DEFAULT_NAMES["last"]),
+        **_modelspec(options, facts),
     }
+
+
+def _modelspec(options: TrainingOptions, facts: RunFacts) -> dict[str, str]:
+    """The LoRA's ModelSpec with --metadata_* (title, else the output name), the training resolution, and, as
+    sd-scripts adds them, the timestep range and the CLIP skip."""
+    spec, given = options.modelspec, dataclasses.asdict(options.modelspec)
+    title = spec.title or options.saving.output_name or DEFAULT_NAMES["last"]
+    width, height = facts.resolution
+    keys = lora_modelspec(facts.family, facts.v_prediction, title, f"{width}x{height}")
+    keys |= {f"modelspec.{field}": value for field, value in given.items() if value is not None and field != "title"}
+    if spec.thumbnail:
+        keys["modelspec.thumbnail"] = _data_url(spec.thumbnail)
+    diffusion = options.diffusion
+    if diffusion.min_timestep is not None or diffusion.max_timestep is not None:
+        keys["modelspec.timestep_range"] = (
+            f"{diffusion.min_timestep or 0},{diffusion.max_timestep or NUM_TRAIN_TIMESTEPS}"
+        )
+    if options.model.clip_skip is not None:
+        keys["modelspec.encoder_layer"] = str(options.model.clip_skip)
+    return keys
+
+
+def _data_url(thumbnail: str) -> str:
+    """An image file as a data: URL, as sd-scripts stores --metadata_thumbnail; any other text as it is."""
+    path = Path(thumbnail)
+    if not path.is_file():
+        return thumbnail
+    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
 
 
 def training_metadata(options: TrainingOptions, plans: Sequence[DatasetPlan], facts: RunFacts) -> dict[str, str]:

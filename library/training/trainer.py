@@ -29,6 +29,7 @@ from library.training.state import Progress, read_train_state, resume_point, run
 from library.training.stop_request import StopRequest
 from library.training.summary import run_summary_lines
 from library.training.text_encoder_cache import check_captions_fixed
+from library.training.trackers import start_trackers
 from library.training.validation import validation_loss
 
 
@@ -79,8 +80,8 @@ def train(options: TrainingOptions, on_step: Callable[[int], None] | None = None
 
 def train_loop(run: Run) -> Path:
     accelerator, length = run.accelerator, run.length
-    if run.options.logging.logging_dir:
-        accelerator.init_trackers("network_train")
+    if run.options.logging.tracker:
+        start_trackers(run.accelerator, run.options)
     where = run.start
     display = LossDisplay(run, where.step)
     if run.samples and run.samples.at_first and where.step == 0:
@@ -249,7 +250,7 @@ def _average_gradients(network: torch.nn.Module) -> None:
 
 
 def _log(run: Run, values: dict[str, float], step: int) -> None:
-    if run.options.logging.logging_dir:
+    if run.options.logging.tracker:
         run.accelerator.log(values, step=step)
 
 
