@@ -87,3 +87,12 @@ def test_modelspec_options_and_timestep_range_reach_the_file(tiny_sd1, tiny_data
     assert (metadata["modelspec.license"], metadata["modelspec.tags"]) == ("CC-BY-4.0", "shape,red")
     assert metadata["modelspec.thumbnail"].startswith("data:image/png;base64,")
     assert metadata["modelspec.timestep_range"] == "100,1000" and metadata["modelspec.resolution"] == "64x64"
+
+
+def test_the_tracker_name_and_config_options_reach_tensorboard(tiny_sd1, tiny_dataset, tmp_path):
+    logs = tmp_path / "logs"
+    flags = ["--logging_dir", str(logs), "--log_tracker_name", "my_run", "--log_config", "--max_train_steps", "1"]
+    train(training_arguments(tiny_sd1, tiny_dataset, tmp_path / "out", *flags))
+    (run_folder,) = logs.iterdir()
+    assert (run_folder / "my_run").is_dir()
+    assert any(path.name.startswith("events.out") for path in (run_folder / "my_run").rglob("*"))
