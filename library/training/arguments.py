@@ -275,6 +275,13 @@ def _optimizer_arguments(group) -> None:
 def _network_arguments(group) -> None:
     group.add_argument("--network_module", required=True, help="networks.lora, or any module with the same API")
     group.add_argument("--network_weights", help="LoRA file to start from")
+    group.add_argument("--base_weights", nargs="*", help="LoRA files merged into the base model before training")
+    group.add_argument(
+        "--base_weights_multiplier",
+        type=float,
+        nargs="*",
+        help="the multiplier of each --base_weights file (default 1)",
+    )
     group.add_argument(
         "--dim_from_weights", action="store_true", help="take the ranks and alphas from --network_weights"
     )
@@ -337,9 +344,13 @@ def _saving_arguments(group) -> None:
     )
     group.add_argument("--resume", help="a state folder from --save_state: continue that run exactly where it stopped")
     group.add_argument(
+        "--initial_step", type=int, help="start counting at this optimizer step (names, logs, the LR schedule)"
+    )
+    group.add_argument("--initial_epoch", type=int, help="start at the beginning of this epoch (1-based)")
+    group.add_argument(
         "--skip_until_initial_step",
         action="store_true",
-        help="accepted for compatibility: a resumed run always continues with the next batch",
+        help="with --initial_step, also skip that epoch's batches before it (a --resume always continues exactly)",
     )
     group.add_argument("--no_metadata", action="store_true", help="write only the minimal metadata")
     group.add_argument("--training_comment", help="text stored in the file's metadata")

@@ -86,24 +86,6 @@ UNSUPPORTED_OPTIONS = (
         "value",
         default="inductor",
     ),
-    UnsupportedOption(
-        "base_weights",
-        f"{NOT_YET}; merge the LoRAs into the model first with networks/merge_lora.py",
-        "value",
-        nargs="*",
-    ),
-    UnsupportedOption(
-        "base_weights_multiplier",
-        f"{NOT_YET}; merge the LoRAs into the model first with networks/merge_lora.py",
-        "value",
-        nargs="*",
-    ),
-    UnsupportedOption(
-        "initial_epoch", f"{NOT_YET}; --resume a state saved with --save_state continues the count", "value"
-    ),
-    UnsupportedOption(
-        "initial_step", f"{NOT_YET}; --resume a state saved with --save_state continues the count", "value"
-    ),
     *(
         UnsupportedOption(name, f"{NOT_YET}; choose one of the --lr_scheduler names", "value", default, nargs)
         for name, default, nargs in (

@@ -65,6 +65,8 @@ class TextEncoderCaching:
 class NetworkOptions:
     network_module: str
     network_weights: str | None = None
+    base_weights: tuple[str, ...] = ()  # LoRAs merged into the base model first
+    base_weights_multiplier: tuple[float, ...] = ()  # one per base_weights file
     dim_from_weights: bool = False
     network_dim: int | None = None
     network_alpha: float = 1.0
@@ -113,6 +115,9 @@ class LengthOptions:
     max_train_epochs: int | None = None
     gradient_accumulation_steps: int = 1
     seed: int | None = None  # None: the resumed run's seed, or a random one
+    initial_step: int | None = None  # start the count here (--initial_step, or from --initial_epoch)
+    initial_epoch: int | None = None
+    skip_until_initial_step: bool = False
 
 
 @dataclass(frozen=True)
@@ -236,6 +241,11 @@ def training_options(args: argparse.Namespace, sdxl: bool = False) -> TrainingOp
         ddp_timeout=args.ddp_timeout,
         notes=tuple(notes),
     )
+    if options.saving.resume and (args.initial_step is not None or args.initial_epoch is not None):
+        raise UserError(
+            "--resume continues from the step its state saved; drop --initial_step / --initial_epoch (they start the "
+            "count of a run without a state)."
+        )
     if options.length.gradient_accumulation_steps < 1:
         raise UserError(
             f"--gradient_accumulation_steps is {options.length.gradient_accumulation_steps}; use 1 or more."
@@ -295,6 +305,15 @@ def _model_options(args: argparse.Namespace, sdxl: bool, notes: list[str]) -> Mo
 def _network_options(args: argparse.Namespace) -> NetworkOptions:
     if args.dim_from_weights and not args.network_weights:
         raise UserError("--dim_from_weights needs --network_weights FILE to take the ranks from.")
+    files, multipliers = args.base_weights or [], args.base_weights_multiplier or []
+    if multipliers and len(multipliers) != len(files):
+        raise UserError(
+            f"--base_weights_multiplier gives {len(multipliers)} value(s) for {len(files)} --base_weights file(s); "
+            "give one per file, in the same order (or none for 1.0 each)."
+        )
+    for file in files:
+        if not Path(file).is_file():
+            raise UserError(f"--base_weights {file}: no such file; give the LoRA files to merge into the base model.")
     return _fields_of(
         NetworkOptions,
         args,
@@ -302,6 +321,8 @@ def _network_options(args: argparse.Namespace) -> NetworkOptions:
         train_unet=not args.network_train_text_encoder_only,
         train_text_encoder=not args.network_train_unet_only,
         text_encoder_lr=tuple(args.text_encoder_lr or ()),
+        base_weights=tuple(files),
+        base_weights_multiplier=tuple(multipliers) or (1.0,) * len(files),
     )
 
 

@@ -10,6 +10,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from library.training.saving import RunFacts, Saver, base_model_metadata, traini
 from library.training.state import Progress, TrainState, load_state_folder
 from library.training.text_encoder_cache import cache_text_encoder_outputs
 from library.training.validation import Validation, validation_keys, validation_plans, validation_schedule
+from networks.lora import create_network_from_weights
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,7 @@ def prepare(
         project_dir=_log_run_folder(options),
     )
     _seed_everything(seed)
+    _merge_base_weights(options, family)
     held_out = validation_plans(plans)
     every_plan = plans + held_out
     latents = _cache_latents(options, family, every_plan, accelerator) if options.dataset.cache_latents else None
@@ -153,7 +156,7 @@ def prepare(
     attention = _set_attention(options, family)
     if options.model.gradient_checkpointing:
         _enable_gradient_checkpointing(family, options.network.train_text_encoder)
-    optimization = _optimization(options, network, accelerator, length)
+    optimization = _optimization(options, network, accelerator, length, start)
     if options.saving.resume:
         load_state_folder(options.saving.resume, accelerator, start)
 
@@ -248,7 +251,11 @@ def _caption_states(plans: list[DatasetPlan], train_text_encoder: bool) -> Capti
 
 
 def _optimization(
-    options: TrainingOptions, network: torch.nn.Module, accelerator: Accelerator, length: TrainingLength
+    options: TrainingOptions,
+    network: torch.nn.Module,
+    accelerator: Accelerator,
+    length: TrainingLength,
+    start: Progress,
 ) -> Optimization:
     network_options, optimizer_options = options.network, options.optimizer
     param_groups, lr_descriptions = network.prepare_optimizer_params(
@@ -277,10 +284,19 @@ def _optimization(
         optimizer_options.lr_scheduler_power,
         optimizer_options.learning_rate,
     )
+    if not options.saving.resume:  # a resumed run loads the schedule's state; --initial_step starts it at its step
+        _fast_forward(lr_scheduler, start.step * processes)
     network, optimizer, lr_scheduler = accelerator.prepare(network, optimizer, lr_scheduler)
     if options.model.full_fp16:
         _allow_fp16_gradients(accelerator)
     return Optimization(network, optimizer, lr_scheduler, lr_descriptions, description)
+
+
+def _fast_forward(lr_scheduler, steps: int) -> None:
+    with warnings.catch_warnings():  # torch warns about a schedule that steps before the optimizer does
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(steps):
+            lr_scheduler.step()
 
 
 def _allow_fp16_gradients(accelerator: Accelerator) -> None:
@@ -350,6 +366,18 @@ def _cache_text_encoder_outputs(
             + (f", {reused} reused from _te_outputs.npz files" if to_disk else "")
         )
     return states
+
+
+def _merge_base_weights(options: TrainingOptions, family: TrainingFamily) -> None:
+    """--base_weights: each LoRA's delta added into the base model's weights before anything else sees them (with
+    merge_lora.py's arithmetic), so that the new LoRA learns on top of them."""
+    network_options, model = options.network, family.model
+    text_encoder = family.network_text_encoder()
+    for file, multiplier in zip(network_options.base_weights, network_options.base_weights_multiplier):
+        merging, weights = create_network_from_weights(multiplier, file, model.vae, text_encoder, model.unet)
+        merging.merge_to(text_encoder, model.unet, weights)
+        modules = len(merging.text_encoder_loras) + len(merging.unet_loras)
+        print(f"merged {file} into the base model at multiplier {multiplier:g} ({modules} modules)")
 
 
 def _make_network(options: TrainingOptions, family: TrainingFamily) -> torch.nn.Module:

@@ -169,6 +169,29 @@ def resume_point(
     return Progress(resumed.epoch, resumed.step, resumed.batches_done)
 
 
+def initial_point(
+    initial_step: int | None,
+    initial_epoch: int | None,
+    skip: bool,
+    max_train_steps: int,
+    steps_per_epoch: int,
+    accumulation: int,
+) -> Progress:
+    """Where --initial_step (or the start of --initial_epoch) puts a run without a state: the step count starts there
+    (names, logs, the learning-rate schedule), in the epoch that step falls in, from that epoch's first batch, or
+    with --skip_until_initial_step from the batch the step would have reached."""
+    step = initial_step if initial_step is not None else (initial_epoch - 1) * steps_per_epoch
+    flag = "--initial_step" if initial_step is not None else "--initial_epoch"
+    if step < 0 or (initial_step is None and initial_epoch < 1):
+        raise UserError(f"{flag} must be 0 or more (--initial_epoch 1 or more).")
+    if step >= max_train_steps:
+        raise UserError(
+            f"{flag} starts at step {step}, but --max_train_steps is {max_train_steps}; raise --max_train_steps."
+        )
+    within = step % steps_per_epoch
+    return Progress(step // steps_per_epoch + 1, step, within * accumulation if skip else 0)
+
+
 def load_state_folder(folder: str, accelerator, start: Progress) -> None:
     """Load the state folder into the prepared network, optimizer, scheduler and RNGs."""
     try:

@@ -25,7 +25,7 @@ from library.training.memory import out_of_memory_advice
 from library.training.options import TrainingOptions
 from library.training.preparation import Run, prepare, processes_on_cpus, training_length
 from library.training.samples import draw_samples, sample_schedule
-from library.training.state import Progress, read_train_state, resume_point, run_fingerprint
+from library.training.state import Progress, initial_point, read_train_state, resume_point, run_fingerprint
 from library.training.stop_request import StopRequest
 from library.training.summary import run_summary_lines
 from library.training.text_encoder_cache import check_captions_fixed
@@ -50,6 +50,17 @@ def train(options: TrainingOptions, on_step: Callable[[int], None] | None = None
     length = training_length(options, plans, num_processes)
     fingerprint = run_fingerprint(options, plans, num_processes)
     start = Progress(1, 0, 0)
+    lengths = options.length
+    if lengths.initial_step is not None or lengths.initial_epoch is not None:
+        steps_per_epoch = math.ceil(length.batches_per_epoch / lengths.gradient_accumulation_steps)
+        start = initial_point(
+            lengths.initial_step,
+            lengths.initial_epoch,
+            lengths.skip_until_initial_step,
+            length.max_train_steps,
+            steps_per_epoch,
+            lengths.gradient_accumulation_steps,
+        )
     if resumed:
         start = resume_point(
             options.saving.resume, resumed, fingerprint, length.max_train_steps, length.batches_per_epoch
