@@ -11,6 +11,7 @@ import torch
 from library.errors import UserError
 from library.training import diffusion
 from library.training.optimizers import (
+    ScheduleSettings,
     make_lr_scheduler,
     make_optimizer,
     optimizer_name,
@@ -122,35 +123,67 @@ def test_adafactor_is_transformers_with_sd_scripts_relative_step_handling():
     assert (
         "lr" not in optimizer.param_groups[0] or optimizer.param_groups[0]["lr"] is None
     )  # Adafactor finds its own step size
-    assert isinstance(make_lr_scheduler("cosine", optimizer, 0, 100, 1, 1.0, initial_lr=0.1), AdafactorSchedule)
+    assert isinstance(
+        make_lr_scheduler(ScheduleSettings("cosine"), optimizer, 100, 1, initial_lr=0.1), AdafactorSchedule
+    )
     fixed, _ = make_optimizer(
         "Adafactor", {"relative_step": False, "scale_parameter": False}, [{"params": [parameter], "lr": 0.1}], 0.1
     )
     assert fixed.param_groups[0]["lr"] == 0.1
-    assert not isinstance(make_lr_scheduler("constant", fixed, 0, 100, 1, 1.0), AdafactorSchedule)
+    assert not isinstance(make_lr_scheduler(ScheduleSettings("constant"), fixed, 100, 1, 0.1), AdafactorSchedule)
+
+
+def schedule_rates(name, warmup=0, total=100, **settings):
+    """The learning rate at each of `total` steps of a schedule of a base rate of 1."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = make_lr_scheduler(ScheduleSettings(name, str(warmup), **settings), optimizer, total, 1, 1.0)
+    values = []
+    for _ in range(total):
+        values.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    return values
 
 
 def test_schedules_follow_their_formulas():
-    def rates(name, warmup, total=100, **options):
-        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        scheduler = make_lr_scheduler(
-            name, optimizer, warmup, total, options.get("cycles", 1), options.get("power", 1.0)
-        )
-        values = []
-        for _ in range(total):
-            values.append(scheduler.get_last_lr()[0])
-            optimizer.step()
-            scheduler.step()
-        return values
-
-    assert rates("constant", 0) == [1.0] * 100
-    assert rates("constant_with_warmup", 10)[:11] == pytest.approx([step / 10 for step in range(11)])
-    assert rates("linear", 0)[50] == pytest.approx(0.5)
-    assert rates("cosine", 0)[50] == pytest.approx(0.5) and rates("cosine", 0)[25] == pytest.approx(
-        0.5 * (1 + math.cos(math.pi * 0.25))
-    )
+    assert schedule_rates("constant") == [1.0] * 100
+    assert schedule_rates("constant_with_warmup", 10)[:11] == pytest.approx([step / 10 for step in range(11)])
+    assert schedule_rates("linear")[50] == pytest.approx(0.5)
+    cosine = schedule_rates("cosine")
+    assert cosine[50] == pytest.approx(0.5) and cosine[25] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))
     with pytest.raises(UserError, match="constant has no warmup"):
-        rates("constant", 10)
+        schedule_rates("constant", 10)
+
+
+def test_sd_scripts_newer_schedules_follow_their_formulas():
+    # inverse_sqrt: 1 / sqrt((step + shift) / timescale) after the warmup, with shift = timescale - warmup
+    inverse = schedule_rates("inverse_sqrt", 10)
+    assert inverse[10] == pytest.approx(1.0) and inverse[40] == pytest.approx(1 / math.sqrt(40 / 10))
+    # cosine_with_min_lr: half a cosine from 1 down to the ratio
+    floor = schedule_rates("cosine_with_min_lr", lr_scheduler_min_lr_ratio=0.2)
+    assert floor[0] == pytest.approx(1.0) and floor[50] == pytest.approx(0.2 + 0.8 * 0.5) and min(floor) >= 0.2
+    # warmup_stable_decay: warm up 10 from the ratio, stay at 1, decay over the last 20 steps to the ratio
+    wsd = schedule_rates("warmup_stable_decay", 10, lr_decay_steps="20", lr_scheduler_min_lr_ratio=0.1)
+    assert wsd[5] == pytest.approx(0.1 + 0.9 * 0.5) and wsd[10:80] == pytest.approx([1.0] * 70) and wsd[99] < 0.2
+    # piecewise_constant: multiplier 1 until step 10, then 0.1
+    pieces = schedule_rates("piecewise_constant", lr_scheduler_args={"step_rules": "1:10,0.1"})
+    assert pieces[9] == 1.0 and pieces[10:] == pytest.approx([0.1] * 90)
+    # a torch.optim.lr_scheduler class with its arguments
+    steps = schedule_rates("constant", lr_scheduler_type="StepLR", lr_scheduler_args={"step_size": 30, "gamma": 0.5})
+    assert (steps[29], steps[30], steps[60]) == pytest.approx((1.0, 0.5, 0.25))
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (ScheduleSettings("cosine_annealing"), "--lr_scheduler cosine_annealing: use one of constant"),
+        (ScheduleSettings("piecewise_constant"), 'give them with --lr_scheduler_args "step_rules=1:10,0.1"'),
+        (ScheduleSettings("adafactor:fast"), "the part after the colon is the initial learning rate"),
+    ],
+)
+def test_schedule_mistakes_are_one_sentence(settings, message):
+    with pytest.raises(UserError, match=message):
+        settings.check()
 
 
 def test_file_names_are_sd_scripts_names():

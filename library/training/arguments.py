@@ -265,7 +265,26 @@ def _optimizer_arguments(group) -> None:
         help="learning rate (default 2e-6, as sd-scripts; LoRA usually 1e-4)",
     )
     group.add_argument(
-        "--lr_scheduler", choices=SCHEDULERS, default="constant", help="learning-rate schedule (default constant)"
+        "--lr_scheduler", default="constant", help=f"learning-rate schedule (default constant): {', '.join(SCHEDULERS)}"
+    )
+    group.add_argument(
+        "--lr_scheduler_type",
+        default="",
+        help="a scheduler class instead: a torch.optim.lr_scheduler name or module.Class",
+    )
+    group.add_argument(
+        "--lr_scheduler_args", nargs="*", help="the schedule's arguments as key=value, e.g. step_rules=1:10,0.1"
+    )
+    group.add_argument(
+        "--lr_decay_steps", default="0", help="warmup_stable_decay's decay steps: a count, a fraction below 1, or N%%"
+    )
+    group.add_argument(
+        "--lr_scheduler_min_lr_ratio",
+        type=float,
+        help="cosine_with_min_lr / warmup_stable_decay: the lowest rate, as a fraction of the first",
+    )
+    group.add_argument(
+        "--lr_scheduler_timescale", type=int, help="inverse_sqrt's timescale (default: the warmup steps)"
     )
     group.add_argument("--lr_warmup_steps", default="0", help="warmup steps: a count, a fraction below 1, or N%%")
     group.add_argument("--lr_scheduler_num_cycles", type=int, default=1, help="restarts of cosine_with_restarts")

@@ -5,17 +5,30 @@ from __future__ import annotations
 
 import ast
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers.optimization import get_scheduler
+from diffusers.optimization import get_piecewise_constant_schedule, get_scheduler
 
 from library.errors import UserError
 
 ADAPTIVE_OPTIMIZERS = ("dadaptation", "dadaptadam", "dadaptadagrad", "dadaptadan", "dadaptlion", "dadaptsgd", "prodigy")
 CUDA_ONLY_OPTIMIZERS = ("adamw8bit", "pagedadamw8bit", "pagedadamw", "pagedadamw32bit", "lion8bit", "pagedlion8bit")
-SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+SCHEDULERS = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "inverse_sqrt",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+    "piecewise_constant",
+    "adafactor",
+)
 
 
 def parse_key_values(pairs: list[str] | None, option: str) -> dict[str, Any]:
@@ -168,8 +181,9 @@ def warns_about_learning_rate(name: str, param_groups: list[dict]) -> list[str]:
     return notes
 
 
-def warmup_steps(value: str | int | float | None, total_steps: int) -> int:
-    """`--lr_warmup_steps`: a whole step count, a fraction below 1 of the total steps (0.1), or a percentage (10%)."""
+def warmup_steps(value: str | int | float | None, total_steps: int, option: str = "--lr_warmup_steps") -> int:
+    """`--lr_warmup_steps` (and `--lr_decay_steps`): a whole step count, a fraction below 1 of the total steps (0.1),
+    or a percentage (10%)."""
     text = "0" if value is None else str(value).strip()
     try:
         if text.endswith("%"):
@@ -182,30 +196,119 @@ def warmup_steps(value: str | int | float | None, total_steps: int) -> int:
         return int(text)
     except ValueError:
         raise UserError(
-            f"--lr_warmup_steps {value}: use a whole step count, a fraction below 1 (0.1) or a percentage (10%)."
+            f"{option} {value}: use a whole step count, a fraction below 1 (0.1) or a percentage (10%)."
+        ) from None
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    """The learning-rate schedule's options, named as the flags (specs/training.md 6.3)."""
+
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: str = "0"
+    lr_scheduler_num_cycles: int = 1
+    lr_scheduler_power: float = 1.0
+    lr_scheduler_type: str = ""  # a scheduler class (torch.optim.lr_scheduler.X or module.Class) instead
+    lr_scheduler_args: Mapping[str, Any] = field(default_factory=dict)
+    lr_decay_steps: str = "0"  # warmup_stable_decay's decay, as a count, fraction or percentage
+    lr_scheduler_min_lr_ratio: float | None = None
+    lr_scheduler_timescale: int | None = None
+
+    def check(self) -> None:
+        """What can be told from the options alone, before anything loads."""
+        name, _, rate = self.lr_scheduler.partition(":")
+        if name not in SCHEDULERS:
+            raise UserError(f"--lr_scheduler {self.lr_scheduler}: use one of {', '.join(SCHEDULERS)}.")
+        if rate and name == "adafactor":
+            parse_rate(rate)
+        if self.lr_scheduler_type:
+            _scheduler_class(self.lr_scheduler_type)
+        if name == "piecewise_constant" and "step_rules" not in self.lr_scheduler_args:
+            raise UserError(
+                "--lr_scheduler piecewise_constant follows rules; give them with --lr_scheduler_args "
+                '"step_rules=1:10,0.1" (multiplier 1 until step 10, then 0.1).'
+            )
+
+
+def parse_rate(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(
+            f"--lr_scheduler adafactor:{text}: the part after the colon is the initial learning rate, a number."
         ) from None
 
 
 def make_lr_scheduler(
-    name: str,
+    settings: ScheduleSettings,
     optimizer: torch.optim.Optimizer,
-    warmup: int,
-    total_steps: int,
-    num_cycles: int,
-    power: float,
-    initial_lr: float = 0.0,
+    max_train_steps: int,
+    processes: int,
+    initial_lr: float,
 ):
-    """The schedule; Adafactor with relative_step gets transformers' AdafactorSchedule whatever `name` says, as in
-    sd-scripts (it only reports the step size Adafactor chose, starting from `initial_lr`)."""
+    """The schedule. accelerate steps a prepared scheduler once per process at every optimizer step, so its lengths
+    count processes. Adafactor with relative_step gets transformers' AdafactorSchedule whatever the name says, as in
+    sd-scripts (it only reports the step size Adafactor chose, starting from `initial_lr` or adafactor:LR)."""
+    name, _, rate = settings.lr_scheduler.partition(":")
     if uses_relative_step(optimizer):
-        return _import("transformers.optimization", "transformers").AdafactorSchedule(optimizer, initial_lr=initial_lr)
-    if name not in SCHEDULERS:
-        raise UserError(f"--lr_scheduler {name}: use one of {', '.join(SCHEDULERS)}.")
+        schedule = _import("transformers.optimization", "transformers").AdafactorSchedule
+        return schedule(optimizer, initial_lr=parse_rate(rate) if rate else initial_lr)
+    if name == "adafactor":
+        raise UserError(
+            "--lr_scheduler adafactor reports Adafactor's own step sizes; it needs --optimizer_type AdaFactor (with "
+            "relative_step)."
+        )
+    warmup = warmup_steps(settings.lr_warmup_steps, max_train_steps) * processes
+    decay = warmup_steps(settings.lr_decay_steps, max_train_steps, "--lr_decay_steps") * processes
+    total, args = max_train_steps * processes, dict(settings.lr_scheduler_args)
+    if settings.lr_scheduler_type:
+        if warmup:
+            raise UserError(f"--lr_scheduler_type {settings.lr_scheduler_type} has no warmup; drop --lr_warmup_steps.")
+        return _scheduler_class(settings.lr_scheduler_type)(optimizer, **args)
     if name == "constant" and warmup:
         raise UserError(
             f"--lr_scheduler constant has no warmup, but --lr_warmup_steps gives {warmup}; use constant_with_warmup "
             "or drop the warmup."
         )
+    transformers_schedules = _import("transformers.optimization", "transformers")
+    cycles, min_ratio = settings.lr_scheduler_num_cycles, settings.lr_scheduler_min_lr_ratio or 0.0
+    if name == "inverse_sqrt":
+        timescale = settings.lr_scheduler_timescale or warmup or None
+        return transformers_schedules.get_inverse_sqrt_schedule(optimizer, warmup, timescale=timescale, **args)
+    if name == "cosine_with_min_lr":
+        return transformers_schedules.get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, warmup, total, num_cycles=cycles / 2, min_lr_rate=min_ratio, **args
+        )
+    if name == "warmup_stable_decay":
+        return transformers_schedules.get_wsd_schedule(
+            optimizer, warmup, decay, total, min_lr_ratio=min_ratio, num_cycles=cycles / 2, **args
+        )
+    if name == "piecewise_constant":
+        return get_piecewise_constant_schedule(optimizer, **args)
     return get_scheduler(
-        name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps, num_cycles=num_cycles, power=power
+        name,
+        optimizer,
+        num_warmup_steps=warmup,
+        num_training_steps=total,
+        num_cycles=cycles,
+        power=settings.lr_scheduler_power,
     )
+
+
+def _scheduler_class(name: str) -> Callable:
+    """`X` from torch.optim.lr_scheduler, or `module.Class`."""
+    if "." not in name:
+        if hasattr(torch.optim.lr_scheduler, name):
+            return getattr(torch.optim.lr_scheduler, name)
+        raise UserError(
+            f"--lr_scheduler_type {name}: no such class in torch.optim.lr_scheduler; give one of its names or "
+            "module.ClassName."
+        )
+    module, _, cls = name.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError):
+        raise UserError(
+            f"--lr_scheduler_type {name}: cannot import {cls} from {module}; check the name, or pip install the "
+            "package."
+        ) from None

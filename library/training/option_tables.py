@@ -86,14 +86,4 @@ UNSUPPORTED_OPTIONS = (
         "value",
         default="inductor",
     ),
-    *(
-        UnsupportedOption(name, f"{NOT_YET}; choose one of the --lr_scheduler names", "value", default, nargs)
-        for name, default, nargs in (
-            ("lr_scheduler_type", "", None),
-            ("lr_scheduler_args", None, "*"),
-            ("lr_decay_steps", 0, None),
-            ("lr_scheduler_min_lr_ratio", None, None),
-            ("lr_scheduler_timescale", None, None),
-        )
-    ),
 )

@@ -19,7 +19,7 @@ from library.dataset.arguments import DatasetOptions, dataset_options
 from library.errors import UserError
 from library.sampling.samplers import DEFAULT_SAMPLER
 from library.training.diffusion import THRESHOLD_LOSS_TYPES, LossSettings, NoiseSettings
-from library.training.optimizers import CUDA_ONLY_OPTIMIZERS, optimizer_name, parse_key_values
+from library.training.optimizers import CUDA_ONLY_OPTIMIZERS, ScheduleSettings, optimizer_name, parse_key_values
 from library.training.option_tables import MODELSPEC_FIELDS, UNSUPPORTED_OPTIONS
 
 
@@ -91,10 +91,7 @@ class OptimizerOptions:
     name: str  # resolved from --optimizer_type and the old --use_8bit_adam / --use_lion_optimizer
     optimizer_args: dict
     learning_rate: float = 2e-6
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: str = "0"
-    lr_scheduler_num_cycles: int = 1
-    lr_scheduler_power: float = 1.0
+    schedule: ScheduleSettings = ScheduleSettings()
     max_grad_norm: float = 1.0
 
 
@@ -331,9 +328,12 @@ def _optimizer_options(args: argparse.Namespace, notes: list[str]) -> OptimizerO
     if not torch.cuda.is_available() and name.lower() in CUDA_ONLY_OPTIMIZERS:
         notes.append(f"--optimizer_type {name} needs bitsandbytes on a CUDA GPU; using AdamW on the CPU.")
         name = "AdamW"
-    return _fields_of(
-        OptimizerOptions, args, name=name, optimizer_args=parse_key_values(args.optimizer_args, "--optimizer_args")
+    schedule = _fields_of(
+        ScheduleSettings, args, lr_scheduler_args=parse_key_values(args.lr_scheduler_args, "--lr_scheduler_args")
     )
+    schedule.check()
+    optimizer_args = parse_key_values(args.optimizer_args, "--optimizer_args")
+    return _fields_of(OptimizerOptions, args, name=name, optimizer_args=optimizer_args, schedule=schedule)
 
 
 def _diffusion_options(args: argparse.Namespace, notes: list[str]) -> DiffusionOptions:

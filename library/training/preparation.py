@@ -32,7 +32,7 @@ from library.text_encoding import CaptionStates
 from library.training import diffusion
 from library.training.families import TrainingFamily
 from library.training.fp8 import store_weights_in_fp8
-from library.training.optimizers import make_lr_scheduler, make_optimizer, warmup_steps, warns_about_learning_rate
+from library.training.optimizers import make_lr_scheduler, make_optimizer, warns_about_learning_rate
 from library.training.options import TrainingOptions
 from library.training.samples import SampleSchedule
 from library.training.saving import RunFacts, Saver, base_model_metadata, training_metadata
@@ -272,17 +272,9 @@ def _optimization(
     optimizer, description = make_optimizer(
         optimizer_options.name, optimizer_options.optimizer_args, param_groups, optimizer_options.learning_rate
     )
-    # accelerate steps a prepared scheduler once per process at every optimizer step, so its length counts processes
     processes = accelerator.num_processes
-    warmup = warmup_steps(optimizer_options.lr_warmup_steps, length.max_train_steps) * processes
     lr_scheduler = make_lr_scheduler(
-        optimizer_options.lr_scheduler,
-        optimizer,
-        warmup,
-        length.max_train_steps * processes,
-        optimizer_options.lr_scheduler_num_cycles,
-        optimizer_options.lr_scheduler_power,
-        optimizer_options.learning_rate,
+        optimizer_options.schedule, optimizer, length.max_train_steps, processes, optimizer_options.learning_rate
     )
     if not options.saving.resume:  # a resumed run loads the schedule's state; --initial_step starts it at its step
         _fast_forward(lr_scheduler, start.step * processes)

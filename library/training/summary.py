@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from library.lora.factors import lora_scale
 from library.training.memory import MemoryEstimate, estimate_peak_memory
-from library.training.optimizers import uses_relative_step
+from library.training.optimizers import ScheduleSettings, uses_relative_step
 from library.training.preparation import Run
 from library.training.validation import validation_timesteps
 
@@ -32,7 +32,7 @@ def run_summary_lines(run: Run) -> list[str]:
         + (
             "step size chosen by Adafactor (relative_step), schedule adafactor"
             if uses_relative_step(optimizer.optimizer)
-            else f"learning rates per group {', '.join(rates)}, schedule {options.optimizer.lr_scheduler}"
+            else f"learning rates per group {', '.join(rates)}, schedule {_schedule_name(options.optimizer.schedule)}"
         ),
         f"precision: {options.model.mixed_precision} on {run.accelerator.device}, attention: {run.attention}"
         f"{', gradient checkpointing' if options.model.gradient_checkpointing else ''}",
@@ -84,3 +84,7 @@ def _text_encoder_use(run: Run) -> str:
         "frozen, but captions change from use to use (shuffle, tag dropout, wildcards or token warmup), "
         "so encoded at every step"
     )
+
+
+def _schedule_name(schedule: ScheduleSettings) -> str:
+    return schedule.lr_scheduler_type or schedule.lr_scheduler
