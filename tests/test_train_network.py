@@ -320,3 +320,16 @@ def test_nan_latents_name_the_images_and_the_fix(tiny_sd1, tiny_dataset, tmp_pat
     ):
         train(training_arguments(tiny_sd1, tiny_dataset, tmp_path, "--max_train_steps", "1"))
     assert not list(tmp_path.glob("*.safetensors"))
+
+
+def test_scale_weight_norms_logs_what_it_scaled(tiny_sd1, tiny_dataset, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    flags = ["--max_train_steps", "2", "--learning_rate", "1e-1", "--scale_weight_norms", "1e-4"]
+    train(training_arguments(tiny_sd1, tiny_dataset, tmp_path / "out", *flags, "--logging_dir", str(tmp_path / "logs")))
+    (run_folder,) = (tmp_path / "logs").iterdir()
+    events = EventAccumulator(str(run_folder / "network_train"))
+    events.Reload()
+    scalars = {tag: [event.value for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    assert scalars["max_norm/keys_scaled"][-1] > 0  # a cap of 1e-4 scales the modules that learned anything
+    assert scalars["max_norm/max_key_norm"][-1] <= 1e-4 * 1.0001 and scalars["norm/avg_key_norm"][-1] <= 1e-4 * 1.0001

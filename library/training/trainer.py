@@ -136,13 +136,16 @@ class LossDisplay:
     def average(self) -> float:
         return sum(self.recent) / len(self.recent)
 
-    def stepped(self, losses: list[float], step: int) -> None:
+    def stepped(self, losses: list[float], step: int, reported: dict[str, float]) -> None:
         self.bar.update(1)
+        if "max_norm/keys_scaled" in reported:
+            self._show(keys_scaled=reported["max_norm/keys_scaled"], avr_key_norm=reported["norm/avg_key_norm"])
         if not losses:
             return
         self.recent.append(sum(losses) / len(losses))
         self._show(avr_loss=self.average)
-        _log(self.run, {"loss/current": self.recent[-1], "loss/average": self.average, **_rates(self.run)}, step)
+        logs = {"loss/current": self.recent[-1], "loss/average": self.average, **_rates(self.run), **reported}
+        _log(self.run, logs, step)
 
     def validated(self, loss: float, kind: str, at: int) -> None:
         """A validation loss after a step (`kind` "step") or an epoch ("epoch"), logged at that step or epoch with
@@ -174,9 +177,9 @@ def _train_epoch(run: Run, where: Progress, display: LossDisplay, stop: StopRequ
             group_losses.append(_micro_step(run, batch, where.step + 1))
         if not is_sync:
             continue
-        _optimizer_step(run)
+        reported = _optimizer_step(run)
         where = Progress(where.epoch, where.step + 1, position + 1)
-        display.stepped(group_losses, where.step)
+        display.stepped(group_losses, where.step, reported)
         epoch_losses.extend(group_losses)
         if run.validation and run.validation.schedule.after_step(where.step):
             display.validated(validation_loss(run), "step", where.step)
@@ -235,7 +238,9 @@ def _micro_step(run: Run, batch: dict, step: int) -> float:
     return value
 
 
-def _optimizer_step(run: Run) -> None:
+def _optimizer_step(run: Run) -> dict[str, float]:
+    """One optimizer step; returns what it has to report (with --scale_weight_norms, how many modules it scaled and
+    the modules' norms, under sd-scripts' log keys)."""
     optimization, accelerator = run.optimization, run.accelerator
     if accelerator.num_processes > 1:
         _average_gradients(run.network)
@@ -244,8 +249,16 @@ def _optimizer_step(run: Run) -> None:
     optimization.optimizer.step()
     optimization.lr_scheduler.step()
     optimization.optimizer.zero_grad(set_to_none=True)
-    if run.options.network.scale_weight_norms:
-        run.network.apply_max_norm_regularization(run.options.network.scale_weight_norms, accelerator.device)
+    if not run.options.network.scale_weight_norms:
+        return {}
+    scaled, mean_norm, max_norm = run.network.apply_max_norm_regularization(
+        run.options.network.scale_weight_norms, accelerator.device
+    )
+    return {
+        "max_norm/keys_scaled": scaled.item(),
+        "norm/avg_key_norm": mean_norm.item(),
+        "max_norm/max_key_norm": max_norm.item(),
+    }
 
 
 def _average_gradients(network: torch.nn.Module) -> None:
