@@ -33,11 +33,20 @@ def tokenize(tokenizer: CLIPTokenizer, captions: Sequence[str], max_token_length
     ids = tokenizer(
         list(captions), padding="max_length", truncation=True, max_length=total, return_tensors="pt"
     ).input_ids
-    if total == WINDOW:
+    return split_windows(ids, tokenizer)
+
+
+def split_windows(ids: torch.Tensor, tokenizer: CLIPTokenizer | None = None) -> torch.Tensor:
+    """A caption's T values (B, T) -> windows (B, n, 77): window k is the first value, values 1 + 75k to 75 + 75k, and
+    the last value. With a tokenizer the values are token ids and each window ends properly (see below); without
+    one they are per-token values such as caption weights."""
+    if ids.shape[1] == WINDOW:
         return ids.unsqueeze(1)
     bos, last = ids[:, :1], ids[:, -1:]
     contents = ids[:, 1:-1].split(CONTENT, dim=1)
     windows = torch.stack([torch.cat([bos, content, last], dim=1) for content in contents], dim=1)
+    if tokenizer is None:
+        return windows
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     if pad != eos:
         # SD2 pads with "!": a window cut inside the text must still end with EOS, and an empty window
@@ -65,12 +74,16 @@ def encode_windows(states: Callable[[torch.Tensor], torch.Tensor], input_ids: to
     windows stitched into one sequence (B, 75n + 2, D)."""
     batch, windows, _ = input_ids.shape
     encoded = states(input_ids.reshape(batch * windows, WINDOW))
-    encoded = encoded.reshape(batch, windows * WINDOW, encoded.shape[-1])
-    if windows == 1:
-        return encoded
-    # BOS state of the first window, the 75 content states of every window, the end state of the last window.
-    content = [encoded[:, k * WINDOW + 1 : k * WINDOW + 1 + CONTENT] for k in range(windows)]
-    return torch.cat([encoded[:, :1], *content, encoded[:, -1:]], dim=1)
+    return stitch_windows(encoded.reshape(batch, windows, WINDOW, encoded.shape[-1]))
+
+
+def stitch_windows(windows: torch.Tensor) -> torch.Tensor:
+    """(B, n, 77, ...) -> (B, 75n + 2, ...): the first window's first value, the 75 content values of every window,
+    and the last window's last value."""
+    if windows.shape[1] == 1:
+        return windows[:, 0]
+    content = windows[:, :, 1 : 1 + CONTENT].flatten(1, 2)
+    return torch.cat([windows[:, 0, :1], content, windows[:, -1, -1:]], dim=1)
 
 
 def _final_layer_norm(text_encoder: torch.nn.Module) -> torch.nn.Module:

@@ -66,6 +66,11 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
             _add_config_key_option(group, key.cli, key.kind, key.default)
     group.add_argument("--caption_extention", help=argparse.SUPPRESS)  # sd-scripts' misspelled alias
     group.add_argument(
+        "--weighted_captions",
+        action="store_true",
+        help="read (word:1.2), (word) and [word] in captions as token weights",
+    )
+    group.add_argument(
         "--skip_bad_images",
         action="store_true",
         help="leave out images that cannot be read, with a note, instead of stopping",
@@ -160,6 +165,7 @@ class DatasetOptions:
     vae_batch_size: int = 1
     max_data_loader_n_workers: int | None = None
     persistent_data_loader_workers: bool = False
+    weighted_captions: bool = False
     bucket_step_divisor: int = STEP_DIVISOR  # bucket_reso_steps must be a multiple of it: 64, or 32 for SDXL
 
 
@@ -206,6 +212,7 @@ DATASET_FLAGS = (
     "max_token_length",
     "prior_loss_weight",
     "debug_dataset",
+    "weighted_captions",
     "cache_latents_to_disk",
     "vae_batch_size",
     "max_data_loader_n_workers",

@@ -28,6 +28,7 @@ from library.dataset.latent_cache import CachedLatents
 from library.dataset.plan import DatasetPlan, Sample
 from library.errors import UserError
 from library.text_encoding import tokenize
+from library.weighted_captions import tokenize_weighted
 
 logger = logging.getLogger(__name__)
 DEFAULT_WORKERS = 8  # sd-scripts' --max_data_loader_n_workers
@@ -58,6 +59,7 @@ class BatchSettings:
     prior_loss_weight: float = DEFAULT_PRIOR_LOSS_WEIGHT
     max_train_steps: int = 1  # for token_warmup_step given as a fraction of the run
     skip_bad_images: bool = False
+    weighted_captions: bool = False  # --weighted_captions: (word:1.2) emphasis in captions
 
 
 class EpochBatches(torch.utils.data.Sampler):
@@ -215,18 +217,27 @@ class TrainingBatches(torch.utils.data.Dataset):
             return None
         return loaded.pixels, loaded.alpha_mask, loaded.flipped, loaded.crop_top_left
 
+    def _tokens(self, captions: list[str]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Each tokenizer's ids (B, n, 77), and with --weighted_captions the tokens' weights (the same positions for
+        both of SDXL's tokenizers, which share their vocabulary), else None."""
+        length = self.settings.max_token_length
+        if not self.settings.weighted_captions:
+            return [tokenize(tokenizer, captions, length) for tokenizer in self.tokenizers], None
+        weighted = [tokenize_weighted(tokenizer, captions, length) for tokenizer in self.tokenizers]
+        return [ids for ids, _ in weighted], weighted[0][1]
+
     def _collate(self, items: list[dict], plan: DatasetPlan, key: BatchKey) -> dict:
         stacked = torch.stack([item["tensor"] for item in items])
         captions = [item["caption"] for item in items]
+        token_ids, token_weights = self._tokens(captions)
         return {
             "latents": stacked if self.latents is not None else None,
             "images": stacked if self.latents is None else None,
             "captions": captions,
             "image_paths": [item["image_path"] for item in items],
-            "input_ids": tokenize(self.tokenizers[0], captions, self.settings.max_token_length),
-            "input_ids2": tokenize(self.tokenizers[1], captions, self.settings.max_token_length)
-            if len(self.tokenizers) > 1
-            else None,
+            "input_ids": token_ids[0],
+            "input_ids2": token_ids[1] if len(token_ids) > 1 else None,
+            "input_weights": token_weights,
             "loss_weights": torch.tensor([item["loss_weight"] for item in items], dtype=torch.float32),
             "alpha_masks": _alpha_masks(items),
             "network_multipliers": torch.full((len(items),), float(plan.config.network_multiplier)),

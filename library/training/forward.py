@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from library.text_encoding import stitch_windows
 from library.training import diffusion
 
 if TYPE_CHECKING:  # a run is prepared before any batch runs
@@ -35,6 +36,9 @@ def batch_loss(
             text = run.batches.caption_states.encode(family.encode_text, token_ids)
         else:
             text = family.encode_text(token_ids)
+        if batch.get("input_weights") is not None:  # --weighted_captions: the context's token states, weighted
+            weights = stitch_windows(batch["input_weights"]).to(device, text[0].dtype)
+            text = (text[0] * weights[..., None], *text[1:])
     settings = options.diffusion
     noise = diffusion.make_noise(latents, settings.noise, generator)
     if timesteps is None:

@@ -78,7 +78,6 @@ UNSUPPORTED_OPTIONS = (
         "mask datasets are not implemented yet; an image's alpha channel with alpha_mask = true masks the loss",
         "value",
     ),
-    UnsupportedOption("weighted_captions", f"{NOT_YET}; write captions without (word:1.2) weights"),
     UnsupportedOption("torch_compile", f"{NOT_YET}; leave it out"),
     UnsupportedOption(
         "dynamo_backend",

@@ -424,6 +424,11 @@ def _text_encoder_caching(args: argparse.Namespace) -> TextEncoderCaching:
     caching = TextEncoderCaching(
         in_memory=to_disk or bool(getattr(args, "cache_text_encoder_outputs", False)), to_disk=to_disk
     )
+    if caching.in_memory and args.weighted_captions:
+        raise UserError(
+            "--cache_text_encoder_outputs keeps the text encoders' outputs of plain captions; it cannot be combined "
+            "with --weighted_captions, so drop one of them."
+        )
     if caching.in_memory and not args.network_train_unet_only:
         flag = "--cache_text_encoder_outputs_to_disk" if to_disk else "--cache_text_encoder_outputs"
         raise UserError(

@@ -162,7 +162,12 @@ def prepare(
 
     dataset = options.dataset
     settings = BatchSettings(
-        seed, dataset.max_token_length, dataset.prior_loss_weight, length.max_train_steps, dataset.skip_bad_images
+        seed,
+        dataset.max_token_length,
+        dataset.prior_loss_weight,
+        length.max_train_steps,
+        dataset.skip_bad_images,
+        dataset.weighted_captions,
     )
     batches = _batches(options, family, plans, settings, accelerator, latents, caption_states)
     validation = _validation(options, held_out, settings, family, accelerator, latents)

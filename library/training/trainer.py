@@ -31,6 +31,7 @@ from library.training.summary import run_summary_lines
 from library.training.text_encoder_cache import check_captions_fixed
 from library.training.trackers import start_trackers
 from library.training.validation import validation_loss
+from library.weighted_captions import check_weighted_caption
 
 
 def train(options: TrainingOptions, on_step: Callable[[int], None] | None = None) -> Path:
@@ -44,6 +45,10 @@ def train(options: TrainingOptions, on_step: Callable[[int], None] | None = None
     plans, dataset_notes = prepare_dataset_plans(options.dataset, seed)
     if options.text_encoder_caching.in_memory:
         check_captions_fixed(plans, "--cache_text_encoder_outputs")
+    if options.dataset.weighted_captions:
+        for plan in plans:
+            for sample in plan.samples:
+                check_weighted_caption(sample.image.caption, str(sample.image.path))
     for line in [*options.notes, *sample_notes, *dataset_notes, *dataset_summary_lines(plans)]:
         print(line)
     num_processes = PartialState(cpu=processes_on_cpus()).num_processes
