@@ -333,3 +333,25 @@ def test_scale_weight_norms_logs_what_it_scaled(tiny_sd1, tiny_dataset, tmp_path
     scalars = {tag: [event.value for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
     assert scalars["max_norm/keys_scaled"][-1] > 0  # a cap of 1e-4 scales the modules that learned anything
     assert scalars["max_norm/max_key_norm"][-1] <= 1e-4 * 1.0001 and scalars["norm/avg_key_norm"][-1] <= 1e-4 * 1.0001
+
+
+@pytest.mark.slow
+def test_schedule_free_steps_in_train_mode_and_saves_the_averaged_weights(
+    tiny_sd1, tiny_dataset, tmp_path, monkeypatch
+):
+    from library.training.saving import Saver
+
+    modes = []
+    save = Saver.save
+
+    def recording(self, network, path, where):
+        group = self.accelerator._optimizers[0].optimizer.param_groups[0]
+        modes.append(group["train_mode"])
+        return save(self, network, path, where)
+
+    monkeypatch.setattr(Saver, "save", recording)
+    flags = ["--max_train_steps", "4", "--optimizer_type", "AdamWScheduleFree", "--save_every_n_steps", "2"]
+    flags += ["--learning_rate", "1e-3", "--network_train_unet_only", "--cache_latents"]
+    final = train(training_arguments(tiny_sd1, tiny_dataset, tmp_path, *flags))
+    assert modes == [False, False]  # both saves (step 2, last) in eval mode: the averaged weights
+    assert any(tensor.abs().sum() > 0 for key, tensor in load_file(final).items() if "lora_up" in key)

@@ -15,7 +15,15 @@ from diffusers.optimization import get_piecewise_constant_schedule, get_schedule
 from library.errors import UserError
 
 ADAPTIVE_OPTIMIZERS = ("dadaptation", "dadaptadam", "dadaptadagrad", "dadaptadan", "dadaptlion", "dadaptsgd", "prodigy")
-CUDA_ONLY_OPTIMIZERS = ("adamw8bit", "pagedadamw8bit", "pagedadamw", "pagedadamw32bit", "lion8bit", "pagedlion8bit")
+CUDA_ONLY_OPTIMIZERS = (
+    "adamw8bit",
+    "pagedadamw8bit",
+    "pagedadamw",
+    "pagedadamw32bit",
+    "lion8bit",
+    "pagedlion8bit",
+    "sgdnesterov8bit",
+)
 SCHEDULERS = (
     "constant",
     "constant_with_warmup",
@@ -109,7 +117,28 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "dadaptadan": lambda params, lr, **kw: _import("dadaptation", "dadaptation").DAdaptAdan(params, lr=lr, **kw),
     "dadaptlion": lambda params, lr, **kw: _import("dadaptation", "dadaptation").DAdaptLion(params, lr=lr, **kw),
     "dadaptsgd": lambda params, lr, **kw: _import("dadaptation", "dadaptation").DAdaptSGD(params, lr=lr, **kw),
+    "dadaptadanip": lambda params, lr, **kw: _import("dadaptation.experimental", "dadaptation").DAdaptAdanIP(
+        params, lr=lr, **kw
+    ),
+    "sgdnesterov8bit": lambda params, lr, **kw: _bitsandbytes("SGD8bit")(
+        params, lr=lr, **{"momentum": 0.9, **kw, "nesterov": True}
+    ),
+    "adamwschedulefree": lambda params, lr, **kw: _import("schedulefree", "schedulefree").AdamWScheduleFree(
+        params, lr=lr, **kw
+    ),
+    "radamschedulefree": lambda params, lr, **kw: _import("schedulefree", "schedulefree").RAdamScheduleFree(
+        params, lr=lr, **kw
+    ),
+    "sgdschedulefree": lambda params, lr, **kw: _import("schedulefree", "schedulefree").SGDScheduleFree(
+        params, lr=lr, **kw
+    ),
 }
+
+
+def is_schedule_free(optimizer: torch.optim.Optimizer) -> bool:
+    """The schedule-free optimizers keep two sets of weights: the ones training steps from (train mode) and the
+    averaged ones to use (eval mode), so sampling, validation and saving switch them to eval first."""
+    return type(optimizer).__name__.endswith("ScheduleFree")
 
 
 def optimizer_name(optimizer_type: str | None, use_8bit_adam: bool = False, use_lion_optimizer: bool = False) -> str:
@@ -250,6 +279,8 @@ def make_lr_scheduler(
     count processes. Adafactor with relative_step gets transformers' AdafactorSchedule whatever the name says, as in
     sd-scripts (it only reports the step size Adafactor chose, starting from `initial_lr` or adafactor:LR)."""
     name, _, rate = settings.lr_scheduler.partition(":")
+    if is_schedule_free(optimizer):  # it schedules itself (warmup_steps in --optimizer_args); sd-scripts does the same
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     if uses_relative_step(optimizer):
         schedule = _import("transformers.optimization", "transformers").AdafactorSchedule
         return schedule(optimizer, initial_lr=parse_rate(rate) if rate else initial_lr)

@@ -32,7 +32,7 @@ from library.text_encoding import CaptionStates
 from library.training import diffusion
 from library.training.families import TrainingFamily
 from library.training.fp8 import store_weights_in_fp8
-from library.training.optimizers import make_lr_scheduler, make_optimizer, warns_about_learning_rate
+from library.training.optimizers import is_schedule_free, make_lr_scheduler, make_optimizer, warns_about_learning_rate
 from library.training.options import TrainingOptions
 from library.training.samples import SampleSchedule
 from library.training.saving import RunFacts, Saver, base_model_metadata, training_metadata
@@ -159,6 +159,8 @@ def prepare(
     optimization = _optimization(options, network, accelerator, length, start)
     if options.saving.resume:
         load_state_folder(options.saving.resume, accelerator, start)
+    if is_schedule_free(optimization.optimizer.optimizer):  # saved states hold the averaged (eval) weights
+        optimization.optimizer.optimizer.train()
 
     dataset = options.dataset
     settings = BatchSettings(

@@ -257,9 +257,16 @@ class Saver:
         self.base_metadata = base_metadata  # always written
         self.train_state = train_state
 
+    def saves_after_step(self, where: Progress, max_train_steps: int) -> bool:
+        every = self.options.save_every_n_steps
+        return bool(every) and where.step % every == 0 and where.step < max_train_steps
+
+    def saves_after_epoch(self, where: Progress) -> bool:
+        return bool(self.save_every_n_epochs) and where.epoch % self.save_every_n_epochs == 0
+
     def after_step(self, network: torch.nn.Module, where: Progress, max_train_steps: int) -> None:
         every, options = self.options.save_every_n_steps, self.options
-        if not every or where.step % every or where.step >= max_train_steps:
+        if not self.saves_after_step(where, max_train_steps):
             return
         self._save_and_prune(
             network,
@@ -272,7 +279,7 @@ class Saver:
 
     def after_epoch(self, network: torch.nn.Module, where: Progress) -> None:
         every, options = self.save_every_n_epochs, self.options
-        if not every or where.epoch % every:
+        if not self.saves_after_epoch(where):
             return
         self._save_and_prune(
             network,

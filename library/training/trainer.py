@@ -4,10 +4,11 @@ batches, a forward and backward per batch, an optimizer step per accumulated gro
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from library.training.diagnosis import non_finite_latents_message, non_finite_lo
 from library.training.families import load_training_family
 from library.training.forward import batch_loss
 from library.training.memory import out_of_memory_advice
+from library.training.optimizers import is_schedule_free
 from library.training.options import TrainingOptions
 from library.training.preparation import Run, prepare, processes_on_cpus, training_length
 from library.training.samples import draw_samples, sample_schedule
@@ -101,26 +103,33 @@ def train_loop(run: Run) -> Path:
     where = run.start
     display = LossDisplay(run, where.step)
     if run.samples and run.samples.at_first and where.step == 0:
-        _draw_samples(run, epoch=0)
+        with averaged_weights(run):
+            _draw_samples(run, epoch=0)
     with StopRequest() as stop:
         for epoch in range(run.start.epoch, length.num_epochs + 1):
             skip = run.start.batches_done if epoch == run.start.epoch else 0
             where = _train_epoch(run, Progress(epoch, where.step, skip), display, stop)
             finished = where.step >= length.max_train_steps
             if not finished and stop.agreed(accelerator):
-                run.saver.on_stop(where)
+                with averaged_weights(run):
+                    run.saver.on_stop(where)
                 raise KeyboardInterrupt
             epoch_ended = where.batches_done == length.batches_per_epoch or finished
-            if epoch_ended and run.validation and run.validation.schedule.after_epoch(epoch):
-                display.validated(validation_loss(run), "epoch", epoch)
-            if not finished:
-                run.saver.after_epoch(run.optimization.network, where)
-            if epoch_ended and run.samples and run.samples.after_epoch(epoch):
-                _draw_samples(run, epoch=epoch)
+            validates = epoch_ended and run.validation and run.validation.schedule.after_epoch(epoch)
+            samples = epoch_ended and run.samples and run.samples.after_epoch(epoch)
+            saves = not finished and run.saver.saves_after_epoch(where)
+            with averaged_weights(run, needed=bool(validates or samples or saves)):
+                if validates:
+                    display.validated(validation_loss(run), "epoch", epoch)
+                if saves:
+                    run.saver.after_epoch(run.optimization.network, where)
+                if samples:
+                    _draw_samples(run, epoch=epoch)
             if finished:
                 break
     display.close()
-    final = run.saver.final(run.optimization.network, where)
+    with averaged_weights(run):
+        final = run.saver.final(run.optimization.network, where)
     accelerator.end_training()
     return final
 
@@ -186,18 +195,38 @@ def _train_epoch(run: Run, where: Progress, display: LossDisplay, stop: StopRequ
         where = Progress(where.epoch, where.step + 1, position + 1)
         display.stepped(group_losses, where.step, reported)
         epoch_losses.extend(group_losses)
-        if run.validation and run.validation.schedule.after_step(where.step):
-            display.validated(validation_loss(run), "step", where.step)
-        if run.samples and run.samples.after_step(where.step):
-            _draw_samples(run, step=where.step)
+        validates = run.validation and run.validation.schedule.after_step(where.step)
+        samples = run.samples and run.samples.after_step(where.step)
+        saves = run.saver.saves_after_step(where, run.length.max_train_steps)
+        with averaged_weights(run, needed=bool(validates or samples or saves)):
+            if validates:
+                display.validated(validation_loss(run), "step", where.step)
+            if samples:
+                _draw_samples(run, step=where.step)
+            if saves:
+                run.saver.after_step(run.optimization.network, where, run.length.max_train_steps)
         if run.on_step:
             run.on_step(where.step)
-        run.saver.after_step(run.optimization.network, where, run.length.max_train_steps)
         if where.step >= run.length.max_train_steps or stop.agreed(run.accelerator):
             return where
     if epoch_losses:
         _log(run, {"loss/epoch_average": sum(epoch_losses) / len(epoch_losses)}, where.epoch)
     return Progress(where.epoch, where.step, sampler.batches_per_epoch)
+
+
+@contextlib.contextmanager
+def averaged_weights(run: Run, needed: bool = True) -> Iterator[None]:
+    """A schedule-free optimizer's averaged weights for sampling, validation and saving, and its training weights
+    again afterwards; other optimizers have one set. Switched only when `needed`, since each switch rounds."""
+    optimizer = run.optimization.optimizer.optimizer  # accelerate's wrapper holds the torch optimizer
+    if not (needed and is_schedule_free(optimizer)):
+        yield
+        return
+    optimizer.eval()
+    try:
+        yield
+    finally:
+        optimizer.train()
 
 
 def _draw_samples(run: Run, epoch: int | None = None, step: int | None = None) -> None:
