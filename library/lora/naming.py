@@ -110,6 +110,24 @@ def text_encoder_prefixes(count: int) -> list[str]:
     return [TEXT_ENCODER_PREFIX] if count == 1 else [f"{TEXT_ENCODER_PREFIX}{i}" for i in range(1, count + 1)]
 
 
+class SdScriptsTextEncoder(torch.nn.Module):
+    """A text encoder seen as sd-scripts' models are: transformers 5 builds CLIPTextModel without its `text_model`
+    level, so a network module that names its modules by walking the tree (LyCORIS) would name them
+    `lora_te_encoder_layers_...` instead of `lora_te_text_model_encoder_layers_...`, which other tools skip. The
+    view adds the level back; the layers are the encoder's own, so patching them patches the encoder."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.text_model = encoder
+
+
+def sd_scripts_view(text_encoder: torch.nn.Module | list[torch.nn.Module]):
+    """The text encoder (or SDXL's list of two) as a third-party network module should see it."""
+    if isinstance(text_encoder, list):
+        return [sd_scripts_view(encoder) for encoder in text_encoder]
+    return text_encoder if hasattr(text_encoder, "text_model") else SdScriptsTextEncoder(text_encoder)
+
+
 def text_encoder_targets(text_encoders: Sequence[torch.nn.Module]) -> list[LoraTarget]:
     targets = []
     for prefix, encoder in zip(text_encoder_prefixes(len(text_encoders)), text_encoders):

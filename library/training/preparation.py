@@ -5,7 +5,6 @@ schedule, the batches, and the saver."""
 from __future__ import annotations
 
 import datetime
-import importlib
 import math
 import os
 import random
@@ -32,6 +31,7 @@ from library.text_encoding import CaptionStates
 from library.training import diffusion
 from library.training.families import TrainingFamily
 from library.training.fp8 import store_weights_in_fp8
+from library.training.network_module import build_network
 from library.training.optimizers import is_schedule_free, make_lr_scheduler, make_optimizer, warns_about_learning_rate
 from library.training.options import TrainingOptions
 from library.training.samples import SampleSchedule
@@ -152,7 +152,7 @@ def prepare(
     on_device = caption_states is None  # cached text-encoder outputs leave the encoders on the CPU
     _freeze_and_place(options, family, accelerator.device, vae_needed=latents is None, text_encoders_needed=on_device)
     _store_base_in_fp8(options, family, text_encoders_on_device=on_device)
-    network = _make_network(options, family)
+    network = build_network(options.network, family)
     attention = _set_attention(options, family)
     if options.model.gradient_checkpointing:
         _enable_gradient_checkpointing(family, options.network.train_text_encoder)
@@ -377,36 +377,6 @@ def _merge_base_weights(options: TrainingOptions, family: TrainingFamily) -> Non
         merging.merge_to(text_encoder, model.unet, weights)
         modules = len(merging.text_encoder_loras) + len(merging.unet_loras)
         print(f"merged {file} into the base model at multiplier {multiplier:g} ({modules} modules)")
-
-
-def _make_network(options: TrainingOptions, family: TrainingFamily) -> torch.nn.Module:
-    network_options, model = options.network, family.model
-    module = importlib.import_module(network_options.network_module)
-    text_encoder = family.network_text_encoder()
-    if network_options.dim_from_weights:
-        network, weights = module.create_network_from_weights(
-            1.0, network_options.network_weights, model.vae, text_encoder, model.unet
-        )
-        network.load_state_dict(weights)
-    else:
-        network = module.create_network(
-            1.0,
-            network_options.network_dim,
-            network_options.network_alpha,
-            model.vae,
-            text_encoder,
-            model.unet,
-            neuron_dropout=network_options.network_dropout,
-            **network_options.keyword_args(),
-        )
-    network.apply_to(text_encoder, model.unet, network_options.train_text_encoder, network_options.train_unet)
-    if network_options.network_weights and not network_options.dim_from_weights:
-        missing = network.load_weights(network_options.network_weights)
-        print(
-            f"continuing from {network_options.network_weights}"
-            + (f" ({len(missing.missing_keys)} modules not in the file start fresh)" if missing.missing_keys else "")
-        )
-    return network
 
 
 def _set_attention(options: TrainingOptions, family: TrainingFamily) -> str:

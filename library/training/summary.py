@@ -26,7 +26,8 @@ def run_summary_lines(run: Run) -> list[str]:
         f"training: {run.length.num_epochs} epochs of {run.batches.sampler.batches_per_epoch} batches, "
         f"{run.length.max_train_steps} optimizer steps, "
         f"effective batch {total_batch} (batch x {accumulation} accumulation x {processes} processes)",
-        f"network: {trains.network_module}, rank {rank}, alpha {alpha:g} (scale {lora_scale(alpha, rank):g}), "
+        f"network: {trains.network_module}{_arguments(trains.network_args)}, rank {rank}, alpha {alpha:g} (scale "
+        f"{lora_scale(alpha, rank):g}), "
         f"{unet_modules} U-Net and {text_modules} text-encoder modules trained",
         f"optimizer: {run.optimization.description}, "
         + (
@@ -88,3 +89,8 @@ def _text_encoder_use(run: Run) -> str:
 
 def _schedule_name(schedule: ScheduleSettings) -> str:
     return schedule.lr_scheduler_type or schedule.lr_scheduler
+
+
+def _arguments(network_args: tuple[str, ...]) -> str:
+    """--network_args as given (LyCORIS's algo=..., conv_dim=...), so that the summary names the algorithm."""
+    return f" ({', '.join(network_args)})" if network_args else ""
