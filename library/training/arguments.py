@@ -12,7 +12,7 @@ from library.sampling.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
 from library.training.config_file import add_config_file_arguments
 from library.training.diffusion import HUBER_SCHEDULES, LOSS_TYPES, LossSettings, NoiseSettings
 from library.training.optimizers import SCHEDULERS
-from library.training.option_tables import LOG_LEVELS, MODELSPEC_FIELDS, UNSUPPORTED_OPTIONS
+from library.training.option_tables import DYNAMO_BACKENDS, LOG_LEVELS, MODELSPEC_FIELDS, UNSUPPORTED_OPTIONS
 from library.training.saving import SAVE_FORMATS
 
 SCRIPTS = {False: "train_network.py", True: "sdxl_train_network.py"}
@@ -205,6 +205,13 @@ def _training_arguments(group) -> None:
         "--max_grad_norm", type=float, default=1.0, help="clip the LoRA gradients' norm to this; 0 = no clipping"
     )
     group.add_argument("--lowram", action="store_true", help="accepted for compatibility")
+    group.add_argument("--torch_compile", action="store_true", help="compile the U-Net with torch.compile (once)")
+    group.add_argument(
+        "--dynamo_backend",
+        choices=DYNAMO_BACKENDS,
+        default="inductor",
+        help="torch.compile's backend (default inductor)",
+    )
     group.add_argument("--ddp_timeout", type=int, help="minutes the processes wait for each other (default 30)")
     group.add_argument(
         "--ddp_gradient_as_bucket_view", action="store_true", help="accepted; DDP's buckets are not used here"

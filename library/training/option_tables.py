@@ -20,6 +20,20 @@ MODELSPEC_FIELDS = (
 )  # --metadata_<field> -> modelspec.<field>
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DYNAMO_BACKENDS = (  # --dynamo_backend, as sd-scripts lists them
+    "eager",
+    "aot_eager",
+    "inductor",
+    "aot_ts_nvfuser",
+    "nvprims_nvfuser",
+    "cudagraphs",
+    "ofi",
+    "fx2trt",
+    "onnxrt",
+    "tensort",
+    "ipex",
+    "tvm",
+)
 
 
 @dataclass(frozen=True)
@@ -77,12 +91,5 @@ UNSUPPORTED_OPTIONS = (
         "conditioning_data_dir",
         "mask datasets are not implemented yet; an image's alpha channel with alpha_mask = true masks the loss",
         "value",
-    ),
-    UnsupportedOption("torch_compile", f"{NOT_YET}; leave it out"),
-    UnsupportedOption(
-        "dynamo_backend",
-        f"it picks the backend of --torch_compile, which is {NOT_YET}; leave it out",
-        "value",
-        default="inductor",
     ),
 )

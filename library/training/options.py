@@ -38,6 +38,8 @@ class ModelOptions:
     fp8_base: bool = False  # the frozen U-Net's and text encoders' Linear/conv weights in float8
     fp8_base_unet: bool = False  # the U-Net's only
     gradient_checkpointing: bool = False
+    torch_compile: bool = False
+    dynamo_backend: str = "inductor"
     clip_skip: int | None = None
     max_token_length: int | None = None
     disable_mmap_load_safetensors: bool = False

@@ -156,6 +156,8 @@ def prepare(
     attention = _set_attention(options, family)
     if options.model.gradient_checkpointing:
         _enable_gradient_checkpointing(family, options.network.train_text_encoder)
+    if options.model.torch_compile:
+        family.compile_unet(options.model.dynamo_backend)
     optimization = _optimization(options, network, accelerator, length, start)
     if options.saving.resume:
         load_state_folder(options.saving.resume, accelerator, start)

@@ -36,7 +36,8 @@ def run_summary_lines(run: Run) -> list[str]:
             else f"learning rates per group {', '.join(rates)}, schedule {_schedule_name(options.optimizer.schedule)}"
         ),
         f"precision: {options.model.mixed_precision} on {run.accelerator.device}, attention: {run.attention}"
-        f"{', gradient checkpointing' if options.model.gradient_checkpointing else ''}",
+        f"{', gradient checkpointing' if options.model.gradient_checkpointing else ''}"
+        f"{f', U-Net compiled ({options.model.dynamo_backend})' if options.model.torch_compile else ''}",
         f"text encoder: {_text_encoder_use(run)}",
         *_validation_lines(run),
         memory_estimate(run).line(),

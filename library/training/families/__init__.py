@@ -24,6 +24,16 @@ class TrainingFamily(ABC):
     def __init__(self, model: StableDiffusionModel, options: ModelOptions):
         self.model = model
         self.options = options
+        self.compiled_unet: torch.nn.Module | None = None
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        """What the training step calls: the U-Net, compiled with --torch_compile (sample images use the model's)."""
+        return self.model.unet if self.compiled_unet is None else self.compiled_unet
+
+    def compile_unet(self, backend: str) -> None:
+        """--torch_compile: compiled once, with the network already in it; the first steps take the compiling."""
+        self.compiled_unet = torch.compile(self.model.unet, backend=backend)
 
     @classmethod
     @abstractmethod

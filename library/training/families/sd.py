@@ -46,6 +46,4 @@ class StableDiffusionTraining(TrainingFamily):
         self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text: TextOutputs, batch: dict
     ) -> torch.Tensor:
         (context,) = text
-        return self.model.unet(
-            noisy_latents, timesteps, context.to(noisy_latents.device, self.options.weight_dtype)
-        ).sample
+        return self.unet(noisy_latents, timesteps, context.to(noisy_latents.device, self.options.weight_dtype)).sample

@@ -106,7 +106,7 @@ class SDXLTraining(TrainingFamily):
         dtype = self.options.weight_dtype
         device = noisy_latents.device
         added = {"text_embeds": pooled.to(device, dtype), "time_ids": size_conditioning(batch).to(device, dtype)}
-        return self.model.unet(noisy_latents, timesteps, context.to(device, dtype), added_cond_kwargs=added).sample
+        return self.unet(noisy_latents, timesteps, context.to(device, dtype), added_cond_kwargs=added).sample
 
 
 def _read_sequentially(path: Path, chunk: int = 64 * 2**20) -> None:
