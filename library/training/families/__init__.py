@@ -18,7 +18,6 @@ class TrainingFamily(ABC):
     """One model family's way of loading its base model, turning a batch's captions into the U-Net's conditioning
     and calling the U-Net."""
 
-    script: str  # the training script of this family
     latent_cache_suffix: str  # sd-scripts' suffix of the latent cache files
 
     def __init__(self, model: StableDiffusionModel, options: ModelOptions):

@@ -15,7 +15,6 @@ from library.training.options import ModelOptions
 
 
 class StableDiffusionTraining(TrainingFamily):
-    script = "train_network.py"
     latent_cache_suffix = SD_SUFFIX
 
     @classmethod

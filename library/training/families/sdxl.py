@@ -27,7 +27,6 @@ CONTEXT_LAYER = -2  # the penultimate layer of each encoder (layer 11 of CLIP Vi
 
 
 class SDXLTraining(TrainingFamily):
-    script = "sdxl_train_network.py"
     latent_cache_suffix = SDXL_SUFFIX
 
     @classmethod
