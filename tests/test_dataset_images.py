@@ -110,7 +110,7 @@ def test_resizing_rgba_keeps_the_color_of_transparent_pixels(tmp_path):
     array = np.zeros((50, 100, 4), dtype=np.uint8)
     array[:, :, 0] = 255  # red everywhere, fully transparent: OpenCV (sd-scripts) keeps it red
     Image.fromarray(array, "RGBA").save(path)
-    pixels, alpha_mask = cache_pixels(path, Placement((64, 32), (64, 32)), subset_alpha_mask=True)
+    pixels, alpha_mask = cache_pixels(path, Placement((64, 32), (64, 32)), with_mask=True)
     assert torch.equal(pixels[0], torch.ones(32, 64)) and torch.equal(pixels[1], -torch.ones(32, 64))
     assert torch.equal(alpha_mask, torch.zeros(32, 64))
 
@@ -172,6 +172,6 @@ def test_truncated_jpeg_names_the_file(tmp_path):
 def test_cache_pixels_center_crop_without_augmentation(tmp_path):
     path = tmp_path / "large.png"
     array = noise_image(path, 70, 35)
-    pixels, alpha_mask = cache_pixels(path, Placement((64, 32), (70, 35)), subset_alpha_mask=False)
+    pixels, alpha_mask = cache_pixels(path, Placement((64, 32), (70, 35)), with_mask=False)
     torch.testing.assert_close(pixels, normalized(array[1:33, 3:67]))
     assert alpha_mask is None

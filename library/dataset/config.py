@@ -75,6 +75,7 @@ KEYS: dict[str, Key] = {
     "metadata_file": Key("str", SUBSET_ONLY),
     "is_reg": Key("bool", SUBSET_ONLY, False),
     "alpha_mask": Key("bool", SUBSET_ONLY, False, "alpha_mask"),
+    "conditioning_data_dir": Key("str", SUBSET_ONLY),  # mask images: their red channel weighs the loss
     "caption_extension": Key("str", ANY_LEVEL, ".caption", "caption_extension"),
     "class_tokens": Key("str", ANY_LEVEL, None),
     "cache_info": Key("bool", ANY_LEVEL, False, "cache_info"),
@@ -111,6 +112,12 @@ class SubsetConfig(_ResolvedSettings):
 
     where: str  # "dataset.toml, datasets[0].subsets[1]": used in every message about it
     settings: Mapping[str, Any]  # every subset key of KEYS, resolved
+
+    @property
+    def loss_mask(self) -> bool:
+        """Whether the images carry a loss mask: their alpha channel (alpha_mask), or the red channel of the mask
+        image of the same name in conditioning_data_dir."""
+        return bool(self.alpha_mask or self.conditioning_data_dir)
 
 
 @dataclass(frozen=True)

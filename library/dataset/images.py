@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from library.dataset.buckets import Placement, crop_offsets
-from library.dataset.config import SubsetConfig
+from library.dataset.config import IMAGE_SUFFIXES, SubsetConfig
 from library.dataset.resize import resize_image
 from library.errors import UserError
 
@@ -38,19 +38,37 @@ class ImageSample:
 
 
 def load_image(
-    path: str | Path, with_alpha: bool, remedy: str = "replace or delete it, or pass --skip_bad_images"
+    path: str | Path,
+    with_alpha: bool,
+    remedy: str = "replace or delete it, or pass --skip_bad_images",
+    mask_dir: str | None = None,
 ) -> Image.Image:
-    """The decoded image in RGB, or RGBA with_alpha (an image without alpha gets an opaque one); a file that cannot
-    be decoded is a UserError that ends with `remedy`.
+    """The decoded image in RGB, or RGBA with_alpha (an image without alpha gets an opaque one); with `mask_dir` the
+    alpha is the red channel of the mask image of the same name there, so that it is resized, cropped and flipped
+    with the image. A file that cannot be decoded is a UserError that ends with `remedy`.
 
     Like sd-scripts, the EXIF orientation is not applied: pixels are used as stored, so the bucket matches the size
     read from the file header."""
     try:
         with Image.open(path) as image:
             image.load()
-            return image.convert("RGBA" if with_alpha else "RGB")
+            if mask_dir is None:
+                return image.convert("RGBA" if with_alpha else "RGB")
+            masked = image.convert("RGB")
+        with Image.open(mask_file(path, mask_dir)) as mask:
+            masked.putalpha(mask.convert("RGB").getchannel("R"))
+        return masked
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise UserError(f"{path}: cannot be decoded as an image ({error}); {remedy}.") from None
+
+
+def mask_file(image_path: str | Path, mask_dir: str | Path) -> Path:
+    """The mask of an image: the file of the same name (any image suffix) in the subset's conditioning_data_dir."""
+    stem = Path(image_path).stem
+    for candidate in sorted(Path(mask_dir).glob(f"{stem}.*")):
+        if candidate.suffix.lower() in IMAGE_SUFFIXES:
+            return candidate
+    raise FileNotFoundError(f"no mask named {stem} in {mask_dir}")
 
 
 def prepare_image(
@@ -105,7 +123,7 @@ def apply_gamma(array: np.ndarray, gamma: float) -> np.ndarray:
 def load_sample(path: str | Path, placement: Placement, subset: SubsetConfig, rng: random.Random) -> ImageSample:
     """One training sample without cached latents (specs/training.md 3.3), all randomness from rng."""
     flipped = bool(subset.flip_aug) and rng.random() < 0.5  # drawn first, as in sd-scripts
-    image = load_image(path, with_alpha=subset.alpha_mask)
+    image = load_image(path, with_alpha=subset.loss_mask, mask_dir=subset.conditioning_data_dir)
     original_size = image.size
     image, crop_top_left = prepare_image(image, placement, subset.resize_interpolation, subset.random_crop, rng)
     array = np.array(image)
@@ -113,18 +131,22 @@ def load_sample(path: str | Path, placement: Placement, subset: SubsetConfig, rn
         array[:, :, :3] = color_augment(array[:, :, :3], rng)
     if flipped:
         array = array[:, ::-1]
-    pixels, alpha_mask = _to_tensors(array, subset.alpha_mask)
+    pixels, alpha_mask = _to_tensors(array, subset.loss_mask)
     return ImageSample(pixels, alpha_mask, flipped, crop_top_left, original_size)
 
 
 def cache_pixels(
-    path: str | Path, placement: Placement, subset_alpha_mask: bool, resize_interpolation: str | None = None
+    path: str | Path,
+    placement: Placement,
+    with_mask: bool,
+    resize_interpolation: str | None = None,
+    mask_dir: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """What the latent cache encodes (specs/training.md 4.1): resize and center crop, no augmentation and no flip
-    (the cache flips the tensor itself for flip_aug). Returns (pixels (3, H, W), alpha mask (H, W) or None)."""
-    image = load_image(path, with_alpha=subset_alpha_mask)
+    (the cache flips the tensor itself for flip_aug). Returns (pixels (3, H, W), loss mask (H, W) or None)."""
+    image = load_image(path, with_alpha=with_mask, mask_dir=mask_dir)
     image, _ = prepare_image(image, placement, resize_interpolation, random_crop=False, rng=None)
-    return _to_tensors(np.array(image), subset_alpha_mask)
+    return _to_tensors(np.array(image), with_mask)
 
 
 def _to_tensors(array: np.ndarray, with_alpha_mask: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

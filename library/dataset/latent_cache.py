@@ -63,7 +63,7 @@ def is_cache_valid(path: Path, sample: Sample, vae_scale: int = SD_VAE_SCALE) ->
                 "latents_flipped" not in keys or npz["latents_flipped"].shape != npz["latents"].shape
             ):
                 return False
-            if bool(sample.subset.alpha_mask) != ("alpha_mask" in keys):
+            if sample.subset.loss_mask != ("alpha_mask" in keys):
                 return False
             if "alpha_mask" in keys and npz["alpha_mask"].shape != (bucket_h, bucket_w):
                 return False
@@ -123,7 +123,13 @@ def _latent_shape(bucket: Size, vae_scale: int) -> tuple[int, int, int]:
 
 def _cache_settings(sample: Sample) -> tuple:
     subset = sample.subset
-    return sample.placement, bool(subset.flip_aug), bool(subset.alpha_mask), subset.resize_interpolation
+    return (
+        sample.placement,
+        bool(subset.flip_aug),
+        subset.loss_mask,
+        subset.resize_interpolation,
+        subset.conditioning_data_dir,
+    )
 
 
 def _distinct_samples(plans: Iterable[DatasetPlan]) -> list[Sample]:
@@ -146,7 +152,7 @@ def _batches(samples: list[Sample], batch_size: int) -> list[list[Sample]]:
     """Images in order of bucket area, cut into batches that share one bucket and the same flip/mask settings."""
     groups: dict[tuple, list[Sample]] = {}
     for sample in sorted(samples, key=lambda s: s.placement.bucket[0] * s.placement.bucket[1]):
-        key = (sample.placement.bucket, bool(sample.subset.flip_aug), bool(sample.subset.alpha_mask))
+        key = (sample.placement.bucket, bool(sample.subset.flip_aug), sample.subset.loss_mask)
         groups.setdefault(key, []).append(sample)
     return [
         group[start : start + batch_size] for group in groups.values() for start in range(0, len(group), batch_size)
@@ -162,7 +168,12 @@ def _prefetched(batches: list[list[Sample]], skip_bad_images: bool) -> Iterator[
         def submit(batch: list[Sample]) -> list[Future]:
             return [
                 pool.submit(
-                    cache_pixels, s.image.path, s.placement, bool(s.subset.alpha_mask), s.subset.resize_interpolation
+                    cache_pixels,
+                    s.image.path,
+                    s.placement,
+                    s.subset.loss_mask,
+                    s.subset.resize_interpolation,
+                    s.subset.conditioning_data_dir,
                 )
                 for s in batch
             ]
@@ -236,5 +247,5 @@ def _load(path: Path, sample: Sample) -> CachedLatents:
         return CachedLatents(
             tensor("latents"),
             tensor("latents_flipped") if sample.subset.flip_aug else None,
-            tensor("alpha_mask") if sample.subset.alpha_mask else None,
+            tensor("alpha_mask") if sample.subset.loss_mask else None,
         )

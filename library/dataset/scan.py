@@ -87,7 +87,41 @@ def _scan_subset(subset: SubsetConfig, style: str, problems: Problems, skip_bad_
         problems.note(
             f"{folder}: {len(missing)} of {len(paths)} images have no {extension} caption and use {fallback}: {named}."
         )
+    if subset.conditioning_data_dir:
+        _check_masks(subset, images, problems, skip_bad_images)
     return ScannedSubset(subset, tuple(images), extension, tuple(missing))
+
+
+def _check_masks(subset: SubsetConfig, images: list[ImageRecord], problems: Problems, skip_bad_images: bool) -> None:
+    """conditioning_data_dir: one mask image per image, of the same name and size, and nothing else."""
+    folder = Path(subset.conditioning_data_dir)
+    where = f"{subset.where}: conditioning_data_dir '{folder}'"
+    if not folder.is_dir():
+        problems.add(f"{where} is not a folder; check the path.")
+        return
+    masks = {path.stem: path for path in sorted(folder.iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES}
+    missing = [image.path.name for image in images if image.path.stem not in masks]
+    if missing:
+        problems.add(
+            f"{where} has no mask for {len(missing)} of {len(images)} images (first: {missing[0]}); add a mask image"
+            " of the same name for each (its red channel weighs the loss)."
+        )
+    extra = sorted(set(masks) - {image.path.stem for image in images})
+    if extra:
+        problems.add(
+            f"{where} holds {len(extra)} masks without an image of the same name (first: {masks[extra[0]].name});"
+            " remove them or add their images."
+        )
+    for image in images:
+        mask = masks.get(image.path.stem)
+        size = mask and _image_size(mask, subset.where, problems, skip_bad_images)
+        if size and size != image.size:
+            problems.add(
+                f"{where}: the mask {mask.name} is {size[0]}x{size[1]} but its image is "
+                f"{image.size[0]}x{image.size[1]};"
+                " a mask must have its image's size."
+            )
+            return
 
 
 def _dotted(extension: str) -> str:

@@ -89,7 +89,8 @@ UNSUPPORTED_OPTIONS = (
     ),
     UnsupportedOption(
         "conditioning_data_dir",
-        "mask datasets are not implemented yet; an image's alpha channel with alpha_mask = true masks the loss",
+        "give it per subset in the dataset config ([[datasets.subsets]] conditioning_data_dir = ...), as sd-scripts "
+        "reads it",
         "value",
     ),
 )
