@@ -184,7 +184,7 @@ def test_caching_conflicts_are_reported_before_anything_loads(tmp_path):
     ("options", "message"),
     [
         ({"train_batch_size": 0}, "batch_size is 0; use 1 or more"),
-        ({"face_crop_aug_range": [2.0, 4.0]}, "face_crop_aug_range is not supported yet"),
+        ({"face_crop_aug_range": [4.0, 2.0]}, "face_crop_aug_range is \\[4.0, 2.0\\]; give \\[low, high\\]"),
         ({"validation_split": 1.5}, "validation_split is 1.5; it is the fraction"),
         ({"dataset_repeats": 0}, "no images to train on"),
     ],

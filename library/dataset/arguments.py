@@ -36,7 +36,7 @@ CONFIG_KEY_HELP = {
     "enable_wildcard": "{a|b} choices and one random line of multi-line captions",
     "color_aug": "weak random hue or brightness change (not with latent caching)",
     "flip_aug": "random horizontal flip",
-    "face_crop_aug_range": "'low,high' face-centred crop augmentation (not supported yet)",
+    "face_crop_aug_range": "'low,high': without buckets, scale name_cx_cy_w_h images so the face is 1/high..1/low",
     "random_crop": "crop at a random place instead of the centre (not with latent caching)",
     "caption_prefix": "text put before every caption",
     "caption_suffix": "text put after every caption",

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from library.dataset.buckets import Placement, crop_offsets
+from library.dataset.captions import FACE_CROP_PARTS
 from library.dataset.config import IMAGE_SUFFIXES, SubsetConfig
 from library.dataset.resize import resize_image
 from library.errors import UserError
@@ -94,6 +95,60 @@ def _resize(image: Image.Image, size: tuple[int, int], interpolation: str | None
     return resize_image(image, size, interpolation)
 
 
+def face_box(path: str | Path) -> tuple[int, int, int, int] | None:
+    """The face box (centre x, centre y, width, height) that sd-scripts' face-crop tool writes into an image's name,
+    `name_cx_cy_w_h`, or None."""
+    parts = Path(path).stem.split("_")
+    if len(parts) <= FACE_CROP_PARTS:
+        return None
+    try:
+        cx, cy, width, height = (int(part) for part in parts[-FACE_CROP_PARTS:])
+    except ValueError:
+        return None
+    return cx, cy, width, height
+
+
+def face_crop(
+    image: Image.Image,
+    target: tuple[int, int],
+    face: tuple[int, int, int, int],
+    subset: SubsetConfig,
+    rng: random.Random,
+) -> tuple[Image.Image, tuple[int, int]]:
+    """face_crop_aug_range (lo, hi), as sd-scripts applies it without buckets: scale the image so that the face's
+    longer side is between 1/hi and 1/lo of the target's shorter side (never above the original size, never below
+    covering the target), drawn uniformly when that is a range; then cut the target around the face, moved at random
+    with random_crop, or a little (up to a twentieth of the face) when the range is not one value and the face is
+    large; returns the crop and its (top, left)."""
+    width, height = image.size
+    target_width, target_height = target
+    cx, cy, face_width, face_height = face
+    low, high = subset.face_crop_aug_range
+    face_size, short_side = max(face_width, face_height), min(target_width, target_height)
+    cover = max(target_height / height, target_width / width)
+    # sd-scripts caps both at 1 and then fails on an image smaller than the target; here such an image is enlarged
+    min_scale = max(cover, min(1.0, short_side / (face_size * high)))
+    max_scale = max(min_scale, min(1.0, short_side / (face_size * low)))
+    scale = min_scale if min_scale >= max_scale else rng.uniform(min_scale, max_scale)
+    resized = (int(width * scale + 0.5), int(height * scale + 0.5))
+    if resized != image.size:
+        image = _resize(image, resized, subset.resize_interpolation)
+    offsets = []
+    for wanted, length, centre in (
+        (target_height, resized[1], int(cy * scale + 0.5)),
+        (target_width, resized[0], int(cx * scale + 0.5)),
+    ):
+        start = centre - wanted // 2
+        if subset.random_crop:  # the face near the middle more often than not, the background still reachable
+            reach = max(length - centre, centre)
+            start += rng.randint(0, reach) + rng.randint(0, reach) - reach
+        elif low != high and face_size > short_side // 10 and face_size >= 40:
+            start += rng.randint(-face_size // 20, face_size // 20)
+        offsets.append(max(0, min(start, length - wanted)))
+    top, left = offsets
+    return image.crop((left, top, left + target_width, top + target_height)), (top, left)
+
+
 def color_augment(array: np.ndarray, rng: random.Random) -> np.ndarray:
     """sd-scripts' color_aug on an H x W x 3 uint8 array: with probability 0.33, a hue shift or a pixel-power gamma,
     each half the time. The random draws are sd-scripts', in its order."""
@@ -125,7 +180,11 @@ def load_sample(path: str | Path, placement: Placement, subset: SubsetConfig, rn
     flipped = bool(subset.flip_aug) and rng.random() < 0.5  # drawn first, as in sd-scripts
     image = load_image(path, with_alpha=subset.loss_mask, mask_dir=subset.conditioning_data_dir)
     original_size = image.size
-    image, crop_top_left = prepare_image(image, placement, subset.resize_interpolation, subset.random_crop, rng)
+    face = face_box(path) if subset.face_crop_aug_range else None
+    if face is None:
+        image, crop_top_left = prepare_image(image, placement, subset.resize_interpolation, subset.random_crop, rng)
+    else:
+        image, crop_top_left = face_crop(image, placement.bucket, face, subset, rng)
     array = np.array(image)
     if subset.color_aug:
         array[:, :, :3] = color_augment(array[:, :, :3], rng)

@@ -110,7 +110,9 @@ def prepare_datasets(
     datasets, problems = load_dataset_config(dataset_config, cli, train_data_dir, reg_data_dir, in_json)
     problems.raise_if_any()  # without a valid config there is nothing sensible to scan
     _check_supported(datasets, problems)
-    datasets = [_without_skipped_subsets(dataset, problems) for dataset in datasets]
+    datasets = [
+        _without_face_crop_in_buckets(_without_skipped_subsets(dataset, problems), problems) for dataset in datasets
+    ]
     scanned = scan_datasets(datasets, problems, skip_bad_images)
     settings = [_bucket_settings(dataset, problems, bucket_step_divisor) for dataset in datasets]
     if cache_latents:
@@ -140,10 +142,11 @@ def _check_supported(datasets: list[DatasetConfig], problems: Problems) -> None:
                 " subset's images held out for validation, from 0 (none) to 1 (the whole dataset), e.g. 0.1."
             )
         for subset in dataset.subsets:
-            if subset.face_crop_aug_range is not None:
+            low_high = subset.face_crop_aug_range
+            if low_high is not None and not 0 < low_high[0] <= low_high[1]:
                 problems.add(
-                    f"{subset.where}: face_crop_aug_range is not supported yet;"
-                    " remove it (or drop --face_crop_aug_range)."
+                    f"{subset.where}: face_crop_aug_range is {list(low_high)}; give [low, high] with 0 < low <= high,"
+                    " e.g. [2.0, 4.0] (the face is 1/high to 1/low of the image's shorter side)."
                 )
 
 
@@ -160,6 +163,18 @@ def _without_skipped_subsets(dataset: DatasetConfig, problems: Problems) -> Data
             seen.add(identity)
             kept.append(subset)
     return DatasetConfig(dataset.where, dataset.style, dataset.settings, tuple(kept))
+
+
+def _without_face_crop_in_buckets(dataset: DatasetConfig, problems: Problems) -> DatasetConfig:
+    """face_crop_aug_range works on fixed-size training only; with buckets sd-scripts ignores it, and so does this,
+    saying so."""
+    if not dataset.enable_bucket or not any(subset.face_crop_aug_range for subset in dataset.subsets):
+        return dataset
+    problems.note(f"{dataset.where}: face_crop_aug_range is ignored with enable_bucket (as in sd-scripts).")
+    subsets = tuple(
+        SubsetConfig(subset.where, {**subset.settings, "face_crop_aug_range": None}) for subset in dataset.subsets
+    )
+    return DatasetConfig(dataset.where, dataset.style, dataset.settings, subsets)
 
 
 def _bucket_settings(dataset: DatasetConfig, problems: Problems, step_divisor: int) -> BucketSettings:
@@ -179,7 +194,7 @@ def _bucket_settings(dataset: DatasetConfig, problems: Problems, step_divisor: i
 def _check_caching(datasets: list[DatasetConfig], problems: Problems) -> None:
     for dataset in datasets:
         for subset in dataset.subsets:
-            for key in ("color_aug", "random_crop"):
+            for key in ("color_aug", "random_crop", "face_crop_aug_range"):
                 if getattr(subset, key):
                     problems.add(
                         f"{subset.where}: {key} changes the image every epoch, so its latents cannot be cached;"
