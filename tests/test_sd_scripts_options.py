@@ -28,7 +28,7 @@ def test_the_parser_knows_every_option_of_sd_scripts(sdxl):
     ("extra", "message"),
     [
         (["--deepspeed"], "--deepspeed: DeepSpeed is not supported"),
-        (["--conditioning_data_dir", "masks"], "--conditioning_data_dir: mask datasets are not implemented yet"),
+        (["--conditioning_data_dir", "masks"], "--conditioning_data_dir: give it per subset in the dataset config"),
         (["--zero_stage", "3"], "--zero_stage: DeepSpeed is not supported"),
         (
             ["--huggingface_repo_id", "me/lora"],
