@@ -75,3 +75,30 @@ def test_the_view_gives_text_model_names_and_patches_the_encoder_itself():
     assert dict(view.named_modules())["text_model.encoder.layers.0.mlp.fc1"] is encoder.encoder.layers[0].mlp.fc1
     assert sd_scripts_view(view) is view and isinstance(sd_scripts_view([encoder, encoder]), list)
     assert torch.equal(next(view.parameters()), next(encoder.parameters()))
+
+
+@pytest.mark.slow
+def test_lycoris_dora_draws_samples_and_resumes_exactly(tiny_sd1, tiny_dataset, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("shp shape --w 64 --h 64 --d 1 --s 3\n", encoding="utf-8")
+    flags = [
+        "--max_train_steps",
+        "4",
+        "--network_module",
+        "lycoris.kohya",
+        "--output_name",
+        "d",
+        "--save_every_n_steps",
+        "2",
+    ]
+    flags += ["--network_args", "algo=locon", "dora_wd=True", PRESET, "--save_state", "--cache_latents"]
+    flags += ["--sample_prompts", str(prompts), "--sample_every_n_steps", "2", "--network_dropout", "0.1"]
+    whole = load_file(train(training_arguments(tiny_sd1, tiny_dataset, tmp_path / "a", *flags)))
+    assert any(key.endswith(".dora_scale") for key in whole)
+    assert len(list((tmp_path / "a" / "sample").glob("d_00000*_00_*_1.png"))) == 2
+    state = tmp_path / "a" / "d-step00000002-state"
+    resumed = load_file(
+        train(training_arguments(tiny_sd1, tiny_dataset, tmp_path / "b", *flags, "--resume", str(state)))
+    )
+    for key, tensor in whole.items():
+        torch.testing.assert_close(resumed[key], tensor, rtol=0, atol=0, msg=key)
