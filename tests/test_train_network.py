@@ -361,10 +361,10 @@ def test_schedule_free_steps_in_train_mode_and_saves_the_averaged_weights(
 def test_a_compiled_unet_trains_as_the_eager_one(tiny_sd1, tiny_dataset, tmp_path, capsys):
     flags = ["--max_train_steps", "3", "--learning_rate", "1e-2", "--cache_latents", "--network_train_unet_only"]
     eager = load_file(train(training_arguments(tiny_sd1, tiny_dataset, tmp_path / "eager", *flags)))
-    compiled_flags = ["--torch_compile", "--dynamo_backend", "aot_eager"]  # inductor needs minutes of C++ on a CPU
+    compiled_flags = ["--torch_compile", "--dynamo_backend", "eager"]  # inductor needs minutes of C++ on a CPU
     compiled = load_file(
         train(training_arguments(tiny_sd1, tiny_dataset, tmp_path / "compiled", *flags, *compiled_flags))
     )
-    assert "U-Net compiled (aot_eager)" in capsys.readouterr().out
+    assert "U-Net compiled (eager)" in capsys.readouterr().out
     for key, tensor in eager.items():
         torch.testing.assert_close(compiled[key], tensor, rtol=1e-4, atol=1e-6, msg=key)
