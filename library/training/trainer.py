@@ -18,6 +18,7 @@ from tqdm import tqdm
 from library.dataset.arguments import prepare_dataset_plans
 from library.dataset.inspection import dataset_summary_lines, debug_dataset
 from library.dataset.loader import BatchSettings
+from library.dataset.plan import DatasetPlan
 from library.errors import UserError
 from library.training.diagnosis import non_finite_latents_message, non_finite_loss_message
 from library.training.families import load_training_family
@@ -25,9 +26,16 @@ from library.training.forward import batch_loss
 from library.training.memory import out_of_memory_advice
 from library.training.optimizers import is_schedule_free
 from library.training.options import TrainingOptions
-from library.training.preparation import Run, prepare, processes_on_cpus, training_length
+from library.training.preparation import Run, TrainingLength, prepare, processes_on_cpus, training_length
 from library.training.samples import draw_samples, sample_schedule
-from library.training.state import Progress, initial_point, read_train_state, resume_point, run_fingerprint
+from library.training.state import (
+    Progress,
+    TrainState,
+    initial_point,
+    read_train_state,
+    resume_point,
+    run_fingerprint,
+)
 from library.training.stop_request import StopRequest
 from library.training.summary import run_summary_lines
 from library.training.text_encoder_cache import check_captions_fixed
@@ -45,33 +53,13 @@ def train(options: TrainingOptions, on_step: Callable[[int], None] | None = None
         seed = resumed.seed if resumed else random.randint(0, 2**32 - 1)
     samples, sample_notes = sample_schedule(options.sampling)
     plans, dataset_notes = prepare_dataset_plans(options.dataset, seed)
-    if options.text_encoder_caching.in_memory:
-        check_captions_fixed(plans, "--cache_text_encoder_outputs")
-    if options.dataset.weighted_captions:
-        for plan in plans:
-            for sample in plan.samples:
-                check_weighted_caption(sample.image.caption, str(sample.image.path))
+    _check_captions(options, plans)
     for line in [*options.notes, *sample_notes, *dataset_notes, *dataset_summary_lines(plans)]:
         print(line)
     num_processes = PartialState(cpu=processes_on_cpus()).num_processes
     length = training_length(options, plans, num_processes)
     fingerprint = run_fingerprint(options, plans, num_processes)
-    start = Progress(1, 0, 0)
-    lengths = options.length
-    if lengths.initial_step is not None or lengths.initial_epoch is not None:
-        steps_per_epoch = math.ceil(length.batches_per_epoch / lengths.gradient_accumulation_steps)
-        start = initial_point(
-            lengths.initial_step,
-            lengths.initial_epoch,
-            lengths.skip_until_initial_step,
-            length.max_train_steps,
-            steps_per_epoch,
-            lengths.gradient_accumulation_steps,
-        )
-    if resumed:
-        start = resume_point(
-            options.saving.resume, resumed, fingerprint, length.max_train_steps, length.batches_per_epoch
-        )
+    start = _start(options, length, resumed, fingerprint)
     family = load_training_family(options.model, options.sdxl)
     if options.dataset.debug_dataset:
         settings = BatchSettings(
@@ -94,6 +82,38 @@ def train(options: TrainingOptions, on_step: Callable[[int], None] | None = None
         raise UserError(
             f"CUDA ran out of memory; to need less, try {out_of_memory_advice(options, batch_size)}."
         ) from error
+
+
+def _check_captions(options: TrainingOptions, plans: list[DatasetPlan]) -> None:
+    """What the captions must allow, checked before anything loads: fixed captions for cached text-encoder
+    outputs, and weights above 0 with --weighted_captions."""
+    if options.text_encoder_caching.in_memory:
+        check_captions_fixed(plans, "--cache_text_encoder_outputs")
+    if options.dataset.weighted_captions:
+        for plan in plans:
+            for sample in plan.samples:
+                check_weighted_caption(sample.image.caption, str(sample.image.path))
+
+
+def _start(options: TrainingOptions, length: TrainingLength, resumed: TrainState | None, fingerprint: dict) -> Progress:
+    """Where the run starts: a resumed run where its state stood, --initial_step / --initial_epoch there, else at
+    the first batch."""
+    if resumed:
+        return resume_point(
+            options.saving.resume, resumed, fingerprint, length.max_train_steps, length.batches_per_epoch
+        )
+    lengths = options.length
+    if lengths.initial_step is None and lengths.initial_epoch is None:
+        return Progress(1, 0, 0)
+    steps_per_epoch = math.ceil(length.batches_per_epoch / lengths.gradient_accumulation_steps)
+    return initial_point(
+        lengths.initial_step,
+        lengths.initial_epoch,
+        lengths.skip_until_initial_step,
+        length.max_train_steps,
+        steps_per_epoch,
+        lengths.gradient_accumulation_steps,
+    )
 
 
 def train_loop(run: Run) -> Path:
