@@ -20,6 +20,7 @@ from library.model_files.stable_diffusion import empty_model, load_stable_diffus
 from library.text_encoding import tokenize
 from library.tiny_models import make_tiny_dataset, make_tiny_model
 from library.training.diffusion import noisy_latents_and_target, per_sample_loss, training_scheduler
+from library.training.families import sdxl as sdxl_family
 from library.training.families.sdxl import SDXLTraining, size_conditioning
 from library.training.fp8 import FP8, store_weights_in_fp8
 from library.training.memory import estimate_peak_memory
@@ -162,7 +163,9 @@ def test_sdxl_lora_trains_caches_and_loads_everywhere(tiny_sdxl, sdxl_dataset, t
 
 
 @pytest.mark.slow
-def test_sdxl_text_encoders_train_and_load_in_diffusers_and_v_prediction_is_recorded(tiny_sdxl, sdxl_dataset, tmp_path):
+def test_sdxl_text_encoders_train_and_load_in_diffusers_and_v_prediction_is_recorded(
+    tiny_sdxl, sdxl_dataset, tmp_path, monkeypatch
+):
     options = (
         "--max_train_steps",
         "2",
@@ -172,8 +175,12 @@ def test_sdxl_text_encoders_train_and_load_in_diffusers_and_v_prediction_is_reco
         "4",
         "--v_parameterization",
         "--zero_terminal_snr",
+        "--disable_mmap_load_safetensors",
     )
+    read = []
+    monkeypatch.setattr(sdxl_family, "_read_sequentially", lambda path, **kwargs: read.append(path))
     final = train(training_arguments(tiny_sdxl, sdxl_dataset, tmp_path, *options, sdxl=True))
+    assert read == [tiny_sdxl]  # --disable_mmap_load_safetensors reads the file through before mapping it
     weights = load_file(final)
     assert any(key.startswith("lora_te1_") for key in weights) and any(key.startswith("lora_te2_") for key in weights)
     with safe_open(str(final), "pt") as file:
