@@ -49,6 +49,7 @@ class TrainingLength:
     max_train_steps: int
     num_epochs: int
     batches_per_epoch: int  # each process's
+    steps_per_epoch: int  # optimizer steps: the batches over the accumulation, the last group possibly partial
     save_every_n_epochs: int | None  # --save_every_n_epochs, or from --save_n_epoch_ratio
 
 
@@ -64,7 +65,7 @@ def training_length(options: TrainingOptions, plans: list[DatasetPlan], num_proc
     save_every_n_epochs = options.saving.save_every_n_epochs
     if options.saving.save_n_epoch_ratio:
         save_every_n_epochs = max(1, num_epochs // options.saving.save_n_epoch_ratio)
-    return TrainingLength(max_train_steps, num_epochs, batches_per_epoch, save_every_n_epochs)
+    return TrainingLength(max_train_steps, num_epochs, batches_per_epoch, steps_per_epoch, save_every_n_epochs)
 
 
 @dataclass

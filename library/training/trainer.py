@@ -105,13 +105,12 @@ def _start(options: TrainingOptions, length: TrainingLength, resumed: TrainState
     lengths = options.length
     if lengths.initial_step is None and lengths.initial_epoch is None:
         return Progress(1, 0, 0)
-    steps_per_epoch = math.ceil(length.batches_per_epoch / lengths.gradient_accumulation_steps)
     return initial_point(
         lengths.initial_step,
         lengths.initial_epoch,
         lengths.skip_until_initial_step,
         length.max_train_steps,
-        steps_per_epoch,
+        length.steps_per_epoch,
         lengths.gradient_accumulation_steps,
     )
 
@@ -160,8 +159,7 @@ class LossDisplay:
 
     def __init__(self, run: Run, initial_step: int):
         self.run = run
-        accumulation = run.options.length.gradient_accumulation_steps
-        self.recent: deque[float] = deque(maxlen=math.ceil(run.length.batches_per_epoch / accumulation))
+        self.recent: deque[float] = deque(maxlen=run.length.steps_per_epoch)
         self.shown: dict[str, str] = {}
         disabled = not run.accelerator.is_main_process
         self.bar = tqdm(total=run.length.max_train_steps, initial=initial_step, desc="steps", disable=disabled)
