@@ -14,10 +14,15 @@ import datetime
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from library.errors import UserError
+from library.lora.files import AdapterModule, read_lora_file, read_modules
+from library.lora.lycoris import LycorisModule
+from library.lora.naming import OWN_MODULES, adaptable_layers, sd_scripts_view
+from library.metadata import trained_for_note
 from library.model_files.family import ModelFamily, family_from_flags
 from library.model_files.stable_diffusion import StableDiffusionModel, load_stable_diffusion, place
 from library.sampling import (
@@ -234,33 +239,75 @@ def load_model(options: GenerationOptions) -> StableDiffusionModel:
     return load_stable_diffusion(options.ckpt, family=options.family, v_parameterization=options.v_parameterization)
 
 
+class _LoadedNetwork(NamedTuple):
+    network: torch.nn.Module
+    weights: dict[str, torch.Tensor]
+    text_encoder: torch.nn.Module | list[torch.nn.Module]  # as the network's module sees it
+
+
+class _WeightPatches(NamedTuple):
+    """A LyCORIS file's modules with the layers they adapt, merged into the weights (there is no network to run)."""
+
+    patches: list[tuple[torch.nn.Module, AdapterModule]]
+
+    def merge(self, multiplier: float) -> None:
+        for layer, module in self.patches:
+            layer.weight.data = module.adapted(layer.weight, multiplier).to(layer.weight.dtype)
+
+
 def attach_networks(model: StableDiffusionModel, choices: list[NetworkChoice], merge: bool) -> list[torch.nn.Module]:
     """Create each network from its file (checked against the model) and apply it, or merge it into the weights.
-    All files are checked before any is merged, so a bad file leaves the model untouched."""
-    text_encoder = _network_text_encoder(model)
-    loaded = [
-        (
-            _network_module(choice).create_network_from_weights(
-                choice.multiplier, str(choice.weights), model.vae, text_encoder, model.unet
-            ),
-            choice,
-        )
-        for choice in choices
-    ]
+    A LyCORIS file given to this project's modules is merged into the weights with the exact weight its algorithm
+    defines; a third-party module (lycoris.kohya) sees the text encoders as sd-scripts' models look. All files are
+    checked before any is merged, so a bad file leaves the model untouched."""
+    loaded = [(_lycoris_patches(model, choice) or _loaded_network(model, choice), choice) for choice in choices]
     networks = []
-    for (network, weights), choice in loaded:
-        if merge:
-            network.merge_to(text_encoder, model.unet, weights)
+    for attached, choice in loaded:
+        if isinstance(attached, _WeightPatches):
+            attached.merge(choice.multiplier)
+        elif merge:
+            attached.network.merge_to(attached.text_encoder, model.unet, attached.weights)
         else:
-            network.load_state_dict(weights)
-            network.apply_to(text_encoder, model.unet)
-            network.eval()
-            networks.append(network)
-        print(
-            f"{'merged' if merge else 'applied'} {choice.weights} ({choice.module})"
-            f" with multiplier {choice.multiplier:g}"
-        )
+            attached.network.apply_to(attached.text_encoder, model.unet, True, True)  # LyCORIS builds its modules here
+            attached.network.load_state_dict(attached.weights)
+            attached.network.eval()
+            networks.append(attached.network)
+        how = "merged" if merge or isinstance(attached, _WeightPatches) else "applied"
+        print(f"{how} {choice.weights} ({choice.module}) with multiplier {choice.multiplier:g}")
     return networks
+
+
+def _loaded_network(model: StableDiffusionModel, choice: NetworkChoice) -> _LoadedNetwork:
+    text_encoder = _network_text_encoder(model)
+    if choice.module not in OWN_MODULES:
+        text_encoder = sd_scripts_view(text_encoder)
+    network, weights = _network_module(choice).create_network_from_weights(
+        choice.multiplier, str(choice.weights), model.vae, text_encoder, model.unet
+    )
+    return _LoadedNetwork(network, weights, text_encoder)
+
+
+def _lycoris_patches(model: StableDiffusionModel, choice: NetworkChoice) -> _WeightPatches | None:
+    """For a LyCORIS file given to this project's modules, its modules checked against the model's layers; None
+    for any other file or module."""
+    if choice.module not in OWN_MODULES:
+        return None
+    weights, metadata = read_lora_file(choice.weights)
+    modules = read_modules(weights, str(choice.weights))
+    if not any(isinstance(module, LycorisModule) for module in modules.values()):
+        return None
+    layers = adaptable_layers(model.text_encoders, model.unet)
+    patches = []
+    for name, module in modules.items():
+        layer = layers.get(name)
+        if layer is None or not module.fits(layer.weight.shape):
+            problem = "names no layer of" if layer is None else "does not fit the shape of its layer in"
+            raise UserError(
+                f"{choice.weights}: module '{name}' {problem} this {model.family.label} model"
+                f"{trained_for_note(metadata)}; use the model the LyCORIS file was trained for."
+            )
+        patches.append((layer, module.for_layer(layer.weight.shape)))
+    return _WeightPatches(patches)
 
 
 def _network_text_encoder(model: StableDiffusionModel):

@@ -99,6 +99,12 @@ def declared_base_model(metadata: Mapping[str, str]) -> tuple[ModelFamily, bool]
     return None
 
 
+def trained_for_note(metadata: Mapping[str, str]) -> str:
+    """' (the file says it was trained for <ss_base_model_version>)', or '' when the file does not say."""
+    version = metadata.get("ss_base_model_version")
+    return f" (the file says it was trained for {version})" if version else ""
+
+
 def common_value(values: list[str], fallback: str) -> str:
     """The one value all modules share, `Dynamic` when they differ, `fallback` when there are none."""
     distinct = set(values)

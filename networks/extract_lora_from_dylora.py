@@ -41,7 +41,7 @@ def extract_ranks(model: str | Path, save_to: str | Path, unit: int | None = Non
     model, save_to = Path(model), Path(save_to)
     weights, metadata = read_lora_file(model)
     unit = _checked_unit(model, metadata, unit)
-    modules = split_modules(weights, str(model))
+    modules = split_modules(weights, str(model), "give a file that networks.dylora wrote.")
     full_rank = _full_rank(model, modules)
     check_unit_divides(full_rank, unit, f"{model}: its rank {full_rank}", f"give a --unit that divides {full_rank}")
     written = []

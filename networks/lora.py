@@ -46,11 +46,15 @@ from library.lora.naming import (
     unet_targets,
 )
 from library.lora.network_args import LoRAArgs, check_probability, parse_network_args
-from library.metadata import common_value, lora_modelspec, lora_network_metadata
+from library.metadata import common_value, lora_modelspec, lora_network_metadata, trained_for_note
 
 logger = logging.getLogger(__name__)
 
 NETWORK_MODULE = "networks.lora"
+LYCORIS_MODULE_FIX = (
+    "networks.lora builds LoRA-LierLa/C3Lier modules only: load the file with --network_module lycoris.kohya"
+    " (pip install lycoris-lora), or merge it into its checkpoint with networks/merge_lora.py."
+)
 DEFAULT_DIM = 4
 DEFAULT_ALPHA = 1.0
 DEFAULT_ARGS = LoRAArgs()
@@ -243,7 +247,7 @@ class LoRANetwork(torch.nn.Module):
             for lora in loras.values():
                 lora.merge_to(None, dtype, device)
             return
-        modules = split_modules(_canonical_names(weights_sd, self._aliases), "the weights to merge")
+        modules = split_modules(_canonical_names(weights_sd, self._aliases), "the weights to merge", LYCORIS_MODULE_FIX)
         _check_modules_fit(
             modules, {name: lora.org_module for name, lora in loras.items()}, "the weights to merge", {}, "this network"
         )
@@ -535,7 +539,7 @@ def read_weights_for_model(
     weights_sd = _canonical_names(weights_sd, {target.alias: target.name for target in targets if target.alias})
     if not text_encoders:
         weights_sd = _without_text_encoder_modules(weights_sd, source)
-    modules = split_modules(weights_sd, source)
+    modules = split_modules(weights_sd, source, LYCORIS_MODULE_FIX)
     layers = {target.name: target.layer for target in targets}
     _check_modules_fit(modules, layers, source, metadata, f"this {model_family(text_encoders, unet).label} model")
     for name, factors in modules.items():
@@ -572,21 +576,16 @@ def _check_modules_fit(
     if unknown:
         raise UserError(
             f"{source}: {len(unknown)} of its {len(modules)} modules name layers {owner} does not have (first:"
-            f" '{unknown[0]}'){_trained_for(metadata)}; use the model the LoRA was trained for."
+            f" '{unknown[0]}'){trained_for_note(metadata)}; use the model the LoRA was trained for."
         )
     for name, factors in modules.items():
         weight_shape = layers[name].weight.shape
         if factors.up.shape[0] != weight_shape[0] or factors.down[0].numel() != math.prod(weight_shape[1:]):
             raise UserError(
                 f"{source}: module '{name}' has factors for a {factors.down.shape[1]} -> {factors.up.shape[0]} layer"
-                f" but {owner}'s layer is {weight_shape[1]} -> {weight_shape[0]}{_trained_for(metadata)};"
+                f" but {owner}'s layer is {weight_shape[1]} -> {weight_shape[0]}{trained_for_note(metadata)};"
                 " use the model the LoRA was trained for."
             )
-
-
-def _trained_for(metadata: Mapping[str, str]) -> str:
-    version = metadata.get("ss_base_model_version")
-    return f" (the file says it was trained for {version})" if version else ""
 
 
 __all__ = ["LoRAModule", "LoRANetwork", "create_network", "create_network_from_weights", "NETWORK_MODULE"]

@@ -40,8 +40,9 @@ from tqdm import tqdm
 from library.compute_options import PRECISION_CHOICES, parse_device, parse_precision
 from library.errors import UserError, run_cli
 from library.lora.block_weights import BlockWeights, check_layout_family, parse_block_weights
-from library.lora.factors import lora_scale, merge_into
+from library.lora.factors import lora_scale
 from library.lora.files import (
+    AdapterModule,
     LoraInput,
     Member,
     ModuleFactors,
@@ -52,6 +53,7 @@ from library.lora.files import (
     read_lora_inputs,
     save_lora_file,
 )
+from library.lora.lycoris import LycorisModule
 from library.lora.naming import CheckpointWeight, checkpoint_weights
 from library.metadata import (
     checkpoint_modelspec,
@@ -74,6 +76,11 @@ from networks.lora import NETWORK_MODULE
 
 logger = logging.getLogger(__name__)
 
+LORA_PLUS_LORA_FIX = (
+    "merging LoRAs into one adds or stacks their factors, which LyCORIS modules do not have: merge it into a"
+    " checkpoint with --sd_model, or combine the files with svd_merge_lora.py, which writes a LoRA of the rank you"
+    " choose."
+)
 EXACT = 1e-5  # a relative deviation from the sum of the deltas up to this is float32 rounding: the merge is exact
 
 
@@ -204,21 +211,14 @@ def merge_into_checkpoint(
     matched = [_modules_in_checkpoint(lora, weights, model) for lora in loras]
     merged: dict[str, torch.Tensor] = {}  # file tensor (current key name) -> its merged value, in --precision
     for position, (lora, modules) in enumerate(zip(loras, matched)):
-        for name, factors in tqdm(
+        for name, module in tqdm(
             modules.items(), desc=f"merging {lora.path.name}", unit="module", disable=not options.progress
         ):
             link = weights[name].link
             if link.file_key not in merged:
                 merged[link.file_key] = checkpoint.read(link.file_key).to(options.device, options.precision, copy=True)
-            layer_weight = to_model_tensor(
-                merged[link.file_key], link
-            )  # a view: merging into it changes the file tensor
-            merge_into(
-                layer_weight,
-                factors.up,
-                factors.down,
-                options.ratio(lora, position, name) * lora_scale(factors.alpha, factors.rank),
-            )
+            layer_weight = to_model_tensor(merged[link.file_key], link)  # a view: writing it changes the file tensor
+            layer_weight.copy_(module.adapted(layer_weight, options.ratio(lora, position, name)).to(layer_weight.dtype))
     metadata = None
     if options.modelspec:
         sources = [(Path(sd_model), checkpoint.metadata)] + [(lora.path, lora.metadata) for lora in loras]
@@ -239,7 +239,7 @@ def _check_script_family(model: StableDiffusionModel, options: MergeOptions) -> 
 
 def _modules_in_checkpoint(
     lora: LoraInput, weights: Mapping[str, CheckpointWeight], model: StableDiffusionModel
-) -> dict[str, ModuleFactors]:
+) -> dict[str, AdapterModule]:
     """The LoRA's modules that name a layer of the checkpoint, checked against the layer's shape. Modules naming no
     layer are skipped with a warning, as sd-scripts skips them; a LoRA of another family, or one none of whose modules
     fits, is refused."""
@@ -263,16 +263,26 @@ def _modules_in_checkpoint(
             model.source,
             unknown[0],
         )
-    matched = {name: factors for name, factors in lora.modules.items() if name in weights}
-    for name, factors in matched.items():
+    matched = {}
+    for name, module in lora.modules.items():
+        if name not in weights:
+            continue
         shape = weights[name].shape
-        if factors.up.shape[0] != shape[0] or factors.down[0].numel() != math.prod(shape[1:]):
+        if not module.fits(shape):
             raise UserError(
-                f"{lora.path}: module '{name}' has factors for a {factors.down.shape[1]} -> {factors.up.shape[0]}"
-                f" layer, but that layer of {model.source} is {shape[1]} -> {shape[0]}; the LoRA was trained for"
-                " another model (SD1.x and SD2.x LoRAs share their names)."
+                f"{lora.path}: module '{name}' is made for a {_layer_text(module)} layer, but that layer of"
+                f" {model.source} is {shape[1]} -> {shape[0]}; the LoRA was trained for another model (SD1.x and SD2.x"
+                " LoRAs share their names)."
             )
+        matched[name] = module.for_layer(shape)
     return matched
+
+
+def _layer_text(module: AdapterModule) -> str:
+    """'in -> out' of the layer a module is made for (in x kernel when the file does not tell the kernel)."""
+    if isinstance(module, LycorisModule) and module.shape is None:
+        return f"{module.flat_in_features} (in x kernel) -> {module.out_features}"
+    return f"{module.weight_shape[1]} -> {module.weight_shape[0]}"
 
 
 def _checkpoint_entries(checkpoint: AliasedCheckpoint, merged: Mapping[str, torch.Tensor], dtype: torch.dtype | None):
@@ -295,6 +305,7 @@ def merge_loras(save_to: str | os.PathLike, loras: Sequence[LoraInput], options:
     """Merge the LoRAs into one and write it to `save_to` (atomically); modules missing from a file count as zero
     there."""
     save_to = check_lora_output(save_to)
+    loras = [lora.plain(LORA_PLUS_LORA_FIX) for lora in loras]
     check_layout_family(options.block_weights, inputs_family(loras))
     groups = modules_by_name(loras, options.block_weights)
     _note_missing_modules(loras, list(groups))
@@ -345,17 +356,17 @@ def factor_sum(name: str, members: Sequence[Member], options: MergeOptions) -> M
     """sd-scripts' default merge (spec 7.2): with s_i = sqrt(alpha_i / alpha_1) * ratio_i, up = sum |s_i| up_i and
     down = sum s_i down_i, alpha = alpha_1. Ranks must be equal."""
     first = members[0]
-    base_alpha = first.factors.alpha_value
+    base_alpha = first.module.alpha_value
     up = down = 0
     for member in members:
-        if member.factors.rank != first.factors.rank:
+        if member.module.rank != first.module.rank:
             raise UserError(
-                f"{member.path}: module '{name}' has rank {member.factors.rank}, but in {first.path} it has rank"
-                f" {first.factors.rank}; the default merge adds the factors themselves, which needs equal ranks: use"
+                f"{member.path}: module '{name}' has rank {member.module.rank}, but in {first.path} it has rank"
+                f" {first.module.rank}; the default merge adds the factors themselves, which needs equal ranks: use"
                 " --concat (exact, the ranks add up) or svd_merge_lora.py (a rank you choose)."
             )
-        s = math.sqrt(member.factors.alpha_value / base_alpha) * member.ratio
-        member_up, member_down = _prepared(member.factors, first.factors, options)
+        s = math.sqrt(member.module.alpha_value / base_alpha) * member.ratio
+        member_up, member_down = _prepared(member.module, first.module, options)
         up, down = up + abs(s) * member_up, down + s * member_down
     return _merged(up, down, base_alpha)
 
@@ -364,15 +375,15 @@ def concatenated(members: Sequence[Member], options: MergeOptions) -> ModuleFact
     """The factors stacked along the rank, so that the module applies exactly sum ratio_i * scale_i * up_i @ down_i.
     The first file's scale alpha / rank is kept (alpha = scale_1 * total rank); file i's factors are multiplied by
     sqrt(|c_i|) each (the sign on down), c_i = ratio_i * scale_i / scale_1."""
-    first = members[0].factors
+    first = members[0].module
     scale = lora_scale(first.alpha, first.rank)
     ups, downs = [], []
     for member in members:
-        weight = member.ratio * lora_scale(member.factors.alpha, member.factors.rank) / scale
-        member_up, member_down = _prepared(member.factors, first, options)
+        weight = member.ratio * lora_scale(member.module.alpha, member.module.rank) / scale
+        member_up, member_down = _prepared(member.module, first, options)
         ups.append(math.sqrt(abs(weight)) * member_up)
         downs.append(math.copysign(math.sqrt(abs(weight)), weight) * member_down)
-    rank = sum(member.factors.rank for member in members)
+    rank = sum(member.module.rank for member in members)
     return _merged(torch.cat(ups, dim=1), torch.cat(downs, dim=0), scale * rank)
 
 
@@ -385,7 +396,7 @@ def shuffled(module: ModuleFactors) -> ModuleFactors:
 def deviation_from_sum(module: ModuleFactors, members: Sequence[Member]) -> float:
     """|| merged delta - sum ratio_i * scale_i * up_i @ down_i ||_F / || the sum ||_F, from the factors (float64)."""
     exact = [
-        (member.ratio * lora_scale(member.factors.alpha, member.factors.rank), member.factors.up, member.factors.down)
+        (member.ratio * lora_scale(member.module.alpha, member.module.rank), member.module.up, member.module.down)
         for member in members
     ]
     target = _norm_of_sum(exact)

@@ -7,7 +7,9 @@
 Each module keeps the largest singular values of its delta up @ down: the resized module is the best approximation of
 that rank (Eckart-Young), computed exactly from the factors, and it keeps the module's scale alpha / rank
 (alpha' = scale * r'). A dynamic method picks each module's rank (at most --new_rank) as the smallest one that meets
-its criterion. See docs/lora_tools.md.
+its criterion. A LyCORIS file (LoCon, LoHa, LoKr) becomes a plain LoRA: each module the best approximation of the
+new rank of the exact delta its algorithm defines, with alpha = rank; DoRA modules are refused, since their change
+depends on the base model. See docs/lora_tools.md.
 """
 
 from __future__ import annotations
@@ -27,15 +29,28 @@ from library.compute_options import PRECISION_CHOICES, parse_device, parse_preci
 from library.errors import UserError, run_cli
 from library.lora.factors import lora_scale
 from library.lora.files import (
+    DORA_TO_LORA_FIX,
+    AdapterModule,
     ModuleFactors,
     check_lora_output,
     module_tensors,
-    read_lora_file,
+    read_lora_inputs,
     save_lora_file,
-    split_modules,
 )
-from library.lora.low_rank import DYNAMIC_METHODS, NewRanks, Retained, Term, chosen_rank, retained, svd_of_sum
+from library.lora.low_rank import (
+    DYNAMIC_METHODS,
+    NewRanks,
+    Retained,
+    Term,
+    chosen_rank,
+    numerical_rank,
+    retained,
+    svd_of_dense,
+    svd_of_sum,
+)
+from library.lora.lycoris import LycorisModule
 from library.metadata import common_value
+from networks.lora import NETWORK_MODULE
 
 DEFAULT_RANK = 4
 
@@ -141,36 +156,44 @@ class ResizedModule(NamedTuple):
 def resize(options: ResizeOptions, verbose: bool = False) -> dict[str, ResizedModule]:
     """Resize options.model into options.save_to; returns what each module became. `verbose` prints a line per
     module (--verbose)."""
-    weights, metadata = read_lora_file(options.model)
-    modules = split_modules(weights, str(options.model))
-    if not modules:
-        raise UserError(f"{options.model}: the file has no LoRA modules; give a LoRA file.")
+    (lora,) = read_lora_inputs([options.model], [1.0])
+    lora = lora.with_layer_shapes(DORA_TO_LORA_FIX)
     tensors, resized = {}, {}
-    for name, factors in tqdm(modules.items(), "resizing", total=len(modules), unit="module"):
-        up, down, resized[name] = _resize_module(factors, options)
+    for name, module in tqdm(lora.modules.items(), "resizing", total=len(lora.modules), unit="module"):
+        up, down, resized[name] = _resize_module(module, options)
         tensors.update(module_tensors(name, up, down, resized[name].alpha))
         if verbose:
             tqdm.write(report_line(name, resized[name], options.dynamic_method is not None), end="")
-    save_lora_file(options.save_to, tensors, _resized_metadata(metadata, resized, options), options.save_precision)
+    converted = any(isinstance(module, LycorisModule) for module in lora.modules.values())
+    metadata = _resized_metadata(lora.metadata, resized, options, converted)
+    save_lora_file(options.save_to, tensors, metadata, options.save_precision)
     return resized
 
 
-def _resize_module(factors: ModuleFactors, options: ResizeOptions) -> tuple[torch.Tensor, torch.Tensor, ResizedModule]:
-    """The module's delta up @ down truncated to its new rank, with alpha' = scale * r' so the scale stays."""
-    up, down = factors.up.to(options.device, torch.float32), factors.down.to(options.device, torch.float32)
-    svd = svd_of_sum([Term(up, down, 1.0)])
+def _resize_module(module: AdapterModule, options: ResizeOptions) -> tuple[torch.Tensor, torch.Tensor, ResizedModule]:
+    """A LoRA module's delta up @ down truncated to its new rank, with alpha' = scale * r' so the scale stays; a
+    LyCORIS module's exact delta truncated, with alpha' = r' (scale 1)."""
+    if isinstance(module, ModuleFactors):
+        up, down = module.up.to(options.device, torch.float32), module.down.to(options.device, torch.float32)
+        svd, scale, old_rank = (
+            svd_of_sum([Term(up, down, 1.0)]),
+            lora_scale(module.alpha_value, module.rank),
+            module.rank,
+        )
+    else:
+        svd, scale = svd_of_dense(module.delta().to(options.device)), 1.0
+        old_rank = numerical_rank(svd.singular_values)
     rank = chosen_rank(
         svd.singular_values,
-        options.ranks.for_module(factors.uses_conv_rank),
+        options.ranks.for_module(module.uses_conv_rank),
         options.dynamic_method,
         options.dynamic_param,
     )
-    low_rank = svd.truncated(rank, factors.weight_shape)
-    alpha = lora_scale(factors.alpha_value, factors.rank) * rank
+    low_rank = svd.truncated(rank, module.weight_shape)
     return (
         low_rank.up,
         low_rank.down,
-        ResizedModule(factors.rank, rank, alpha, factors.uses_conv_rank, retained(svd.singular_values, rank)),
+        ResizedModule(old_rank, rank, scale * rank, module.uses_conv_rank, retained(svd.singular_values, rank)),
     )
 
 
@@ -191,11 +214,15 @@ def summary(resized: Mapping[str, ResizedModule]) -> str:
 
 
 def _resized_metadata(
-    metadata: Mapping[str, str], resized: Mapping[str, ResizedModule], options: ResizeOptions
+    metadata: Mapping[str, str], resized: Mapping[str, ResizedModule], options: ResizeOptions, converted: bool
 ) -> dict[str, str]:
     """The input's metadata with the new ranks and alphas (the values all modules share, or `Dynamic`), a note in
-    `ss_training_comment`, the conv rank in `ss_network_args` and the new title; the hashes are recomputed on save."""
+    `ss_training_comment`, the conv rank in `ss_network_args` and the new title; the hashes are recomputed on save.
+    A `converted` LyCORIS file becomes a networks.lora file, its LyCORIS network arguments left out."""
     updated = {key: value for key, value in metadata.items() if not key.startswith("sshs_")}
+    if converted:
+        updated["ss_network_module"] = NETWORK_MODULE
+        updated.pop("ss_network_args", None)
     base = [module for module in resized.values() if not module.uses_conv_rank]
     convs = [module for module in resized.values() if module.uses_conv_rank]
     updated["ss_training_comment"] = _comment(metadata.get("ss_training_comment", ""), resized, options)
@@ -203,7 +230,9 @@ def _resized_metadata(
     updated["ss_network_alpha"] = common_value(
         [str(module.alpha) for module in base], str(float(options.ranks.new_rank))
     )
-    if convs and "ss_network_args" in updated:
+    if convs and converted:
+        updated["ss_network_args"] = json.dumps(_conv_args(convs))
+    elif convs and "ss_network_args" in updated:
         updated["ss_network_args"] = _with_conv_rank(updated["ss_network_args"], convs)
     if "modelspec.title" in updated:
         updated["modelspec.title"] = options.save_to.stem
@@ -231,9 +260,14 @@ def _with_conv_rank(network_args: str, convs: list[ResizedModule]) -> str:
         return network_args
     if not isinstance(parsed, dict) or "conv_dim" not in parsed:
         return network_args
-    parsed["conv_dim"] = common_value([str(module.rank) for module in convs], "")
-    parsed["conv_alpha"] = common_value([str(module.alpha) for module in convs], "")
-    return json.dumps(parsed)
+    return json.dumps({**parsed, **_conv_args(convs)})
+
+
+def _conv_args(convs: list[ResizedModule]) -> dict[str, str]:
+    return {
+        "conv_dim": common_value([str(module.rank) for module in convs], ""),
+        "conv_alpha": common_value([str(module.alpha) for module in convs], ""),
+    }
 
 
 def main() -> None:

@@ -8,7 +8,10 @@ sum_i ratio_i * alpha_i / rank_i * up_i @ down_i, computed exactly from the fact
 and the SVD of a small core) without forming the dense deltas. With R at least the sum of the input ranks the merged
 module is exactly that sum. A module that only some inputs have is the sum over those. `--lbws` multiplies each
 input's ratio by the weight of the module's block. Every module gets alpha = its rank (scale 1), stored as a float.
-See docs/lora_tools.md.
+
+A LyCORIS file (LoCon, LoHa, LoKr) is merged through the exact delta its algorithm defines, so one LyCORIS file
+with a single ratio of 1 becomes the best plain LoRA of the chosen rank; DoRA modules are refused, since their
+change depends on the base model. See docs/lora_tools.md.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ from library.errors import run_cli
 from library.lora.block_weights import BlockWeights, check_layout_family, parse_block_weights
 from library.lora.factors import lora_scale
 from library.lora.files import (
+    DORA_TO_LORA_FIX,
     LoraInput,
     Member,
+    ModuleFactors,
     check_lora_output,
     inputs_family,
     module_tensors,
@@ -36,10 +41,10 @@ from library.lora.files import (
     read_lora_inputs,
     save_lora_file,
 )
-from library.lora.low_rank import NewRanks, Term, retained, svd_of_sum
+from library.lora.low_rank import NewRanks, Term, ThinSVD, retained, svd_of_dense, svd_of_sum
 from library.metadata import common_value, declared_base_model, lora_modelspec, lora_network_metadata, merged_from
+from networks.lora import NETWORK_MODULE
 
-NETWORK_MODULE = "networks.lora"
 DEFAULT_RANK = 4
 
 
@@ -122,7 +127,7 @@ class MergedModule(NamedTuple):
 
 def svd_merge(options: SvdMergeOptions) -> dict[str, MergedModule]:
     """Merge the models into options.save_to; returns what each module kept."""
-    inputs = read_lora_inputs(options.models, options.ratios)
+    inputs = [each.with_layer_shapes(DORA_TO_LORA_FIX) for each in read_lora_inputs(options.models, options.ratios)]
     check_layout_family(options.block_weights, inputs_family(inputs))
     groups = modules_by_name(inputs, options.block_weights)
     tensors, merged = {}, {}
@@ -137,18 +142,13 @@ def svd_merge(options: SvdMergeOptions) -> dict[str, MergedModule]:
 def _merge_module(
     members: Sequence[Member], options: SvdMergeOptions
 ) -> tuple[torch.Tensor, torch.Tensor, MergedModule]:
-    """The best factors of sum_i ratio_i * scale_i * up_i @ down_i of the module's new rank, shaped like the first
-    input's tensors."""
-    terms = [
-        Term(
-            member.factors.up.to(options.device, options.precision),
-            member.factors.down.to(options.device, options.precision),
-            member.ratio * lora_scale(member.factors.alpha_value, member.factors.rank),
-        )
-        for member in members
-    ]
-    first = members[0].factors
-    svd = svd_of_sum(terms)
+    """The best factors of the module's new rank for sum_i ratio_i * delta_i, shaped like the first input's tensors:
+    from the factors when every input is a LoRA, else from the dense sum (a LyCORIS module's delta is not low-rank)."""
+    first = members[0].module
+    if all(isinstance(member.module, ModuleFactors) for member in members):
+        svd = svd_of_sum([_term(member, options) for member in members])
+    else:
+        svd = _dense_svd(members, options)
     low_rank = svd.truncated(options.ranks.for_module(first.uses_conv_rank), first.weight_shape)
     rank = low_rank.down.shape[0]
     kept = MergedModule(
@@ -158,6 +158,21 @@ def _merge_module(
         rank == svd.singular_values.shape[0],
     )
     return low_rank.up, low_rank.down, kept
+
+
+def _term(member: Member, options: SvdMergeOptions) -> Term:
+    factors = member.module
+    return Term(
+        factors.up.to(options.device, options.precision),
+        factors.down.to(options.device, options.precision),
+        member.ratio * lora_scale(factors.alpha_value, factors.rank),
+    )
+
+
+def _dense_svd(members: Sequence[Member], options: SvdMergeOptions) -> ThinSVD:
+    shape = members[0].module.weight_shape
+    total = sum(member.ratio * member.module.delta().reshape(shape) for member in members)
+    return svd_of_dense(total.to(options.device))
 
 
 def _merged_metadata(

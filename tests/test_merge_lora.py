@@ -177,8 +177,8 @@ def test_a_module_the_checkpoint_lacks_is_skipped_with_a_warning(tiny_checkpoint
     weights, metadata = read_lora_file(loras[ModelFamily.SD1]["lierla"])
     weights.update(
         {
-            "lora_unet_conv_in.lora_down.weight": torch.ones(4, 4, 3, 3),
-            "lora_unet_conv_in.lora_up.weight": torch.ones(32, 4, 1, 1),
+            "lora_unet_down_blocks_9_conv.lora_down.weight": torch.ones(4, 4, 3, 3),
+            "lora_unet_down_blocks_9_conv.lora_up.weight": torch.ones(32, 4, 1, 1),
         }
     )
     save_file(weights, tmp_path / "extra.safetensors", metadata)
@@ -189,7 +189,7 @@ def test_a_module_the_checkpoint_lacks_is_skipped_with_a_warning(tiny_checkpoint
             read_lora_inputs([tmp_path / "extra.safetensors"], [1.0]),
             QUIET,
         )
-    assert "1 of its 211 modules name no layer" in caplog.text and "lora_unet_conv_in" in caplog.text
+    assert "1 of its 211 modules name no layer" in caplog.text and "lora_unet_down_blocks_9_conv" in caplog.text
 
 
 def test_sdxl_block_weights_scale_each_block_linearly(tiny_checkpoints, loras, tmp_path):
@@ -360,7 +360,7 @@ def test_a_lora_for_another_architecture_is_refused_naming_both_files(tiny_check
     sd1_checkpoint = tiny_checkpoints[ModelFamily.SD1][1]
     with pytest.raises(
         UserError,
-        match=rf"^{tmp_path / 'sd2.pt'}: module '.*' has factors for a .* layer, but that layer of {sd1_checkpoint} is",
+        match=rf"^{tmp_path / 'sd2.pt'}: module '.*' is made for a .* layer, but that layer of {sd1_checkpoint} is",
     ):
         merge_into_checkpoint(
             sd1_checkpoint, tmp_path / "x.safetensors", read_lora_inputs([tmp_path / "sd2.pt"], [1.0]), QUIET

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -14,7 +15,9 @@ import torch
 
 from library.errors import UserError
 from library.file_io import atomic_output
-from library.lora.naming import ALPHA, DOWN, LORA_PARTS, UNET_PREFIX, UP, text_encoder_prefixes
+from library.lora.factors import compose, lora_scale
+from library.lora.lycoris import LYCORIS_UNET_PREFIX, LycorisModule, lycoris_algorithm
+from library.lora.naming import ALPHA, DOWN, LORA_PARTS, UNET_PREFIX, UP, adaptable_layers, text_encoder_prefixes
 from library.metadata import declared_base_model, sshs_hashes
 from library.model_files.containers import PICKLE_SUFFIXES, open_checkpoint, tensor_sources, write_safetensors
 from library.model_files.family import ModelFamily
@@ -23,6 +26,14 @@ if TYPE_CHECKING:
     from library.lora.block_weights import BlockWeights
 
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt")
+DORA_TO_LORA_FIX = (
+    "merge it into its checkpoint with merge_lora.py --sd_model, and extract a LoRA of the merged model with"
+    " extract_lora_from_models.py."
+)
+LYCORIS_FIX = (
+    "this works on LoRA-LierLa/C3Lier files only (networks.lora); merge a LyCORIS file into a checkpoint with"
+    " merge_lora.py --sd_model, or turn it into a LoRA with resize_lora.py."
+)
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,25 @@ class ModuleFactors:
         """The shape of the delta up @ down in the file's form: (out, in), (out, in, 1, 1) or (out, in, k, k)."""
         return (self.up.shape[0], *self.down.shape[1:])
 
+    def fits(self, shape: tuple[int, ...] | torch.Size) -> bool:
+        """Whether the module can adapt a layer whose weight has `shape` (a 1x1 layer's factors come 2-D or 4-D)."""
+        return self.up.shape[0] == shape[0] and self.down[0].numel() == math.prod(shape[1:])
+
+    def for_layer(self, shape: tuple[int, ...] | torch.Size) -> ModuleFactors:
+        return self
+
+    def delta(self) -> torch.Tensor:
+        """alpha / rank * up @ down in float32, shaped like `weight_shape`."""
+        return lora_scale(self.alpha, self.rank) * compose(self.up, self.down, self.weight_shape)
+
+    def adapted(self, weight: torch.Tensor, strength: float) -> torch.Tensor:
+        """The layer's weight plus strength * alpha / rank * up @ down, in float32."""
+        delta = compose(self.up.to(weight.device), self.down.to(weight.device), weight.shape)
+        return weight.float() + strength * lora_scale(self.alpha, self.rank) * delta
+
+
+AdapterModule = ModuleFactors | LycorisModule
+
 
 def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors of a LoRA file (`.safetensors` or a torch pickle) and its metadata (empty for pickles)."""
@@ -60,33 +90,60 @@ def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
     return {key: checkpoint.read(key) for key in checkpoint.keys()}, dict(checkpoint.metadata)
 
 
-def split_modules(weights: Mapping[str, torch.Tensor], source: str) -> dict[str, ModuleFactors]:
-    """Group `<module>.lora_down.weight`, `<module>.lora_up.weight` and `<module>.alpha` by module, checking the
-    key grammar: other keys, a module without both factors or factors of different ranks are reported."""
+def read_modules(weights: Mapping[str, torch.Tensor], source: str) -> dict[str, AdapterModule]:
+    """Group a file's keys by module, checking the key grammar: a module of only `lora_down.weight`,
+    `lora_up.weight` and `alpha` is a LoRA (its factors); one that follows a LyCORIS algorithm's grammar (LoCon with
+    a Tucker core, LoHa, LoKr, any of them with DoRA's `dora_scale`) is a LycorisModule. `lycoris_<path>` U-Net names
+    become `lora_unet_<path>`. Other keys, a module without both factors or factors of different ranks are
+    reported."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in weights.items():
         name, _, part = key.partition(".")
-        if part not in LORA_PARTS:
-            raise UserError(
-                f"{source}: key '{key}' is not part of a LoRA-LierLa/C3Lier file"
-                f" (each module has only {', '.join(LORA_PARTS)});"
-                " the file was made for another network type (LyCORIS, OFT, DoRA, PEFT names?),"
-                " which networks.lora cannot load."
-            )
+        if name.startswith(LYCORIS_UNET_PREFIX):
+            name = f"{UNET_PREFIX}_{name.removeprefix(LYCORIS_UNET_PREFIX)}"
         parts.setdefault(name, {})[part] = tensor
-    modules = {}
+    modules: dict[str, AdapterModule] = {}
     for name, tensors in parts.items():
-        if DOWN not in tensors or UP not in tensors:
-            missing = DOWN if DOWN not in tensors else UP
-            raise UserError(f"{source}: module '{name}' has no {missing}; the file is incomplete or damaged.")
-        factors = ModuleFactors(tensors[DOWN], tensors[UP], tensors.get(ALPHA))
-        if factors.down.dim() < 2 or factors.up.dim() < 2 or factors.up.shape[1] != factors.rank:
+        if tensors.keys() <= set(LORA_PARTS):
+            modules[name] = _lora_factors(name, tensors, source)
+        elif algorithm := lycoris_algorithm(set(tensors)):
+            modules[name] = LycorisModule.read(name, algorithm, tensors, source)
+        else:
+            unknown = sorted(tensors.keys() - set(LORA_PARTS))[0]
             raise UserError(
-                f"{source}: module '{name}' has lora_down of shape {tuple(factors.down.shape)} and lora_up of shape"
-                f" {tuple(factors.up.shape)}, which do not make a rank-r pair; the file is damaged."
+                f"{source}: key '{name}.{unknown}' belongs to no network type the LoRA tools read (LoRA-LierLa/C3Lier,"
+                " and LyCORIS's LoCon, LoHa, LoKr and DoRA); the file was made for another network type (IA3, OFT,"
+                " GLoRA, full fine-tuning, PEFT names?) or is damaged."
             )
-        modules[name] = factors
     return modules
+
+
+def _lora_factors(name: str, tensors: Mapping[str, torch.Tensor], source: str) -> ModuleFactors:
+    if DOWN not in tensors or UP not in tensors:
+        missing = DOWN if DOWN not in tensors else UP
+        raise UserError(f"{source}: module '{name}' has no {missing}; the file is incomplete or damaged.")
+    factors = ModuleFactors(tensors[DOWN], tensors[UP], tensors.get(ALPHA))
+    if factors.down.dim() < 2 or factors.up.dim() < 2 or factors.up.shape[1] != factors.rank:
+        raise UserError(
+            f"{source}: module '{name}' has lora_down of shape {tuple(factors.down.shape)} and lora_up of shape"
+            f" {tuple(factors.up.shape)}, which do not make a rank-r pair; the file is damaged."
+        )
+    return factors
+
+
+def split_modules(
+    weights: Mapping[str, torch.Tensor], source: str, lycoris_fix: str = LYCORIS_FIX
+) -> dict[str, ModuleFactors]:
+    """The modules of a file that must be a plain LoRA (LoRA-LierLa/C3Lier): a LyCORIS module is refused in one
+    sentence ending in `lycoris_fix`."""
+    modules = read_modules(weights, source)
+    return {name: plain_factors(name, module, source, lycoris_fix) for name, module in modules.items()}
+
+
+def plain_factors(name: str, module: AdapterModule, source: str, lycoris_fix: str) -> ModuleFactors:
+    if isinstance(module, LycorisModule):
+        raise UserError(f"{source}: module '{name}' is a LyCORIS {module.description} module; {lycoris_fix}")
+    return module
 
 
 def module_tensors(name: str, up: torch.Tensor, down: torch.Tensor, alpha: float) -> dict[str, torch.Tensor]:
@@ -117,14 +174,60 @@ class LoraInput(NamedTuple):
 
     path: Path
     ratio: float
-    modules: dict[str, ModuleFactors]
+    modules: dict[str, AdapterModule]
     metadata: dict[str, str]
     family: ModelFamily | None  # None: the file does not say whether it is for SD1.x or SD2.x
 
+    def plain(self, lycoris_fix: str) -> LoraInput:
+        """This input with every module a LoRA's factors; a LyCORIS module is refused, ending in `lycoris_fix`."""
+        modules = {
+            name: plain_factors(name, module, str(self.path), lycoris_fix) for name, module in self.modules.items()
+        }
+        return self._replace(modules=modules)
+
+    def with_layer_shapes(self, lycoris_fix: str) -> LoraInput:
+        """This input with the layer shape of every LyCORIS module known, where only the layer tells it (a LoHa's conv
+        factors are flattened): the kernel of the layer of that name in the family's model (SD 1.x when the file does
+        not say). A DoRA module is refused, ending in `lycoris_fix`: its weight depends on the base model's."""
+        layers = None
+        modules = {}
+        for name, module in self.modules.items():
+            if isinstance(module, LycorisModule) and module.dora_scale is not None:
+                raise UserError(
+                    f"{self.path}: module '{name}' is a LyCORIS {module.description} module, whose change rescales the"
+                    f" base model's weight, which a LoRA file cannot hold; {lycoris_fix}"
+                )
+            if isinstance(module, LycorisModule) and module.shape is None:
+                layers = layers or _released_layer_shapes(self.family or ModelFamily.SD1)
+                module = _with_kernel_of(name, module, layers.get(name), self.path)
+            modules[name] = module
+        return self._replace(modules=modules)
+
+
+def _released_layer_shapes(family: ModelFamily) -> dict[str, tuple[int, ...]]:
+    """LoRA module name -> weight shape of that layer in the family's released model (built empty, no memory)."""
+    from library.model_files.stable_diffusion import empty_model  # loads diffusers and transformers: only when needed
+
+    model = empty_model(family)
+    return {
+        name: tuple(layer.weight.shape) for name, layer in adaptable_layers(model.text_encoders, model.unet).items()
+    }
+
+
+def _with_kernel_of(name: str, module: LycorisModule, layer: tuple[int, ...] | None, path: Path) -> LycorisModule:
+    if layer is None or module.flat_in_features % math.prod(layer[2:]):
+        raise UserError(
+            f"{path}: the layer of LyCORIS module '{name}' ({module.description}) can be told neither from the file"
+            " (its factors are flattened) nor from the model family's layers; merge the file into its checkpoint"
+            " with merge_lora.py --sd_model, which knows the layer."
+        )
+    kernel = layer[2:]
+    return module.for_layer((module.out_features, module.flat_in_features // math.prod(kernel), *kernel))
+
 
 def read_lora_inputs(models: Sequence[str | os.PathLike], ratios: Sequence[float]) -> list[LoraInput]:
-    """The `--models` files with their `--ratios`: one ratio per file, every file a LoRA, all of one model family
-    (a mismatch names both files)."""
+    """The `--models` files with their `--ratios`: one ratio per file, every file a LoRA (or LyCORIS) file, all of one
+    model family (a mismatch names both files)."""
     if len(ratios) != len(models):
         raise UserError(
             f"--ratios gives {len(ratios)} value(s) but --models names {len(models)} file(s)"
@@ -133,7 +236,7 @@ def read_lora_inputs(models: Sequence[str | os.PathLike], ratios: Sequence[float
     inputs = []
     for path, ratio in zip(models, ratios):
         weights, metadata = read_lora_file(path)
-        modules = split_modules(weights, str(path))
+        modules = read_modules(weights, str(path))
         if not modules:
             raise UserError(f"{path}: the file holds no LoRA modules; give a LoRA file.")
         inputs.append(LoraInput(Path(path), ratio, modules, metadata, lora_family(modules, metadata)))
@@ -153,10 +256,10 @@ def inputs_family(inputs: Sequence[LoraInput]) -> ModelFamily | None:
 
 
 class Member(NamedTuple):
-    """One input's factors of a module, with the input's ratio (times the module's block weight with --lbws)."""
+    """One input's module, with the input's ratio (times the module's block weight with --lbws)."""
 
     path: Path
-    factors: ModuleFactors
+    module: AdapterModule
     ratio: float
 
 
@@ -166,27 +269,27 @@ def modules_by_name(inputs: Sequence[LoraInput], block_weights: Sequence[BlockWe
     layer: SD2's proj_in/proj_out come both ways)."""
     groups: dict[str, list[Member]] = {}
     for position, each in enumerate(inputs):
-        for name, factors in each.modules.items():
+        for name, module in each.modules.items():
             members = groups.setdefault(name, [])
-            if members and _layer_shape(members[0].factors) != _layer_shape(factors):
+            if members and _layer_shape(members[0].module) != _layer_shape(module):
                 raise UserError(
                     f"{members[0].path} and {each.path}: module '{name}' adapts a layer of shape"
-                    f" {_describe(members[0].factors)} in the first but {_describe(factors)} in the second;"
+                    f" {_describe(members[0].module)} in the first but {_describe(module)} in the second;"
                     " the files were made for different models, so merge LoRAs of one model."
                 )
             block_weight = block_weights[position].for_module(name) if block_weights else 1.0
-            members.append(Member(each.path, factors, each.ratio * block_weight))
+            members.append(Member(each.path, module, each.ratio * block_weight))
     return groups
 
 
-def _layer_shape(factors: ModuleFactors) -> tuple[int, int, tuple[int, ...]]:
+def _layer_shape(module: AdapterModule) -> tuple[int, int, tuple[int, ...]]:
     """(out, in, kernel) of the layer a module adapts; a Linear counts as a 1x1 kernel."""
-    kernel = tuple(factors.down.shape[2:]) if factors.down.dim() == 4 else (1, 1)
-    return factors.up.shape[0], factors.down.shape[1], kernel
+    shape = module.weight_shape
+    return shape[0], shape[1], tuple(shape[2:]) or (1, 1)
 
 
-def _describe(factors: ModuleFactors) -> str:
-    out, into, kernel = _layer_shape(factors)
+def _describe(module: AdapterModule) -> str:
+    out, into, kernel = _layer_shape(module)
     return f"{into} -> {out}" + (f" ({kernel[0]}x{kernel[1]} conv)" if kernel != (1, 1) else "")
 
 

@@ -61,10 +61,14 @@ def factors_from_delta(delta: torch.Tensor, rank: int, clamp_quantile: float | N
     signed values, not of their absolute values, so about 1 - q of the entries lie above t and a similar share below
     -t (for q = 0.99 roughly the 98th percentile of |x|). The clamp trims outliers at the cost of exactness; without
     it the factors are the optimal truncation."""
-    matrix = delta.reshape(delta.shape[0], -1).float()
-    left, singular_values, right = torch.linalg.svd(matrix, full_matrices=False)
-    factors = ThinSVD(left, singular_values, right).truncated(rank, delta.shape)
+    factors = svd_of_dense(delta).truncated(rank, delta.shape)
     return factors if clamp_quantile is None else clamp_to_quantile(factors, clamp_quantile)
+
+
+def svd_of_dense(delta: torch.Tensor) -> ThinSVD:
+    """The thin SVD of a weight delta of any layer shape, as an (out, in*k*k) matrix, in float32."""
+    left, singular_values, right = torch.linalg.svd(delta.reshape(delta.shape[0], -1).float(), full_matrices=False)
+    return ThinSVD(left, singular_values, right)
 
 
 def svd_of_sum(terms: Sequence[Term]) -> ThinSVD:
@@ -184,3 +188,10 @@ def retained(singular_values: torch.Tensor, rank: int) -> Retained:
     frobenius_share = math.sqrt(float(values[:rank].square().sum()) / squares) if squares > 0 else 1.0
     smallest = float(values[rank - 1])
     return Retained(sum_share, frobenius_share, float(values[0]) / smallest if smallest > 0 else math.inf)
+
+
+def numerical_rank(singular_values: torch.Tensor) -> int:
+    """How many singular values are not float32 rounding of zero (relative to the largest)."""
+    if singular_values.numel() == 0 or singular_values[0] == 0:
+        return 0
+    return int((singular_values > singular_values[0] * singular_values.shape[0] * torch.finfo(torch.float32).eps).sum())

@@ -110,6 +110,9 @@ def text_encoder_prefixes(count: int) -> list[str]:
     return [TEXT_ENCODER_PREFIX] if count == 1 else [f"{TEXT_ENCODER_PREFIX}{i}" for i in range(1, count + 1)]
 
 
+OWN_MODULES = ("networks.lora", "networks.dylora")  # network modules that know this project's text encoders
+
+
 class SdScriptsTextEncoder(torch.nn.Module):
     """A text encoder seen as sd-scripts' models are: transformers 5 builds CLIPTextModel without its `text_model`
     level, so a network module that names its modules by walking the tree (LyCORIS) would name them
@@ -224,10 +227,24 @@ def checkpoint_weights(model: StableDiffusionModel) -> dict[str, CheckpointWeigh
             link = links.get(f"{path}.weight")
             if link is not None:
                 weights[layer] = CheckpointWeight(link, layer.weight.shape)
+    return {name: weights[layer] for name, layer in adaptable_layers(model.text_encoders, model.unet).items()}
+
+
+def adaptable_layers(text_encoders: Sequence[torch.nn.Module], unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """LoRA module name -> layer, for every name a file may use: the targets of LoRA-LierLa/C3Lier (with the SDXL
+    U-Net's diffusers-style aliases), and every other Linear and conv layer of the U-Net (the time embedding, the
+    input and output convs, which LyCORIS's presets also adapt) under `lora_unet_` and its diffusers path, for SDXL
+    also its LDM path, as a module that names layers by walking sd-scripts' model calls them."""
     named = {}
-    for target in text_encoder_targets(model.text_encoders) + unet_targets(model.unet, with_conv_containers=True):
+    for target in text_encoder_targets(text_encoders) + unet_targets(unet, with_conv_containers=True):
         for name in filter(None, (target.name, target.alias)):
-            named[name] = weights[target.layer]
+            named[name] = target.layer
+    layers = {path: layer for path, layer in unet.named_modules() if type(layer).__name__ in TARGET_LAYER_CLASSES}
+    ldm_paths = unet_ldm_names([path + ".weight" for path in layers], unet.config) if is_sdxl_unet(unet) else {}
+    for path, layer in layers.items():
+        named.setdefault(_lora_name(UNET_PREFIX, path), layer)
+        if ldm_paths:
+            named.setdefault(_lora_name(UNET_PREFIX, ldm_paths[path + ".weight"].removesuffix(".weight")), layer)
     return named
 
 

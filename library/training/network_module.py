@@ -16,11 +16,10 @@ from types import ModuleType
 import torch
 
 from library.errors import UserError
-from library.lora.naming import sd_scripts_view
+from library.lora.naming import OWN_MODULES, sd_scripts_view
 from library.training.families import TrainingFamily
 from library.training.options import NetworkOptions
 
-OWN_MODULES = ("networks.lora", "networks.dylora")
 KNOWN_PACKAGES = {"lycoris": "lycoris-lora"}  # import name -> pip name, for the install hint
 
 
