@@ -6,11 +6,12 @@
 
 Into a checkpoint (`--sd_model`): each LoRA in turn adds ratio * alpha / rank * (up @ down) to the weight of the
 layer each of its modules names (Linear, 1x1 and 3x3 conv; for the q, k, v of an OpenCLIP text encoder, a third of
-the fused in_proj tensor). The merge works on the file's own tensors, not on a loaded model: only the tensors a LoRA
-touches are read, changed and written back in their own dtype; every other tensor (VAE, EMA weights, keys no loader
-knows) is copied through bit for bit under its own name. A load -> merge -> save round trip through model classes
-would drop or rename what the classes do not hold and cast everything to one dtype. The model exists here only as
-empty modules, to know which layer a LoRA name means and where its weight lies in the file.
+the fused in_proj tensor); a LyCORIS module (LoCon with a Tucker core, LoHa, LoKr, DoRA) changes it as its
+algorithm defines (library/lora/lycoris.py). The merge works on the file's own tensors, not on a loaded model: only
+the tensors a LoRA touches are read, changed and written back in their own dtype; every other tensor (VAE, EMA
+weights, keys no loader knows) is copied through bit for bit under its own name. A load -> merge -> save round trip
+through model classes would drop or rename what the classes do not hold and cast everything to one dtype. The model
+exists here only as empty modules, to know which layer a LoRA name means and where its weight lies in the file.
 
 Several LoRAs into one (no `--sd_model`):
 * default, sd-scripts' factor sum (specs/lora_format.md 7.2): up = sum |s_i| up_i, down = sum s_i down_i with

@@ -23,7 +23,11 @@ def compose(up: torch.Tensor, down: torch.Tensor, weight_shape: torch.Size | tup
     return delta.reshape(weight_shape)
 
 
+def added(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, coefficient: float) -> torch.Tensor:
+    """W + coefficient * (up @ down) in float32."""
+    return weight.float() + coefficient * compose(up.to(weight.device), down.to(weight.device), weight.shape)
+
+
 def merge_into(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, multiplier_times_scale: float) -> None:
     """W <- W + multiplier * scale * (up @ down), added in float32 and stored back in W's dtype, in place."""
-    delta = compose(up.to(weight.device), down.to(weight.device), weight.shape)
-    weight.copy_((weight.float() + multiplier_times_scale * delta).to(weight.dtype))
+    weight.copy_(added(weight, up, down, multiplier_times_scale).to(weight.dtype))

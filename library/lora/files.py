@@ -15,7 +15,7 @@ import torch
 
 from library.errors import UserError
 from library.file_io import atomic_output
-from library.lora.factors import compose, lora_scale
+from library.lora.factors import added, compose, lora_scale
 from library.lora.lycoris import LYCORIS_UNET_PREFIX, LycorisModule, lycoris_algorithm
 from library.lora.naming import ALPHA, DOWN, LORA_PARTS, UNET_PREFIX, UP, adaptable_layers, text_encoder_prefixes
 from library.metadata import declared_base_model, sshs_hashes
@@ -77,8 +77,7 @@ class ModuleFactors:
 
     def adapted(self, weight: torch.Tensor, strength: float) -> torch.Tensor:
         """The layer's weight plus strength * alpha / rank * up @ down, in float32."""
-        delta = compose(self.up.to(weight.device), self.down.to(weight.device), weight.shape)
-        return weight.float() + strength * lora_scale(self.alpha, self.rank) * delta
+        return added(weight, self.up, self.down, strength * lora_scale(self.alpha, self.rank))
 
 
 AdapterModule = ModuleFactors | LycorisModule
