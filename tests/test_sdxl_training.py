@@ -4,6 +4,8 @@ outputs are cached in memory and on disk (reused, and encoded again when stale),
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -268,9 +270,13 @@ def test_fp8_base_halves_the_frozen_weights_and_keeps_the_outputs_close():
 
 
 @pytest.mark.slow
-def test_an_sdxl_run_with_fp8_base_trains_both_text_encoders_and_the_unet(tiny_sdxl, sdxl_dataset, tmp_path):
+def test_an_sdxl_run_with_fp8_base_trains_both_text_encoders_and_the_unet(tiny_sdxl, sdxl_dataset, tmp_path, capsys):
     options = ["--max_train_steps", "2", "--learning_rate", "1e-3", "--mixed_precision", "bf16", "--fp8_base"]
     final = train(training_arguments(tiny_sdxl, sdxl_dataset, tmp_path, *options, sdxl=True))
+    printed = capsys.readouterr()
+    assert "precision: bf16 on cpu, attention: PyTorch SDPA, base weights stored in float8" in printed.out
+    peak = re.search(r"measured after the first step: peak host memory ([0-9.]+) GiB", printed.out + printed.err)
+    assert peak and float(peak.group(1)) > 0.1  # at least the interpreter, torch and the model
     weights = load_file(final)
     assert {key.split("_")[1] for key in weights} == {"te1", "te2", "unet"}
     assert any(tensor.abs().sum() > 0 for key, tensor in weights.items() if "lora_up" in key)  # it learned

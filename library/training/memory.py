@@ -7,6 +7,7 @@ largest bucket's pixel count (SDPA keeps nothing quadratic in it)."""
 
 from __future__ import annotations
 
+import resource
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,16 @@ class MemoryEstimate:
             f"LoRA and optimizer {self.training:.1f}, activations {self.activations:.1f}, "
             f"CUDA context {CUDA_CONTEXT_GIB})"
         )
+
+
+def measured_peak_line(device: torch.device) -> str:
+    """The peak memory measured so far: the CUDA allocator's on a GPU, the process's resident set on the CPU."""
+    if device.type == "cuda":
+        return (
+            f"measured after the first step: peak CUDA memory {torch.cuda.max_memory_allocated(device) / GIB:.1f} GiB"
+        )
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return f"measured after the first step: peak host memory {peak / GIB:.1f} GiB (this process)"
 
 
 def estimate_peak_memory(

@@ -3,6 +3,8 @@ network and its scale, optimizer and learning rates, precision, what happens to 
 
 from __future__ import annotations
 
+import torch
+
 from library.lora.factors import lora_scale
 from library.training.memory import MemoryEstimate, estimate_peak_memory
 from library.training.optimizers import ScheduleSettings, uses_relative_step
@@ -36,12 +38,28 @@ def run_summary_lines(run: Run) -> list[str]:
             else f"learning rates per group {', '.join(rates)}, schedule {_schedule_name(options.optimizer.schedule)}"
         ),
         f"precision: {options.model.mixed_precision} on {run.accelerator.device}, attention: {run.attention}"
-        f"{', gradient checkpointing' if options.model.gradient_checkpointing else ''}"
-        f"{f', U-Net compiled ({options.model.dynamo_backend})' if options.model.torch_compile else ''}",
+        f"{''.join(f', {option}' for option in numerics_options(run))}",
         f"text encoder: {_text_encoder_use(run)}",
         *_validation_lines(run),
         memory_estimate(run).line(),
     ]
+
+
+def numerics_options(run: Run) -> list[str]:
+    """The speed options in use that change the arithmetic (or how memory is traded for it), named in the summary."""
+    model = run.options.model
+    named = []
+    if model.gradient_checkpointing:
+        named.append("gradient checkpointing")
+    if model.torch_compile:
+        named.append(f"U-Net compiled ({model.dynamo_backend})")
+    if model.fp8_base or model.fp8_base_unet:
+        named.append(f"{'U-Net' if model.fp8_base_unet and not model.fp8_base else 'base'} weights stored in float8")
+    if run.accelerator.device.type == "cuda" and torch.backends.cudnn.allow_tf32:
+        named.append("TF32 convolutions (PyTorch's default)")
+    if run.accelerator.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        named.append("TF32 matrix products")
+    return named
 
 
 def _validation_lines(run: Run) -> list[str]:

@@ -23,7 +23,7 @@ from library.errors import UserError
 from library.training.diagnosis import non_finite_latents_message, non_finite_loss_message
 from library.training.families import load_training_family
 from library.training.forward import batch_loss
-from library.training.memory import out_of_memory_advice
+from library.training.memory import measured_peak_line, out_of_memory_advice
 from library.training.optimizers import is_schedule_free
 from library.training.options import TrainingOptions
 from library.training.preparation import Run, TrainingLength, prepare, processes_on_cpus, training_length
@@ -170,6 +170,8 @@ class LossDisplay:
 
     def stepped(self, losses: list[float], step: int, reported: dict[str, float]) -> None:
         self.bar.update(1)
+        if self.bar.n == self.bar.initial + 1 and self.run.accelerator.is_main_process:
+            self.bar.write(measured_peak_line(self.run.accelerator.device))
         if "max_norm/keys_scaled" in reported:
             self._show(keys_scaled=reported["max_norm/keys_scaled"], avr_key_norm=reported["norm/avg_key_norm"])
         if not losses:
