@@ -11,8 +11,13 @@ It takes every option of train_network.py, plus --cache_text_encoder_outputs(_to
 
 from __future__ import annotations
 
-from library.errors import run_cli
-from library.training.script import run_training_script
+import gc
+
+if __name__ == "__main__":
+    gc.disable()  # no collections while the imports build their objects; run_cli turns the collector back on
+
+from library.errors import run_cli  # noqa: E402
+from library.training.script import run_training_script  # noqa: E402
 
 if __name__ == "__main__":
     run_cli(lambda: run_training_script(sdxl=True))
