@@ -46,7 +46,7 @@ def extract_ranks(model: str | Path, save_to: str | Path, unit: int | None = Non
     check_unit_divides(full_rank, unit, f"{model}: its rank {full_rank}", f"give a --unit that divides {full_rank}")
     written = []
     for rank in range(unit, full_rank + 1, unit):
-        path = save_to.with_name(f"{save_to.stem}-{rank}{save_to.suffix}")
+        path = save_to.with_name(f"{save_to.stem}-{rank:04d}{save_to.suffix}")  # sd-scripts' names
         save_lora_file(path, rank_slice(modules, rank), _slice_metadata(metadata, full_rank, rank, path.stem))
         written.append(path)
     return written

@@ -54,6 +54,7 @@ from library.lora.files import (
     read_lora_inputs,
     save_lora_file,
 )
+from library.lora.low_rank import Term, norm_of_sum
 from library.lora.lycoris import LycorisModule
 from library.lora.naming import CheckpointWeight, checkpoint_weights
 from library.metadata import (
@@ -397,23 +398,13 @@ def shuffled(module: ModuleFactors) -> ModuleFactors:
 def deviation_from_sum(module: ModuleFactors, members: Sequence[Member]) -> float:
     """|| merged delta - sum ratio_i * scale_i * up_i @ down_i ||_F / || the sum ||_F, from the factors (float64)."""
     exact = [
-        (member.ratio * lora_scale(member.module.alpha, member.module.rank), member.module.up, member.module.down)
+        Term(member.module.up, member.module.down, member.ratio * lora_scale(member.module.alpha, member.module.rank))
         for member in members
     ]
-    target = _norm_of_sum(exact)
-    difference = _norm_of_sum(
-        [(lora_scale(module.alpha, module.rank), module.up, module.down)] + [(-c, up, down) for c, up, down in exact]
-    )
+    target = norm_of_sum(exact)
+    merged = Term(module.up, module.down, lora_scale(module.alpha, module.rank))
+    difference = norm_of_sum([merged] + [term._replace(coefficient=-term.coefficient) for term in exact])
     return difference / target if target else (0.0 if difference == 0 else math.inf)
-
-
-def _norm_of_sum(terms: Sequence[tuple[float, torch.Tensor, torch.Tensor]]) -> float:
-    """|| sum c_k up_k @ down_k ||_F without the dense matrix: with U = [c_k up_k] and D = [down_k] stacked along the
-    rank, ||U D||_F^2 = sum((U^T U) * (D D^T))."""
-    device = terms[0][1].device
-    ups = torch.cat([c * up.to(device, torch.float64).reshape(up.shape[0], -1) for c, up, _ in terms], dim=1)
-    downs = torch.cat([down.to(device, torch.float64).reshape(down.shape[0], -1) for _, _, down in terms], dim=0)
-    return ((ups.T @ ups) * (downs @ downs.T)).sum().clamp_min(0).sqrt().item()
 
 
 def _report_factor_sum(deviations: Mapping[str, float], loras: Sequence[LoraInput]) -> None:

@@ -239,7 +239,7 @@ def test_each_extracted_rank_applied_by_networks_lora_and_diffusers_equals_dylor
         "2",
     )
     assert finished.returncode == 0, finished.stderr
-    files = {rank: tmp_path / f"out-{rank}.safetensors" for rank in (2, 4, 6)}
+    files = {rank: tmp_path / f"out-{rank:04d}.safetensors" for rank in (2, 4, 6)}
     assert sorted(path.name for path in tmp_path.iterdir()) == [
         "dy.safetensors",
         *sorted(path.name for path in files.values()),
@@ -262,7 +262,8 @@ def test_each_extracted_rank_applied_by_networks_lora_and_diffusers_equals_dylor
         metadata = open_checkpoint(path).metadata
         assert metadata["ss_network_dim"] == str(rank) and metadata["ss_network_module"] == "networks.dylora"
         assert metadata["ss_training_comment"] == f"split from DyLoRA, rank 6 to {rank}; shapes"
-        assert metadata["sshs_model_hash"] == file_data_sha256(path) and metadata["modelspec.title"] == f"out-{rank}"
+        assert metadata["sshs_model_hash"] == file_data_sha256(path)
+        assert metadata["modelspec.title"] == f"out-{rank:04d}"
         hashes.add(metadata["sshs_model_hash"])
     assert len(hashes) == 3
     full, source = read_lora_file(files[6])[0], read_lora_file(tmp_path / "dy.safetensors")[0]
@@ -336,10 +337,10 @@ def test_the_extractor_refuses_what_is_not_a_dylora_or_not_a_trained_rank(files,
 
 def test_the_extractor_takes_the_files_unit_and_a_pickle_with_unit(files):
     assert [path.name for path in extract_ranks(files / "dy.safetensors", files / "a.safetensors")] == [
-        "a-4.safetensors",
-        "a-8.safetensors",
+        "a-0004.safetensors",
+        "a-0008.safetensors",
     ]
-    assert [path.name for path in extract_ranks(files / "dy.pt", files / "b.safetensors", 8)] == ["b-8.safetensors"]
+    assert [path.name for path in extract_ranks(files / "dy.pt", files / "b.safetensors", 8)] == ["b-0008.safetensors"]
     finished = run_script(
         EXTRACT, "--model", str(files / "plain.safetensors"), "--save_to", str(files / "c.safetensors")
     )
@@ -414,7 +415,7 @@ def test_training_with_unit_4_and_dim_16_visits_all_four_ranks(trained):
 def test_the_extracted_full_rank_file_is_the_trained_network(trained, tmp_path):
     final, _ = trained
     written = extract_ranks(final, tmp_path / "split.safetensors", 4)
-    assert [path.name for path in written] == [f"split-{rank}.safetensors" for rank in (4, 8, 12, 16)]
+    assert [path.name for path in written] == [f"split-{rank:04d}.safetensors" for rank in (4, 8, 12, 16)]
     full, source = read_lora_file(written[-1])[0], read_lora_file(final)[0]
     assert full.keys() == source.keys() and all(torch.equal(full[key], source[key]) for key in full)
 
@@ -432,4 +433,4 @@ def test_the_guides_try_it_commands(tmp_path):
         assert finished.returncode == 0, finished.stderr
     finished = run_as_user(extract, tmp_path)
     assert finished.returncode == 0, finished.stderr
-    assert finished.stdout.splitlines() == [f"saved tiny/out/split-{rank}.safetensors" for rank in (4, 8, 12, 16)]
+    assert finished.stdout.splitlines() == [f"saved tiny/out/split-{rank:04d}.safetensors" for rank in (4, 8, 12, 16)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 
 import pytest
 import torch
@@ -472,3 +473,33 @@ def test_sdxl_merge_lora_script_concatenates_and_shuffles(loras, tmp_path):
     assert any(key.startswith("lora_te2_") for key in tensors)
     merged, wanted = merged_deltas(tmp_path / "ab.safetensors"), wanted_deltas(files, ratios)
     assert max(relative_error(merged[name], wanted[name]) for name in wanted) < 2e-3  # fp16 factors
+
+
+def test_a_lora_with_nan_is_refused_by_every_merge_tool_and_nothing_is_written(tiny_checkpoints, loras, tmp_path):
+    from networks.resize_lora import ResizeOptions, resize
+    from networks.svd_merge_lora import SvdMergeOptions, svd_merge
+
+    weights, metadata = read_lora_file(loras[ModelFamily.SD1]["lierla"])
+    broken_key = sorted(key for key in weights if key.endswith("lora_up.weight"))[3]
+    weights[broken_key][0, 0] = float("nan")
+    broken = tmp_path / "diverged.safetensors"
+    save_file(weights, broken, metadata)
+    out = tmp_path / "out.safetensors"
+    refused = run_script(
+        "networks/merge_lora.py", "--sd_model", str(tiny_checkpoints[ModelFamily.SD1][1]), "--save_to", str(out),
+        "--models", str(broken), "--ratios", "1",
+    )  # fmt: skip
+    message = f"{broken}: module '{broken_key.split('.')[0]}' holds NaN or infinite values (in lora_up.weight)"
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [f"error: {message}; {MESSAGE_END}"]
+    with pytest.raises(UserError, match=re.escape(message)):
+        svd_merge(SvdMergeOptions(models=(broken,), ratios=(1.0,), save_to=out))
+    with pytest.raises(UserError, match=re.escape(message)):
+        resize(ResizeOptions(model=broken, save_to=out))
+    weights[broken_key][0, 0] = float("inf")
+    save_file(weights, broken, metadata)
+    with pytest.raises(UserError, match=re.escape(message)):
+        merge_loras(out, read_lora_inputs([loras[ModelFamily.SD1]["lierla"], broken], [1.0, 1.0]), QUIET)
+    assert not out.exists() and sorted(path.name for path in tmp_path.iterdir()) == ["diverged.safetensors"]
+
+
+MESSAGE_END = "the file is broken, most likely by a training run that diverged: use an earlier save of it."

@@ -49,6 +49,11 @@ class ModuleFactors:
         return self.down.shape[0]
 
     @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The module's tensors under their keys after the module name, as LycorisModule.tensors."""
+        return {DOWN: self.down, UP: self.up, **({ALPHA: self.alpha} if self.alpha is not None else {})}
+
+    @property
     def alpha_value(self) -> float:
         """The alpha the scale uses: the stored value, or the rank when there is none (or it is 0)."""
         alpha = float(self.alpha) if self.alpha is not None else 0.0
@@ -238,6 +243,7 @@ def read_lora_inputs(models: Sequence[str | os.PathLike], ratios: Sequence[float
         modules = read_modules(weights, str(path))
         if not modules:
             raise UserError(f"{path}: the file holds no LoRA modules; give a LoRA file.")
+        check_finite(modules, path)
         inputs.append(LoraInput(Path(path), ratio, modules, metadata, lora_family(modules, metadata)))
     known = [each for each in inputs if each.family is not None]
     for each in known[1:]:
@@ -247,6 +253,18 @@ def read_lora_inputs(models: Sequence[str | os.PathLike], ratios: Sequence[float
                 " LoRAs for different model families cannot be merged, so give files made for the same model family."
             )
     return inputs
+
+
+def check_finite(modules: Mapping[str, AdapterModule], path: str | os.PathLike) -> None:
+    """Refuse a file with a NaN or infinite value, naming its first such tensor: merged or resized, it would spread
+    into every weight it touches (a checkpoint full of NaN draws black images)."""
+    for name, module in modules.items():
+        for part, tensor in module.tensors.items():
+            if not torch.isfinite(tensor).all():
+                raise UserError(
+                    f"{path}: module '{name}' holds NaN or infinite values (in {part}); the file is broken, most"
+                    " likely by a training run that diverged: use an earlier save of it."
+                )
 
 
 def inputs_family(inputs: Sequence[LoraInput]) -> ModelFamily | None:

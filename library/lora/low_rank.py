@@ -65,6 +65,15 @@ def factors_from_delta(delta: torch.Tensor, rank: int, clamp_quantile: float | N
     return factors if clamp_quantile is None else clamp_to_quantile(factors, clamp_quantile)
 
 
+def norm_of_sum(terms: Sequence[Term]) -> float:
+    """|| sum c_k up_k @ down_k ||_F in float64 without the dense matrix: with U = [c_k up_k] and D = [down_k] stacked
+    along the rank, ||U D||_F^2 = sum((U^T U) * (D D^T))."""
+    device = terms[0].up.device
+    ups = torch.cat([t.coefficient * t.up.to(device, torch.float64).reshape(t.up.shape[0], -1) for t in terms], dim=1)
+    downs = torch.cat([t.down.to(device, torch.float64).reshape(t.down.shape[0], -1) for t in terms], dim=0)
+    return ((ups.T @ ups) * (downs @ downs.T)).sum().clamp_min(0).sqrt().item()
+
+
 def svd_of_dense(delta: torch.Tensor) -> ThinSVD:
     """The thin SVD of a weight delta of any layer shape, as an (out, in*k*k) matrix, in float32."""
     left, singular_values, right = torch.linalg.svd(delta.reshape(delta.shape[0], -1).float(), full_matrices=False)

@@ -105,17 +105,23 @@ class LycorisModule:
         return replace(self, shape=tuple(shape))
 
     @property
-    def scale(self) -> float:
-        alpha = self.tensors.get(ALPHA_KEY)
-        alpha = float(alpha) if alpha is not None else 0.0
+    def rank(self) -> int | None:
+        """The rank alpha is divided by; None for a LoKr with neither side factorised."""
         if self.algorithm == "LoKr":
             factor = self.tensors.get("lokr_w1_b", self.tensors.get("lokr_w2_b"))
-            if factor is None:  # neither side factorised: LyCORIS fixes the scale at 1
-                return 1.0
-            rank = factor.shape[0]
-        else:
-            rank = self.tensors["lora_down.weight" if self.algorithm == "LoCon" else "hada_w1_b"].shape[0]
-        return alpha / rank if alpha else 1.0
+            return None if factor is None else factor.shape[0]
+        return self.tensors["lora_down.weight" if self.algorithm == "LoCon" else "hada_w1_b"].shape[0]
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank; 1 without alpha, and for a LoKr with neither side factorised (as LyCORIS saves it)."""
+        alpha = self.tensors.get(ALPHA_KEY)
+        alpha = float(alpha) if alpha is not None else 0.0
+        return alpha / self.rank if alpha and self.rank else 1.0
+
+    def change_norm(self) -> float:
+        """The Frobenius norm of the change at strength 1 (without DoRA's rescaling); no layer shape needed."""
+        return float(self._delta_unshaped().double().norm()) * abs(self.scale)
 
     def delta(self) -> torch.Tensor:
         """The weight change at strength 1 (without DoRA's rescaling), float32, shaped like the layer's weight."""
