@@ -24,7 +24,14 @@ from typing import NamedTuple
 import torch
 
 from library.errors import run_cli
-from library.lora.files import AdapterModule, ModuleFactors, lora_family, read_lora_file, read_modules
+from library.lora.files import (
+    AdapterModule,
+    ModuleFactors,
+    lora_family,
+    read_lora_file,
+    read_lora_weights,
+    read_modules,
+)
 from library.lora.low_rank import Term, norm_of_sum
 from library.lora.naming import TEXT_ENCODER_PREFIX, UNET_PREFIX, ldm_block
 from library.model_files.family import ModelFamily
@@ -133,15 +140,16 @@ def key_lines(weights: Mapping[str, torch.Tensor]) -> list[str]:
 
 def check(path: str | Path, show_all_keys: bool = False) -> list[ModuleReport]:
     """Print the report of one file; returns the module reports."""
-    weights, metadata = read_lora_file(path)
+    weights, metadata = read_lora_weights(path)
     modules = read_modules(weights, str(path))
     print(f"loading: {path}")
     reports = [module_report(name, module) for name, module in modules.items()]
     for report in reports:
         print(report.line())
     if show_all_keys:
-        print(f"number of all keys: {len(weights)}")
-        print("\n".join(key_lines(weights)))
+        stored, _ = read_lora_file(path)  # the file's own keys, also for a diffusers/PEFT file
+        print(f"number of all keys: {len(stored)}")
+        print("\n".join(key_lines(stored)))
     print("\n".join(summary_lines(reports, lora_family(modules, metadata))))
     return reports
 

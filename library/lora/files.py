@@ -18,6 +18,7 @@ from library.file_io import atomic_output
 from library.lora.factors import added, compose, lora_scale
 from library.lora.lycoris import LYCORIS_UNET_PREFIX, LycorisModule, lycoris_algorithm
 from library.lora.naming import ALPHA, DOWN, LORA_PARTS, UNET_PREFIX, UP, adaptable_layers, text_encoder_prefixes
+from library.lora.peft_format import is_peft_file, peft_to_kohya
 from library.metadata import declared_base_model, sshs_hashes
 from library.model_files.containers import PICKLE_SUFFIXES, open_checkpoint, tensor_sources, write_safetensors
 from library.model_files.family import ModelFamily
@@ -92,6 +93,15 @@ def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
     """All tensors of a LoRA file (`.safetensors` or a torch pickle) and its metadata (empty for pickles)."""
     checkpoint = open_checkpoint(path)
     return {key: checkpoint.read(key) for key in checkpoint.keys()}, dict(checkpoint.metadata)
+
+
+def read_lora_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A LoRA file's tensors under sd-scripts' names: a diffusers/PEFT file is converted on load
+    (library/lora/peft_format.py)."""
+    weights, metadata = read_lora_file(path)
+    if is_peft_file(weights):
+        weights = peft_to_kohya(weights, metadata, str(path))
+    return weights, metadata
 
 
 def read_modules(weights: Mapping[str, torch.Tensor], source: str) -> dict[str, AdapterModule]:
@@ -239,7 +249,7 @@ def read_lora_inputs(models: Sequence[str | os.PathLike], ratios: Sequence[float
         )
     inputs = []
     for path, ratio in zip(models, ratios):
-        weights, metadata = read_lora_file(path)
+        weights, metadata = read_lora_weights(path)
         modules = read_modules(weights, str(path))
         if not modules:
             raise UserError(f"{path}: the file holds no LoRA modules; give a LoRA file.")
