@@ -120,6 +120,28 @@ def test_extract_guide_commands(tmp_path):
     assert load_file(tmp_path / "tiny" / "out" / "extracted.safetensors")
 
 
+def test_check_and_convert_guide_commands(tmp_path):
+    for folder in ("tools", "networks"):
+        (tmp_path / folder).symlink_to(ROOT / folder)
+    finished = [
+        run_as_user(line, tmp_path) for line in try_it_commands("lora_tools.md", "### Try it: check and convert")
+    ]
+    assert all(run.returncode == 0 for run in finished), [run.stderr for run in finished if run.returncode]
+    check, to_peft, back = (run.stdout.splitlines() for run in finished[3:])
+    assert check[-3:] == [
+        "210 modules (SD1.x): te 18, unet 192",
+        "U-Net modules per block: IN01 12, IN02 12, IN04 12, IN05 12, IN07 12, IN08 12, MID 12, OUT03 12, OUT04 12,"
+        " OUT05 12, OUT06 12, OUT07 12, OUT08 12, OUT09 12, OUT10 12, OUT11 12",
+        "flagged: none",
+    ]
+    assert to_peft == ["saved tiny/out/diff_peft.safetensors: 210 modules in diffusers form"]
+    assert back == ["saved tiny/out/diff_again.safetensors: 210 modules in kohya form"]
+    original, again = (
+        load_file(tmp_path / "tiny" / "out" / name) for name in ("diff.safetensors", "diff_again.safetensors")
+    )
+    assert original.keys() == again.keys() and all(torch.equal(again[key], original[key]) for key in original)
+
+
 @pytest.mark.slow
 def test_generation_guide_commands(tmp_path):
     from PIL import Image
