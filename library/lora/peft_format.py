@@ -141,9 +141,9 @@ def _lora_config(ranks_and_alphas: Mapping[str, tuple[int, float]]) -> dict:
 
 
 def _configured_alphas(metadata: Mapping[str, str], factors: Mapping[str, Mapping[str, torch.Tensor]]) -> dict:
-    """path -> alpha from the `lora_adapter_metadata` JSON: each component's `lora_alpha`, or its `alpha_pattern`
-    entry (a key matching the path, or a suffix of it); for paths with a rank_pattern entry but no alpha of their
-    own, the rank they have is not the scale's business: alpha is still lora_alpha, as PEFT reads it."""
+    """path -> alpha from the `lora_adapter_metadata` JSON, as PEFT reads it: the component's `alpha_pattern` entry
+    whose key names the path (or a suffix of it), else the component's `lora_alpha` (also for modules whose rank
+    comes from `rank_pattern`: PEFT's scale is alpha / that rank)."""
     if METADATA_KEY not in metadata:
         return {}
     config = json.loads(metadata[METADATA_KEY])
