@@ -157,6 +157,7 @@ def _model(family: ModelFamily):
     return empty_model(family)
 
 
+@functools.cache
 def sd_scripts_names(family: ModelFamily) -> set[str]:
     """networks.lora's targets (text encoders' attention and MLP, the U-Net's transformer blocks and ResNet/sampler
     convs); for SDXL also the diffusers-style U-Net names it renames."""
@@ -165,14 +166,11 @@ def sd_scripts_names(family: ModelFamily) -> set[str]:
     return {name for target in targets for name in (target.name, target.alias) if name}
 
 
+@functools.cache
 def every_layer_name(family: ModelFamily) -> set[str]:
     """Every Linear and conv layer under the names files use (what AUTOMATIC1111's and ComfyUI's maps reach)."""
     model = _model(family)
     return set(adaptable_layers(model.text_encoders, model.unet))
-
-
-def _is_text_encoder(name: str) -> bool:
-    return name.startswith(("lora_te_", "lora_te1_", "lora_te2_"))
 
 
 def _is_open_clip(name: str, family: ModelFamily) -> bool:
@@ -334,9 +332,12 @@ def model_fit_problems(lora: LoraFile, checkpoint: str) -> dict[str, str]:
     weights = checkpoint_weights(model)
     problems = {}
     for name, parts in lora.modules.items():
-        if name not in weights or lora.kind(name) is None or name in problems_everywhere(lora):
+        if name not in weights or lora.kind(name) is None:
             continue
-        (module,) = read_modules({f"{name}.{part}": tensor for part, tensor in parts.items()}, str(lora.path)).values()
+        try:
+            (module,) = read_modules({f"{name}.{part}": tensor for part, tensor in parts.items()}, name).values()
+        except UserError:  # factors that make no rank-r pair: reported for every consumer
+            continue
         if not module.fits(weights[name].shape):
             problems[name] = f"made for another layer shape than {tuple(weights[name].shape)} in {checkpoint}"
     return problems

@@ -161,6 +161,7 @@ class LossDisplay:
         self.run = run
         self.recent: deque[float] = deque(maxlen=run.length.steps_per_epoch)
         self.shown: dict[str, str] = {}
+        self.peak_reported = False  # the measured peak memory is said once, after the first step
         disabled = not run.accelerator.is_main_process
         self.bar = tqdm(total=run.length.max_train_steps, initial=initial_step, desc="steps", disable=disabled)
 
@@ -170,8 +171,9 @@ class LossDisplay:
 
     def stepped(self, losses: list[float], step: int, reported: dict[str, float]) -> None:
         self.bar.update(1)
-        if self.bar.n == self.bar.initial + 1 and self.run.accelerator.is_main_process:
+        if not self.peak_reported and self.run.accelerator.is_main_process:
             self.bar.write(measured_peak_line(self.run.accelerator.device))
+        self.peak_reported = True
         if "max_norm/keys_scaled" in reported:
             self._show(keys_scaled=reported["max_norm/keys_scaled"], avr_key_norm=reported["norm/avg_key_norm"])
         if not losses:
