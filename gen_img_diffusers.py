@@ -5,23 +5,13 @@ gen_img_diffusers.py flags:
         --sampler k_euler_a --seed 1 --network_module networks.lora --network_weights my_lora.safetensors \
         --network_mul 0.8
 
-See docs/generation.md.
+SDXL models work here too; sdxl_gen_img.py is the same script for SDXL models only. See docs/generation.md.
 """
 
 from __future__ import annotations
 
 from library.errors import run_cli
-from library.generation import build_parser, generate, options_from_arguments
-
-
-def main() -> None:
-    args = build_parser().parse_args()
-    notes: list[str] = []
-    options = options_from_arguments(args, notes)
-    for note in notes:
-        print(note)
-    generate(options)
-
+from library.generation import run_generation_script
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(lambda: run_generation_script(sdxl=False))

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import datetime
 import importlib
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -24,7 +25,12 @@ from library.lora.lycoris import LycorisModule
 from library.lora.naming import OWN_MODULES, adaptable_layers, sd_scripts_view
 from library.metadata import trained_for_note
 from library.model_files.family import ModelFamily, family_from_flags
-from library.model_files.stable_diffusion import StableDiffusionModel, load_stable_diffusion, place
+from library.model_files.stable_diffusion import (
+    StableDiffusionModel,
+    load_stable_diffusion,
+    local_model_family,
+    place,
+)
 from library.sampling import (
     DEFAULT_SAMPLER,
     SAMPLER_NAMES,
@@ -36,10 +42,96 @@ from library.sampling import (
     save_sample_image,
 )
 from library.sampling.prompts import DEFAULT_SCALE, DEFAULT_SIZE
+from library.unsupported_options import UnsupportedOption, add_unsupported_arguments, refuse_unsupported
 
 DEFAULT_STEPS = 50  # gen_img_diffusers' default (training samples use 30)
+SDXL_SIZE = 1024  # sdxl_gen_img.py's default width and height
 DEFAULT_NETWORK_MODULE = "networks.lora"
 SEED_MODULUS = 2**64
+
+
+NOT_YET = "not implemented here yet (docs/generation.md lists what is)"
+GUIDANCE = "CLIP and VGG16 guidance are not implemented here; they date from SD 1.x and few use them"
+CONTROL = "ControlNet and ControlNet-LLLite are not implemented here"
+UNSUPPORTED_GENERATION_OPTIONS = (
+    UnsupportedOption("interactive", "there is no interactive mode here; give --prompt or --from_file"),
+    *(UnsupportedOption(name, NOT_YET, "value") for name in ("image_path", "mask_path", "strength", "vae")),
+    UnsupportedOption("sequential_file_name", NOT_YET),
+    UnsupportedOption("use_original_file_name", NOT_YET),
+    UnsupportedOption("ddim_eta", NOT_YET, "value"),
+    UnsupportedOption("vae_slices", NOT_YET, "value"),
+    UnsupportedOption("replace_clip_l14_336", "the 336-pixel CLIP vision variant is not supported here"),
+    UnsupportedOption("network_merge_n_models", NOT_YET, "value"),
+    UnsupportedOption("network_pre_calc", NOT_YET),
+    UnsupportedOption(
+        "network_regional_mask_max_color_codes", "regional prompts with masks are not implemented here", "value"
+    ),
+    UnsupportedOption("textual_inversion_embeddings", NOT_YET, "value", nargs="*"),
+    UnsupportedOption("XTI_embeddings", "XTI embeddings are not supported here", "value", nargs="*"),
+    UnsupportedOption("clip_guidance_scale", GUIDANCE, "value", default=0.0),
+    UnsupportedOption("clip_image_guidance_scale", GUIDANCE, "value", default=0.0),
+    UnsupportedOption("vgg16_guidance_scale", GUIDANCE, "value", default=0.0),
+    UnsupportedOption("vgg16_guidance_layer", GUIDANCE, "value", default=20),
+    UnsupportedOption("guide_image_path", GUIDANCE, "value", nargs="*"),
+    UnsupportedOption("highres_fix_scale", NOT_YET, "value"),
+    UnsupportedOption("highres_fix_steps", NOT_YET, "value", default=28),
+    UnsupportedOption("highres_fix_strength", NOT_YET, "value"),
+    UnsupportedOption("highres_fix_save_1st", NOT_YET),
+    UnsupportedOption("highres_fix_latents_upscaling", NOT_YET),
+    UnsupportedOption("highres_fix_upscaler", NOT_YET, "value"),
+    UnsupportedOption("highres_fix_upscaler_args", NOT_YET, "value"),
+    UnsupportedOption("highres_fix_disable_control_net", CONTROL),
+    UnsupportedOption("negative_scale", NOT_YET, "value"),
+    *(
+        UnsupportedOption(name, CONTROL, "value", nargs="*")
+        for name in (
+            "control_net_models",
+            "control_net_preps",
+            "control_net_weights",
+            "control_net_ratios",
+            "control_net_lllite_models",
+            "control_net_multipliers",
+        )
+    ),
+    UnsupportedOption("clip_vision_strength", CONTROL, "value"),
+    *(
+        UnsupportedOption(name, "Deep Shrink is not implemented here", "value", default=default)
+        for name, default in (
+            ("ds_depth_1", None),
+            ("ds_timesteps_1", 650),
+            ("ds_depth_2", None),
+            ("ds_timesteps_2", 650),
+            ("ds_ratio", 0.5),
+        )
+    ),
+    *(
+        UnsupportedOption(name, "gradual latent is not implemented here", "value", default=default)
+        for name, default in (
+            ("gradual_latent_timesteps", None),
+            ("gradual_latent_ratio", 0.5),
+            ("gradual_latent_ratio_step", 0.125),
+            ("gradual_latent_every_n_steps", 3),
+            ("gradual_latent_s_noise", 1.0),
+            ("gradual_latent_unsharp_params", None),
+        )
+    ),
+    *(
+        UnsupportedOption(name, NOT_YET + "; the size conditioning is the image's size, the crop (0, 0)", "value")
+        for name in (
+            "original_height",
+            "original_width",
+            "original_height_negative",
+            "original_width_negative",
+            "crop_top",
+            "crop_left",
+        )
+    ),
+)
+NO_EFFECT = {  # accepted, with a note: what they do in sd-scripts happens here anyway or has no use
+    "no_preview": "there is no preview window here",
+    "opt_channels_last": "channels-last is not used here (slower on the CPUs measured, bench/NOTES.md)",
+    "no_half_vae": "the VAE always decodes in float32 here",
+}
 
 
 @dataclass(frozen=True)
@@ -47,6 +139,7 @@ class NetworkChoice:
     module: str  # e.g. networks.lora
     weights: Path
     multiplier: float
+    arguments: dict[str, str] = dataclasses.field(default_factory=dict)  # --network_args: key=value;key=value
 
 
 @dataclass(frozen=True)
@@ -55,6 +148,8 @@ class GenerationOptions:
     outdir: Path
     prompts: list[SamplePrompt]
     images_per_prompt: int
+    iterations: int  # --n_iter: the whole prompt list this many times
+    same_seed_per_iteration: bool  # --iter_same_seed
     seed: int | None
     sampler: str
     dtype: torch.dtype
@@ -64,6 +159,8 @@ class GenerationOptions:
     xformers: bool
     networks: list[NetworkChoice]
     merge_networks: bool
+    show_network_metadata: bool = False
+    tokenizer_cache_dir: str | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,15 +174,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--from_file", help="prompt file: one prompt per line with --n --w --h --d --l --s --ss (or .toml/.json)"
     )
-    parser.add_argument("--outdir", required=True, help="folder for the PNG files")
-    parser.add_argument("--W", type=int, default=DEFAULT_SIZE, help="width (default 512)")
-    parser.add_argument("--H", type=int, default=DEFAULT_SIZE, help="height (default 512)")
+    parser.add_argument("--outdir", default="outputs", help="folder for the PNG files (default outputs)")
+    parser.add_argument("--W", type=int, help="width (default 512, 1024 for SDXL)")
+    parser.add_argument("--H", type=int, help="height (default 512, 1024 for SDXL)")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampling steps (default 50)")
     parser.add_argument(
         "--scale", type=float, default=DEFAULT_SCALE, help="classifier-free guidance scale (default 7.5)"
     )
     parser.add_argument("--seed", type=int, help="seed of the first image; image i of the run gets seed + i")
     parser.add_argument("--images_per_prompt", type=int, default=1, help="images for each prompt (default 1)")
+    parser.add_argument("--n_iter", type=int, default=1, help="go through the prompts this many times (default 1)")
+    parser.add_argument(
+        "--iter_same_seed", action="store_true", help="one seed for every prompt of an iteration (unless it has --d)"
+    )
+    parser.add_argument("--shuffle_prompts", action="store_true", help="draw the prompts in a random order")
+    parser.add_argument("--tokenizer_cache_dir", help="a folder with the CLIP tokenizers (sd-scripts' layout)")
+    parser.add_argument("--vae_batch_size", type=float, help="accepted; each image is decoded on its own here")
+    parser.add_argument(
+        "--max_embeddings_multiples", type=int, help="prompt windows of 75 tokens: 3 here (the only value taken)"
+    )
     parser.add_argument("--batch_size", type=int, default=1, help="accepted; images are drawn one at a time")
     parser.add_argument("--sampler", default=DEFAULT_SAMPLER, help=f"one of {', '.join(SAMPLER_NAMES)} (default ddim)")
     precision = parser.add_mutually_exclusive_group()
@@ -94,12 +201,23 @@ def build_parser() -> argparse.ArgumentParser:
     attention = parser.add_mutually_exclusive_group()
     attention.add_argument("--xformers", action="store_true", help="xformers attention when installed on CUDA")
     attention.add_argument("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (the default)")
+    attention.add_argument("--diffusers_xformers", action="store_true", help="the same as --xformers here")
     parser.add_argument("--clip_skip", type=int, help="use the output of the n-th last text encoder layer")
     parser.add_argument("--network_module", nargs="*", help="module of each network (one for all, or one per file)")
     parser.add_argument("--network_weights", nargs="*", help="LoRA files, applied together")
     parser.add_argument("--network_mul", type=float, nargs="*", help="strength of each network (default 1.0)")
     parser.add_argument(
         "--network_merge", action="store_true", help="merge the networks into the weights instead of applying them"
+    )
+    parser.add_argument(
+        "--network_args", nargs="*", help="arguments of each network's module, one string per network: key=value;..."
+    )
+    parser.add_argument("--network_show_meta", action="store_true", help="print each network file's metadata")
+    for name, why in NO_EFFECT.items():
+        parser.add_argument(f"--{name}", action="store_true", help=f"accepted: {why}")
+    add_unsupported_arguments(
+        parser.add_argument_group("sd-scripts options that are refused here (each says why)"),
+        UNSUPPORTED_GENERATION_OPTIONS,
     )
     return parser
 
@@ -119,22 +237,44 @@ def options_from_arguments(args: argparse.Namespace, notes: list[str]) -> Genera
         )
     if args.batch_size > 1:
         notes.append(f"--batch_size {args.batch_size}: images are drawn one at a time (same images, not batched).")
+    refuse_unsupported(args, UNSUPPORTED_GENERATION_OPTIONS)
+    notes.extend(f"--{name}: {why}." for name, why in NO_EFFECT.items() if getattr(args, name))
+    if args.vae_batch_size is not None:
+        notes.append(f"--vae_batch_size {args.vae_batch_size:g}: each image is decoded on its own here.")
+    if args.max_embeddings_multiples not in (None, 3):
+        raise UserError(
+            f"--max_embeddings_multiples {args.max_embeddings_multiples}: prompts are cut into at most 3 windows of 75"
+            " tokens here; leave it out or give 3."
+        )
+    if args.n_iter < 1:
+        raise UserError(f"--n_iter is {args.n_iter}; use 1 or more.")
     dtype = _dtype(args, notes)
     return GenerationOptions(
         ckpt=args.ckpt,
         outdir=Path(args.outdir),
-        prompts=_prompts(args),
+        prompts=_ordered(_prompts(args), args.shuffle_prompts, args.seed),
         images_per_prompt=args.images_per_prompt,
+        iterations=args.n_iter,
+        same_seed_per_iteration=args.iter_same_seed,
         seed=args.seed,
         sampler=check_sampler(args.sampler, "--sampler"),
         dtype=dtype,
         family=family_from_flags(v2=args.v2),
         v_parameterization=args.v_parameterization,
         clip_skip=args.clip_skip,
-        xformers=args.xformers and torch.cuda.is_available(),
-        networks=_network_choices(args.network_module, args.network_weights, args.network_mul),
+        xformers=(args.xformers or args.diffusers_xformers) and torch.cuda.is_available(),
+        networks=_network_choices(args.network_module, args.network_weights, args.network_mul, args.network_args),
         merge_networks=args.network_merge,
+        show_network_metadata=args.network_show_meta,
+        tokenizer_cache_dir=args.tokenizer_cache_dir,
     )
+
+
+def _ordered(prompts: list[SamplePrompt], shuffle: bool, seed: int | None) -> list[SamplePrompt]:
+    """The prompts in their order, or (--shuffle_prompts) in a random one, the same for the same --seed."""
+    if shuffle:
+        random.Random(seed).shuffle(prompts)
+    return prompts
 
 
 def _dtype(args: argparse.Namespace, notes: list[str]) -> torch.dtype:
@@ -146,7 +286,8 @@ def _dtype(args: argparse.Namespace, notes: list[str]) -> torch.dtype:
 
 def _prompts(args: argparse.Namespace) -> list[SamplePrompt]:
     """`--prompt` or every prompt of `--from_file`; --W, --H, --steps, --scale fill what a prompt does not set."""
-    defaults = {"width": args.W, "height": args.H, "steps": args.steps, "scale": args.scale}
+    size = SDXL_SIZE if local_model_family(args.ckpt) is ModelFamily.SDXL else DEFAULT_SIZE
+    defaults = {"width": args.W or size, "height": args.H or size, "steps": args.steps, "scale": args.scale}
     if (args.prompt is None) == (args.from_file is None):
         raise UserError('give the prompt with --prompt "..." or a prompt file with --from_file FILE (one of them).')
     if args.prompt is not None:
@@ -157,20 +298,26 @@ def _prompts(args: argparse.Namespace) -> list[SamplePrompt]:
 
 
 def _network_choices(
-    modules: list[str] | None, weights: list[str] | None, multipliers: list[float] | None
+    modules: list[str] | None,
+    weights: list[str] | None,
+    multipliers: list[float] | None,
+    arguments: list[str] | None = None,
 ) -> list[NetworkChoice]:
-    """One choice per --network_weights file. One --network_module serves every file; a missing --network_mul is 1."""
+    """One choice per --network_weights file. One --network_module serves every file; a missing --network_mul is 1;
+    --network_args gives each file's module arguments as sd-scripts does, `key=value;key=value`, one per file."""
     weights, modules, multipliers = weights or [], modules or [DEFAULT_NETWORK_MODULE], multipliers or []
+    arguments = arguments or []
     if len(modules) not in (1, len(weights)) and weights:
         raise UserError(
             f"--network_module names {len(modules)} modules for {len(weights)} --network_weights files;"
             " give one module, or one per file."
         )
-    if len(multipliers) > len(weights):
-        raise UserError(
-            f"--network_mul has {len(multipliers)} values for {len(weights)} --network_weights files;"
-            " give at most one per file."
-        )
+    for flag, values in (("--network_mul", multipliers), ("--network_args", arguments)):
+        if len(values) > len(weights):
+            raise UserError(
+                f"{flag} has {len(values)} values for {len(weights)} --network_weights files;"
+                " give at most one per file."
+            )
     for file in weights:
         if not Path(file).is_file():
             raise UserError(f"{file}: no such LoRA file; check --network_weights.")
@@ -179,9 +326,18 @@ def _network_choices(
             modules[index if len(modules) > 1 else 0],
             Path(file),
             multipliers[index] if index < len(multipliers) else 1.0,
+            _module_arguments(arguments[index]) if index < len(arguments) else {},
         )
         for index, file in enumerate(weights)
     ]
+
+
+def _module_arguments(text: str) -> dict[str, str]:
+    pairs = [pair for pair in text.split(";") if pair.strip()]
+    malformed = next((pair for pair in pairs if "=" not in pair), None)
+    if malformed is not None:
+        raise UserError(f"--network_args '{text}': '{malformed}' is not key=value; separate pairs with ';'.")
+    return dict(pair.strip().split("=", 1) for pair in pairs)
 
 
 # ---------------------------------------------------------------- generating
@@ -191,11 +347,18 @@ def generate(options: GenerationOptions, now: datetime.datetime | None = None) -
     """Load the model and networks, draw every image, save each as PNG; returns the files in order."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(options)
+    if options.show_network_metadata:
+        for choice in options.networks:
+            print(f"{choice.weights}:")
+            print("\n".join(f"  {key}: {value}" for key, value in sorted(read_lora_file(choice.weights)[1].items())))
     networks = attach_networks(model, options.networks, options.merge_networks)
     _place(model, networks, device, options.dtype, options.xformers)
     stamp = f"{now or datetime.datetime.now():%Y%m%d%H%M%S}"
     files = []
-    for index, prompt in enumerate(planned_images(options.prompts, options.images_per_prompt, options.seed)):
+    planned = planned_images(
+        options.prompts, options.images_per_prompt, options.seed, options.iterations, options.same_seed_per_iteration
+    )
+    for index, prompt in enumerate(planned):
         generated = generate_image(
             model.unet,
             model.text_encoders,
@@ -218,25 +381,46 @@ def image_file_name(stamp: str, index: int, seed: int) -> str:
     return f"im_{stamp}_{index:03d}_{seed}.png"
 
 
-def planned_images(prompts: list[SamplePrompt], images_per_prompt: int, seed: int | None) -> list[SamplePrompt]:
-    """Each prompt `images_per_prompt` times, with its seed: a prompt's own seed d gives its images d, d+1, ...;
-    otherwise --seed s gives image i of the run s + i; with neither, None (a random seed per image)."""
+def planned_images(
+    prompts: list[SamplePrompt],
+    images_per_prompt: int,
+    seed: int | None,
+    iterations: int = 1,
+    same_seed_per_iteration: bool = False,
+) -> list[SamplePrompt]:
+    """Each prompt `images_per_prompt` times, the whole list `iterations` times (--n_iter), with its seed: a prompt's
+    own seed d gives its images d, d+1, ...; otherwise --seed s gives image i of the run s + i, or with
+    `same_seed_per_iteration` (--iter_same_seed) every image of iteration k the seed s + k; with neither, None (a
+    random seed per image, or per iteration)."""
     planned = []
-    for prompt in prompts:
-        for repeat in range(images_per_prompt):
-            if prompt.seed is not None:
-                image_seed = (prompt.seed + repeat) % SEED_MODULUS
-            elif seed is not None:
-                image_seed = (seed + len(planned)) % SEED_MODULUS
-            else:
-                image_seed = None
-            planned.append(dataclasses.replace(prompt, seed=image_seed))
+    for iteration in range(iterations):
+        shared = _iteration_seed(seed, iteration) if same_seed_per_iteration else None
+        for prompt in prompts:
+            for repeat in range(images_per_prompt):
+                if prompt.seed is not None:
+                    image_seed = (prompt.seed + repeat) % SEED_MODULUS
+                elif same_seed_per_iteration:
+                    image_seed = shared
+                elif seed is not None:
+                    image_seed = (seed + len(planned)) % SEED_MODULUS
+                else:
+                    image_seed = None
+                planned.append(dataclasses.replace(prompt, seed=image_seed))
     return planned
+
+
+def _iteration_seed(seed: int | None, iteration: int) -> int:
+    return (seed + iteration) % SEED_MODULUS if seed is not None else random.randrange(SEED_MODULUS)
 
 
 def load_model(options: GenerationOptions) -> StableDiffusionModel:
     """The model in float32 on the CPU (networks are merged in float32)."""
-    return load_stable_diffusion(options.ckpt, family=options.family, v_parameterization=options.v_parameterization)
+    return load_stable_diffusion(
+        options.ckpt,
+        family=options.family,
+        v_parameterization=options.v_parameterization,
+        tokenizer_cache_dir=options.tokenizer_cache_dir,
+    )
 
 
 class _LoadedNetwork(NamedTuple):
@@ -282,7 +466,7 @@ def _loaded_network(model: StableDiffusionModel, choice: NetworkChoice) -> _Load
     if choice.module not in OWN_MODULES:
         text_encoder = sd_scripts_view(text_encoder)
     network, weights = _network_module(choice).create_network_from_weights(
-        choice.multiplier, str(choice.weights), model.vae, text_encoder, model.unet
+        choice.multiplier, str(choice.weights), model.vae, text_encoder, model.unet, **choice.arguments
     )
     return _LoadedNetwork(network, weights, text_encoder)
 
@@ -351,3 +535,15 @@ def _place(
             model.unet.enable_xformers_memory_efficient_attention()
         except (ImportError, ModuleNotFoundError, ValueError) as error:
             print(f"--xformers: not usable here ({error}); using PyTorch's scaled-dot-product attention.")
+
+
+def run_generation_script(sdxl: bool = False, argv: list[str] | None = None) -> list[Path]:
+    """gen_img_diffusers.py (every family) and sdxl_gen_img.py (SDXL models only): flags to images."""
+    args = build_parser().parse_args(argv)
+    if sdxl and local_model_family(args.ckpt) not in (ModelFamily.SDXL, None):
+        raise UserError(f"--ckpt {args.ckpt}: not an SDXL model; draw with it using gen_img_diffusers.py.")
+    notes: list[str] = []
+    options = options_from_arguments(args, notes)
+    for note in notes:
+        print(note)
+    return generate(options)

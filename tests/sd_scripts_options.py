@@ -40,3 +40,25 @@ TRAIN_NETWORK_OPTIONS = (
 SDXL_TRAIN_NETWORK_EXTRA_OPTIONS = (
     "cache_text_encoder_outputs cache_text_encoder_outputs_to_disk disable_mmap_load_safetensors "
 ).split()
+
+# gen_img_diffusers.py (78 options) and what sdxl_gen_img.py has beside them, at the same commit, from their parsers
+GEN_IMG_DIFFUSERS_OPTIONS = (
+    "v2 v_parameterization prompt from_file interactive no_preview image_path mask_path strength images_per_prompt "
+    "outdir sequential_file_name use_original_file_name n_iter H W batch_size vae_batch_size vae_slices steps sampler "
+    "scale ckpt vae tokenizer_cache_dir replace_clip_l14_336 seed iter_same_seed shuffle_prompts fp16 bf16 xformers "
+    "sdpa diffusers_xformers ddim_eta "
+    "opt_channels_last network_module network_weights network_mul network_args network_show_meta "
+    "network_merge_n_models network_merge network_pre_calc network_regional_mask_max_color_codes "
+    "textual_inversion_embeddings XTI_embeddings clip_skip max_embeddings_multiples clip_guidance_scale "
+    "clip_image_guidance_scale vgg16_guidance_scale vgg16_guidance_layer guide_image_path highres_fix_scale "
+    "highres_fix_steps highres_fix_strength highres_fix_save_1st highres_fix_latents_upscaling highres_fix_upscaler "
+    "highres_fix_upscaler_args highres_fix_disable_control_net negative_scale control_net_models control_net_preps "
+    "control_net_weights control_net_ratios ds_depth_1 ds_timesteps_1 ds_depth_2 ds_timesteps_2 ds_ratio "
+    "gradual_latent_timesteps gradual_latent_ratio gradual_latent_ratio_step gradual_latent_every_n_steps "
+    "gradual_latent_s_noise gradual_latent_unsharp_params"
+).split()
+
+SDXL_GEN_IMG_EXTRA_OPTIONS = (
+    "original_height original_width original_height_negative original_width_negative crop_top crop_left no_half_vae "
+    "control_net_lllite_models control_net_multipliers clip_vision_strength"
+).split()

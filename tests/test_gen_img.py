@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 from conftest import run_script
 from PIL import Image
+from sd_scripts_options import GEN_IMG_DIFFUSERS_OPTIONS, SDXL_GEN_IMG_EXTRA_OPTIONS
 
 from library.errors import UserError
-from library.generation import build_parser, generate, options_from_arguments
+from library.generation import build_parser, generate, options_from_arguments, planned_images
 from library.model_files.family import ModelFamily
+from library.sampling import SamplePrompt
 from lora_helpers import fill_randomly
 from networks.lora import create_network
 
@@ -257,6 +259,15 @@ def test_sdxl_script_writes_png(sdxl, sdxl_lora, tmp_path):
             "--network_module networks.nothing: no such module",
         ),
         (["--prompt", "x", "--images_per_prompt", "0"], "--images_per_prompt is 0"),
+        (["--prompt", "x", "--interactive"], "--interactive: there is no interactive mode here"),
+        (["--prompt", "x", "--highres_fix_scale", "1.5"], "--highres_fix_scale: not implemented here yet"),
+        (["--prompt", "x", "--clip_guidance_scale", "2"], "--clip_guidance_scale: CLIP and VGG16 guidance"),
+        (["--prompt", "x", "--ds_depth_1", "3"], "--ds_depth_1: Deep Shrink is not implemented here"),
+        (["--prompt", "x", "--max_embeddings_multiples", "5"], "--max_embeddings_multiples 5: prompts are cut into"),
+        (
+            ["--prompt", "x", "--network_weights", __file__, "--network_args", "rank"],
+            "--network_args 'rank': 'rank' is not key=value",
+        ),
     ],
 )
 def test_bad_flags_are_one_sentence(sd1, tmp_path, flags, message):
@@ -264,3 +275,38 @@ def test_bad_flags_are_one_sentence(sd1, tmp_path, flags, message):
         args = build_parser().parse_args(["--ckpt", str(sd1[1]), "--outdir", str(tmp_path), *flags])
         options = options_from_arguments(args, [])
         generate(options)
+
+
+@pytest.mark.parametrize("extra", [[], SDXL_GEN_IMG_EXTRA_OPTIONS], ids=["gen_img_diffusers", "sdxl_gen_img"])
+def test_every_option_of_sd_scripts_generation_scripts_is_known(extra):
+    known = {flag for action in build_parser()._actions for flag in action.option_strings}
+    assert [name for name in GEN_IMG_DIFFUSERS_OPTIONS + extra if f"--{name}" not in known] == []
+
+
+def test_sd_scripts_defaults_of_refused_options_are_accepted_with_outputs_as_the_default_folder(sd1):
+    flags = ["--highres_fix_steps", "28", "--ds_timesteps_1", "650", "--vgg16_guidance_layer", "20", "--no_preview"]
+    args = build_parser().parse_args(["--ckpt", str(sd1[1]), "--prompt", "x", *flags])
+    notes = []
+    options = options_from_arguments(args, notes)
+    assert options.outdir.name == "outputs" and notes == ["--no_preview: there is no preview window here."]
+
+
+def test_n_iter_repeats_the_prompts_and_iter_same_seed_shares_one_seed_per_iteration():
+    prompts = [SamplePrompt("a"), SamplePrompt("b"), SamplePrompt("c", seed=100)]
+    counted = planned_images(prompts, 1, 7, iterations=2)
+    assert [(p.prompt, p.seed) for p in counted] == [
+        ("a", 7), ("b", 8), ("c", 100), ("a", 10), ("b", 11), ("c", 100),
+    ]  # fmt: skip
+    shared = planned_images(prompts, 2, 7, iterations=2, same_seed_per_iteration=True)
+    assert [p.seed for p in shared] == [7, 7, 7, 7, 100, 101, 8, 8, 8, 8, 100, 101]
+
+
+def test_sdxl_gen_img_draws_1024_by_default_and_refuses_other_models(sd1, sdxl, tmp_path):
+    from library.generation import run_generation_script
+
+    with pytest.raises(UserError, match="not an SDXL model; draw with it using gen_img_diffusers.py"):
+        run_generation_script(sdxl=True, argv=["--ckpt", str(sd1[1]), "--prompt", "x", "--outdir", str(tmp_path)])
+    [prompt] = options_from_arguments(build_parser().parse_args(["--ckpt", str(sdxl[1]), "--prompt", "x"]), []).prompts
+    assert (prompt.width, prompt.height) == (1024, 1024)
+    [prompt] = options_from_arguments(build_parser().parse_args(["--ckpt", str(sd1[1]), "--prompt", "x"]), []).prompts
+    assert (prompt.width, prompt.height) == (512, 512)

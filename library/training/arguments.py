@@ -14,6 +14,7 @@ from library.training.diffusion import HUBER_SCHEDULES, LOSS_TYPES, LossSettings
 from library.training.optimizers import SCHEDULERS
 from library.training.option_tables import DYNAMO_BACKENDS, LOG_LEVELS, MODELSPEC_FIELDS, UNSUPPORTED_OPTIONS
 from library.training.saving import SAVE_FORMATS
+from library.unsupported_options import add_unsupported_arguments
 
 SCRIPTS = {False: "train_network.py", True: "sdxl_train_network.py"}
 
@@ -35,7 +36,9 @@ def build_parser(sdxl: bool = False) -> argparse.ArgumentParser:
     _validation_arguments(parser.add_argument_group("validation loss (images from the datasets' validation_split)"))
     _metadata_arguments(parser.add_argument_group("ModelSpec metadata written into every saved LoRA"))
     _console_arguments(parser.add_argument_group("console"))
-    _unsupported_arguments(parser.add_argument_group("sd-scripts options that are refused here (each says why)"))
+    add_unsupported_arguments(
+        parser.add_argument_group("sd-scripts options that are refused here (each says why)"), UNSUPPORTED_OPTIONS
+    )
     add_config_file_arguments(parser)
     return parser
 
@@ -232,16 +235,6 @@ def _console_arguments(group) -> None:
     )
     group.add_argument("--console_log_file", help="also write the log messages to this file")
     group.add_argument("--console_log_simple", action="store_true", help="messages without time and logger name")
-
-
-def _unsupported_arguments(group) -> None:
-    """sd-scripts' options that cannot apply here: known to the parser, so that commands and --config_file files
-    from sd-scripts parse, and refused in one sentence when set to anything but sd-scripts' default."""
-    for option in UNSUPPORTED_OPTIONS:
-        if option.kind == "switch":
-            group.add_argument(f"--{option.name}", action="store_true", help=option.why)
-        else:
-            group.add_argument(f"--{option.name}", nargs=option.nargs, default=option.default, help=option.why)
 
 
 def _validation_arguments(group) -> None:

@@ -3,7 +3,7 @@ exist, the console log levels, and the options that are known but refused here, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from library.unsupported_options import UnsupportedOption
 
 MODELSPEC_FIELDS = (
     "title",
@@ -34,15 +34,6 @@ DYNAMO_BACKENDS = (  # --dynamo_backend, as sd-scripts lists them
     "ipex",
     "tvm",
 )
-
-
-@dataclass(frozen=True)
-class UnsupportedOption:
-    name: str
-    why: str  # the end of the refusal: what is wrong and what to do instead
-    kind: str = "switch"  # or "value"
-    default: object = None  # sd-scripts' default, which is accepted
-    nargs: str | None = None
 
 
 DEEPSPEED = "DeepSpeed is not supported; one GPU's memory goes further with --gradient_checkpointing and --fp8_base"

@@ -21,6 +21,7 @@ from library.sampling.samplers import DEFAULT_SAMPLER
 from library.training.diffusion import THRESHOLD_LOSS_TYPES, LossSettings, NoiseSettings
 from library.training.optimizers import CUDA_ONLY_OPTIMIZERS, ScheduleSettings, optimizer_name, parse_key_values
 from library.training.option_tables import MODELSPEC_FIELDS, UNSUPPORTED_OPTIONS
+from library.unsupported_options import refuse_unsupported
 
 
 @dataclass(frozen=True)
@@ -410,10 +411,7 @@ def _logging_options(args: argparse.Namespace) -> LoggingOptions:
 
 def _refuse_unsupported(args: argparse.Namespace, notes: list[str]) -> None:
     """sd-scripts' options that cannot apply: refused when set to anything but sd-scripts' default."""
-    for option in UNSUPPORTED_OPTIONS:
-        value = getattr(args, option.name)
-        if value not in (None, False, [], option.default, str(option.default)):
-            raise UserError(f"--{option.name}: {option.why}.")
+    refuse_unsupported(args, UNSUPPORTED_OPTIONS)
     for flag in ("ddp_gradient_as_bucket_view", "ddp_static_graph"):
         if getattr(args, flag):
             notes.append(f"--{flag}: no effect; the LoRA's gradients are averaged in one all-reduce, not by DDP.")
