@@ -1,6 +1,8 @@
-"""gen_img_diffusers.py: images from an SD 1.x / 2.x / SDXL model with zero or more LoRA networks (docs/generation.md).
+"""gen_img_diffusers.py and sdxl_gen_img.py: images from an SD 1.x / 2.x / SDXL model with zero or more LoRA networks
+(docs/generation.md).
 
-The flags are sd-scripts' (a subset of them); they become a `GenerationOptions` once, at the edge. Every image is
+The flags are sd-scripts': every one is known, those not implemented are refused in one sentence unless they hold
+sd-scripts' default; they become a `GenerationOptions` once, at the edge. Every image is
 drawn by `library.sampling.generate_image`, so clip_skip, prompts longer than 75 tokens, samplers and seeds behave
 as in the trainer's sample images. Networks are loaded and checked against the model before the first image, so a
 LoRA for another model stops the run with one sentence and no output.
