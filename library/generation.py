@@ -58,7 +58,6 @@ CONTROL = "ControlNet and ControlNet-LLLite are not implemented here"
 UNSUPPORTED_GENERATION_OPTIONS = (
     UnsupportedOption("interactive", "there is no interactive mode here; give --prompt or --from_file"),
     *(UnsupportedOption(name, NOT_YET, "value") for name in ("image_path", "mask_path", "strength", "vae")),
-    UnsupportedOption("sequential_file_name", NOT_YET),
     UnsupportedOption("use_original_file_name", NOT_YET),
     UnsupportedOption("ddim_eta", NOT_YET, "value"),
     UnsupportedOption("vae_slices", NOT_YET, "value"),
@@ -162,6 +161,7 @@ class GenerationOptions:
     networks: list[NetworkChoice]
     merge_networks: bool
     show_network_metadata: bool = False
+    sequential_file_names: bool = False  # --sequential_file_name
     tokenizer_cache_dir: str | None = None
 
 
@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--iter_same_seed", action="store_true", help="one seed for every prompt of an iteration (unless it has --d)"
     )
     parser.add_argument("--shuffle_prompts", action="store_true", help="draw the prompts in a random order")
+    parser.add_argument(
+        "--sequential_file_name", action="store_true", help="name the images im_000001.png, im_000002.png, ..."
+    )
     parser.add_argument("--tokenizer_cache_dir", help="a folder with the CLIP tokenizers (sd-scripts' layout)")
     parser.add_argument("--vae_batch_size", type=float, help="accepted; each image is decoded on its own here")
     parser.add_argument(
@@ -268,6 +271,7 @@ def options_from_arguments(args: argparse.Namespace, notes: list[str]) -> Genera
         networks=_network_choices(args.network_module, args.network_weights, args.network_mul, args.network_args),
         merge_networks=args.network_merge,
         show_network_metadata=args.network_show_meta,
+        sequential_file_names=args.sequential_file_name,
         tokenizer_cache_dir=args.tokenizer_cache_dir,
     )
 
@@ -373,14 +377,16 @@ def generate(options: GenerationOptions, now: datetime.datetime | None = None) -
             device=device,
             dtype=options.dtype,
         )
-        files.append(save_sample_image(generated, options.outdir / image_file_name(stamp, index, generated.seed)))
+        name = image_file_name(stamp, index, generated.seed, options.sequential_file_names)
+        files.append(save_sample_image(generated, options.outdir / name))
         print(f"saved {files[-1]}")
     return files
 
 
-def image_file_name(stamp: str, index: int, seed: int) -> str:
-    """sd-scripts' name: `im_<YYYYmmddHHMMSS>_<index:03d>_<seed>.png` (the index counts the run's images)."""
-    return f"im_{stamp}_{index:03d}_{seed}.png"
+def image_file_name(stamp: str, index: int, seed: int, sequential: bool = False) -> str:
+    """sd-scripts' names: `im_<YYYYmmddHHMMSS>_<index:03d>_<seed>.png` (the index counts the run's images), or with
+    --sequential_file_name `im_<index + 1:06d>.png`."""
+    return f"im_{index + 1:06d}.png" if sequential else f"im_{stamp}_{index:03d}_{seed}.png"
 
 
 def planned_images(

@@ -310,3 +310,18 @@ def test_sdxl_gen_img_draws_1024_by_default_and_refuses_other_models(sd1, sdxl, 
     assert (prompt.width, prompt.height) == (1024, 1024)
     [prompt] = options_from_arguments(build_parser().parse_args(["--ckpt", str(sd1[1]), "--prompt", "x"]), []).prompts
     assert (prompt.width, prompt.height) == (512, 512)
+
+
+def test_sequential_names_and_automatic1111_parameters_in_the_png(sd1, tmp_path):
+    args = build_parser().parse_args(
+        ["--ckpt", str(sd1[1]), "--outdir", str(tmp_path), *FAST, "--prompt", "a red cube --n blurry --l 6"]
+        + ["--seed", "7", "--images_per_prompt", "2", "--sampler", "k_euler_a", "--sequential_file_name"]
+    )
+    files = generate(options_from_arguments(args, []))
+    assert [path.name for path in files] == ["im_000001.png", "im_000002.png"]
+    parameters = Image.open(files[1]).text["parameters"].splitlines()
+    assert parameters == [
+        "a red cube",
+        "Negative prompt: blurry",
+        "Steps: 2, Sampler: Euler a, CFG scale: 6, Seed: 8, Size: 64x64",
+    ]

@@ -384,6 +384,8 @@ def test_saved_png_holds_the_prompt_and_settings_as_text(drawn, tmp_path):
             "steps": "1",
             "scale": "7.5",
             "negative-prompt": "blurry, low quality",
+            "parameters": "shp shape, a red circle\nNegative prompt: blurry, low quality\n"
+            f"Steps: 1, Sampler: Euler a, CFG scale: 7.5, Seed: {first.seed}, Size: 64x80",
         }
     assert [file.name for file in path.parent.iterdir()] == ["x.png"]
 

@@ -112,24 +112,63 @@ def sample_file_name(
     return Path(output_dir) / "sample" / f"{prefix}{counter}_{index:02d}_{now:%Y%m%d%H%M%S}{suffix}.png"
 
 
-def png_metadata(prompt: SamplePrompt, seed: int, sampler: str, extra: Mapping[str, object] | None = None) -> PngInfo:
-    """PNG text chunks with gen_img_diffusers' keys: prompt, seed, sampler, steps, scale, negative-prompt, then
-    `extra` (e.g. negative-scale, clip-prompt, raw-prompt)."""
+# sampler -> the name AUTOMATIC1111 writes into its "parameters" text (others are written as they are named here)
+A1111_SAMPLER_NAMES = {
+    "ddim": "DDIM",
+    "pndm": "PLMS",
+    "lms": "LMS",
+    "k_lms": "LMS",
+    "euler": "Euler",
+    "k_euler": "Euler",
+    "euler_a": "Euler a",
+    "k_euler_a": "Euler a",
+    "heun": "Heun",
+    "dpm_2": "DPM2",
+    "k_dpm_2": "DPM2",
+    "dpm_2_a": "DPM2 a",
+    "k_dpm_2_a": "DPM2 a",
+    "dpm++_2m": "DPM++ 2M",
+    "dpm++_2m_karras": "DPM++ 2M Karras",
+}
+
+
+def png_metadata(
+    prompt: SamplePrompt,
+    seed: int,
+    sampler: str,
+    size: tuple[int, int],
+    extra: Mapping[str, object] | None = None,
+) -> PngInfo:
+    """PNG text chunks with gen_img_diffusers' keys (prompt, seed, sampler, steps, scale, negative-prompt, then
+    `extra`, e.g. negative-scale, clip-prompt, raw-prompt) and AUTOMATIC1111's `parameters`, so that A1111's PNG
+    info and other viewers show the settings."""
     metadata = PngInfo()
     entries = {"prompt": prompt.prompt, "seed": seed, "sampler": sampler, "steps": prompt.steps, "scale": prompt.scale}
     if prompt.negative_prompt is not None:
         entries["negative-prompt"] = prompt.negative_prompt
     for key, value in {**entries, **(extra or {})}.items():
         metadata.add_text(key, str(value))
+    metadata.add_text("parameters", a1111_parameters(prompt, seed, sampler, size))
     return metadata
+
+
+def a1111_parameters(prompt: SamplePrompt, seed: int, sampler: str, size: tuple[int, int]) -> str:
+    """AUTOMATIC1111's infotext: the prompt, `Negative prompt: ...`, then `Steps: ..., Sampler: ..., ...`."""
+    lines = [prompt.prompt]
+    if prompt.negative_prompt:
+        lines.append(f"Negative prompt: {prompt.negative_prompt}")
+    lines.append(
+        f"Steps: {prompt.steps}, Sampler: {A1111_SAMPLER_NAMES.get(sampler, sampler)}, CFG scale: {prompt.scale:g},"
+        f" Seed: {seed}, Size: {size[0]}x{size[1]}"
+    )
+    return "\n".join(lines)
 
 
 def save_sample_image(generated: GeneratedImage, path: str | Path) -> Path:
     """Write the image as PNG with its prompt and settings as text; an interrupted write leaves nothing behind."""
+    info = png_metadata(generated.prompt, generated.seed, generated.sampler, generated.image.size)
     with atomic_output(path) as temporary:
-        generated.image.save(
-            temporary, format="PNG", pnginfo=png_metadata(generated.prompt, generated.seed, generated.sampler)
-        )
+        generated.image.save(temporary, format="PNG", pnginfo=info)
     return Path(path)
 
 
