@@ -215,10 +215,12 @@ class Timings:
 
 
 class TreeMemory:
-    """Peak of the summed RSS of this process and its children (data-loader workers), sampled every 0.1 s. Pages
-    that forked workers share with this process are counted once per process, as psutil reports them."""
+    """Peak of the summed RSS of a process (by default this one) and its children (data-loader workers), sampled
+    every 0.1 s. Pages that forked workers share with their parent are counted once per process, as psutil reports
+    them."""
 
-    def __init__(self):
+    def __init__(self, root: psutil.Process | None = None):
+        self.root = root or psutil.Process()
         self.peak = 0
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._sample, daemon=True)
@@ -232,10 +234,13 @@ class TreeMemory:
         self.thread.join()
 
     def _sample(self) -> None:
-        me = psutil.Process()
         while not self.stopped.is_set():
             total = 0
-            for process in [me, *me.children(recursive=True)]:
+            try:
+                processes = [self.root, *self.root.children(recursive=True)]
+            except psutil.Error:  # the root has ended
+                processes = []
+            for process in processes:
                 try:
                     total += process.memory_info().rss
                 except psutil.Error:

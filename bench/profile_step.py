@@ -2,10 +2,10 @@
 step `--step` of a real training run, its operators' own times summed by what they belong to.
 
 The run is bench/vs_sd_scripts.py's setting (real-size architecture with random weights, synthetic dataset, the
-same flags). Forward time is attributed by the module the operator ran in (text encoder, U-Net, the LoRA modules,
-which run inside the layers they adapt); the backward pass and the optimizer step are the autograd engine's and
-the optimizer's ranges; the rest of the step (data, loss, noise, logging) is "other". The largest operators of
-forward and backward are listed too. Nothing is recorded; the table is for bench/NOTES.md.
+same flags). Forward time is attributed by the module the operator ran in (text encoder, U-Net; the LoRA modules
+run inside the layers they adapt, so their time is their host's); the backward pass and the optimizer step are the
+autograd engine's and the optimizer's ranges; the rest of the step (data, loss, noise, logging) is "other". The
+largest operators of forward and backward are listed too. Nothing is recorded; the table is for bench/NOTES.md.
 
     python bench/profile_step.py [--model sd15|sdxl] [--resolution 128] [--batch_size 2] [--network_dim 4]
         [--conv_dim 4] [--mixed_precision no] [--step 3] [trainer flags ...]
@@ -63,11 +63,11 @@ class Attribution:
 
 
 def install(attribution: Attribution) -> None:
-    """Label the text encoders and the U-Net when the trainer loads them, and the LoRA modules when it builds them."""
-    import library.training.preparation as preparation
+    """Label the text encoders and the U-Net when the trainer loads them. The LoRA modules run inside the layers
+    they adapt (called as the layer's forward, not as modules of their own), so their time is their host's."""
     import library.training.trainer as trainer
 
-    load, build = trainer.load_training_family, preparation.build_network
+    load = trainer.load_training_family
 
     def labelled_load(*args, **kwargs):
         family = load(*args, **kwargs)
@@ -76,14 +76,7 @@ def install(attribution: Attribution) -> None:
         attribution.label(family.model.unet, "U-Net forward")
         return family
 
-    def labelled_build(*args, **kwargs):
-        network = build(*args, **kwargs)
-        for module in [*network.text_encoder_loras, *network.unet_loras]:
-            attribution.label(module, "LoRA modules forward")
-        return network
-
     trainer.load_training_family = labelled_load
-    preparation.build_network = labelled_build
 
 
 def category(event, labels: dict) -> str:
@@ -130,7 +123,7 @@ def main() -> None:
 
 
 def report(profiler) -> None:
-    labels = {"text encoder forward", "U-Net forward", "LoRA modules forward"}
+    labels = {"text encoder forward", "U-Net forward"}
     events = [event for event in profiler.events() if event.device_type.name == "CPU"]
     totals, operators = collections.Counter(), collections.Counter()
     for event in events:

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import psutil
-from bench_train import make_dataset, model_file
+from bench_train import TreeMemory, make_dataset, model_file
 
 from bench_common import record_result
 
@@ -117,26 +117,14 @@ def run_once(python: Path, root: Path, script: str, flags: list[str], steps: int
     started = time.perf_counter()
     with open(output / "log.txt", "w", encoding="utf-8") as log:
         process = psutil.Popen(command, cwd=root, env=environment, stdout=log, stderr=subprocess.STDOUT)
-        peak_rss = 0
-        while process.poll() is None:
-            peak_rss = max(peak_rss, _tree_rss(process))
-            time.sleep(0.1)
+        with TreeMemory(process) as tree:
+            process.wait()
     seconds = time.perf_counter() - started
     if process.returncode != 0:
         tail = (output / "log.txt").read_text(encoding="utf-8", errors="replace")[-3000:]
         raise SystemExit(f"{root / script} failed (exit {process.returncode}); the end of its log:\n{tail}")
     measured = json.loads(report.read_text(encoding="utf-8"))
-    return {"steps": steps, "seconds": round(seconds, 2), "peak_rss_bytes": peak_rss, **measured}
-
-
-def _tree_rss(process: psutil.Process) -> int:
-    total = 0
-    for each in [process, *process.children(recursive=True)]:
-        try:
-            total += each.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
+    return {"steps": steps, "seconds": round(seconds, 2), "peak_rss_bytes": tree.peak, **measured}
 
 
 def fitted(runs: list[dict], lengths: list[int]) -> tuple[float, float]:

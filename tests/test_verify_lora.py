@@ -78,6 +78,12 @@ def damaged(path, tmp_path, change) -> LoraFile:
     return LoraFile.read(tmp_path / "damaged.safetensors", None)
 
 
+def rename(weights: dict, name: str, new_name: str) -> None:
+    """Give module `name`'s three tensors the module name `new_name`."""
+    for part in ("lora_down.weight", "lora_up.weight", "alpha"):
+        weights[f"{new_name}.{part}"] = weights.pop(f"{name}.{part}")
+
+
 def skipped_everywhere(lora: LoraFile, module: str, reason: str) -> None:
     for verdict in verify(lora, CONSUMERS):
         assert not verdict.complete and reason in verdict.skipped[module], (verdict.consumer, verdict.skipped)
@@ -85,12 +91,7 @@ def skipped_everywhere(lora: LoraFile, module: str, reason: str) -> None:
 
 def test_a_renamed_key_is_skipped_by_every_consumer(written, tmp_path):
     name = "lora_unet_down_blocks_0_attentions_0_proj_in"
-
-    def rename(weights):
-        for part in ("lora_down.weight", "lora_up.weight", "alpha"):
-            weights[f"{name}x.{part}"] = weights.pop(f"{name}.{part}")
-
-    lora = damaged(written["sd1"], tmp_path, rename)
+    lora = damaged(written["sd1"], tmp_path, lambda weights: rename(weights, name, f"{name}x"))
     verdicts = {verdict.consumer: verdict for verdict in verify(lora, CONSUMERS)}
     assert all(f"{name}x" in verdict.skipped and len(verdict.skipped) == 1 for verdict in verdicts.values())
     assert "lora key not loaded" in verdicts["comfyui"].skipped[f"{name}x"]
@@ -118,12 +119,9 @@ def test_a_missing_alpha_is_named_for_every_consumer_and_transposed_factors_agai
 
 def test_a_te2_key_without_the_text_model_level_is_skipped_where_the_level_is_needed(written, tmp_path):
     name = "lora_te2_text_model_encoder_layers_0_mlp_fc1"
-
-    def rename(weights):
-        for part in ("lora_down.weight", "lora_up.weight", "alpha"):
-            weights[f"lora_te2_encoder_layers_0_mlp_fc1.{part}"] = weights.pop(f"{name}.{part}")
-
-    lora = damaged(written["sdxl"], tmp_path, rename)
+    lora = damaged(
+        written["sdxl"], tmp_path, lambda weights: rename(weights, name, "lora_te2_encoder_layers_0_mlp_fc1")
+    )
     verdicts = {verdict.consumer: verdict for verdict in verify(lora, CONSUMERS)}
     for consumer in ("a1111", "comfyui", "invokeai", "sd-scripts"):
         assert list(verdicts[consumer].skipped) == ["lora_te2_encoder_layers_0_mlp_fc1"], consumer

@@ -41,15 +41,16 @@ from library.lora.naming import (
     unet_targets,
 )
 from library.model_files.family import ModelFamily
+from library.model_files.stable_diffusion import local_model_family, open_single_file_model, released_model
 
-CONSUMERS = ("a1111", "comfyui", "diffusers", "invokeai", "sd-scripts")
-NAMES = {
+NAMES = {  # consumer -> the application's name in the report
     "a1111": "AUTOMATIC1111",
     "comfyui": "ComfyUI",
     "diffusers": "diffusers",
     "invokeai": "InvokeAI",
     "sd-scripts": "sd-scripts",
 }
+CONSUMERS = tuple(NAMES)
 KOHYA_PREFIXES = ("lora_te_", "lora_unet_", "lora_te1_", "lora_te2_")
 OPEN_CLIP_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -150,18 +151,10 @@ def verify(lora: LoraFile, consumers: tuple[str, ...]) -> list[Verdict]:
 
 
 @functools.cache
-def _model(family: ModelFamily):
-    """The family's released model, built empty (no memory)."""
-    from library.model_files.stable_diffusion import empty_model
-
-    return empty_model(family)
-
-
-@functools.cache
 def sd_scripts_names(family: ModelFamily) -> set[str]:
     """networks.lora's targets (text encoders' attention and MLP, the U-Net's transformer blocks and ResNet/sampler
     convs); for SDXL also the diffusers-style U-Net names it renames."""
-    model = _model(family)
+    model = released_model(family)
     targets = text_encoder_targets(model.text_encoders) + unet_targets(model.unet, with_conv_containers=True)
     return {name for target in targets for name in (target.name, target.alias) if name}
 
@@ -169,7 +162,7 @@ def sd_scripts_names(family: ModelFamily) -> set[str]:
 @functools.cache
 def every_layer_name(family: ModelFamily) -> set[str]:
     """Every Linear and conv layer under the names files use (what AUTOMATIC1111's and ComfyUI's maps reach)."""
-    model = _model(family)
+    model = released_model(family)
     return set(adaptable_layers(model.text_encoders, model.unet))
 
 
@@ -229,7 +222,7 @@ def invokeai_file(lora: LoraFile) -> str | None:
         if other:
             return f"key '{other}' has no SDXL prefix it knows ('Unrecognized SDXL LoRA key prefix')"
         names = sd_scripts_names(lora.family)
-        sgm = {target.name for target in unet_targets(_model(lora.family).unet, with_conv_containers=True)}
+        sgm = {target.name for target in unet_targets(released_model(lora.family).unet, with_conv_containers=True)}
         unet = [name for name in lora.modules if name.startswith("lora_unet_") and name in names]
         diffusers_named = [name for name in unet if name not in sgm]
         if diffusers_named:
@@ -272,7 +265,7 @@ def diffusers_module(lora: LoraFile, name: str) -> str | None:
     parts = lora.modules[name]
     if DORA_SCALE in parts:
         return "load_lora_weights drops dora_scale (a DoRA checkpoint 'not compatible in Diffusers')"
-    model = _model(lora.family)
+    model = released_model(lora.family)
     state = {f"{name}.{part}": tensor for part, tensor in parts.items() if part != DORA_SCALE}
     try:
         state = _maybe_map_sgm_blocks_to_diffusers(state, _Config(model.unet.config))
@@ -326,7 +319,6 @@ def model_fit_problems(lora: LoraFile, checkpoint: str) -> dict[str, str]:
     """Module -> why it does not fit the checkpoint's layer of its name."""
     from library.lora.files import read_modules
     from library.lora.naming import checkpoint_weights
-    from library.model_files.stable_diffusion import open_single_file_model
 
     model, _ = open_single_file_model(checkpoint)
     weights = checkpoint_weights(model)
@@ -353,8 +345,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check(path: str | Path, consumers: Sequence[str] = CONSUMERS, model: str | None = None) -> bool:
     """Print the report; True when every consumer applies every module (and every module fits the model)."""
-    from library.model_files.stable_diffusion import local_model_family
-
     lora = LoraFile.read(path, local_model_family(model) if model else None)
     misfits = model_fit_problems(lora, model) if model else {}
     verdicts = verify(lora, tuple(consumers))

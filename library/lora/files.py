@@ -220,9 +220,9 @@ class LoraInput(NamedTuple):
 
 def _released_layer_shapes(family: ModelFamily) -> dict[str, tuple[int, ...]]:
     """LoRA module name -> weight shape of that layer in the family's released model (built empty, no memory)."""
-    from library.model_files.stable_diffusion import empty_model  # loads diffusers and transformers: only when needed
+    from library.model_files.stable_diffusion import released_model  # loads diffusers: only when needed
 
-    model = empty_model(family)
+    model = released_model(family)
     return {
         name: tuple(layer.weight.shape) for name, layer in adaptable_layers(model.text_encoders, model.unet).items()
     }

@@ -61,9 +61,9 @@ class LayerPaths(NamedTuple):
 @functools.cache
 def layer_paths(family: ModelFamily) -> LayerPaths:
     """The paths of the family's released model (built empty). SD 1.x and 2.x share their paths."""
-    from library.model_files.stable_diffusion import empty_model  # loads diffusers: only when a file needs it
+    from library.model_files.stable_diffusion import released_model  # loads diffusers: only when a file needs it
 
-    model = empty_model(family)
+    model = released_model(family)
     where = {}
     for index, encoder in enumerate(model.text_encoders):
         for path, layer in encoder.named_modules():

@@ -8,6 +8,7 @@ tensors the models do not use (SD2's last text layer, text projection and logit 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -190,6 +191,13 @@ def empty_model(
     return StableDiffusionModel(
         family, v_prediction, unet, vae, text_encoders, load_tokenizers(family, cache_dir=tokenizer_cache_dir), source
     )
+
+
+@functools.cache
+def released_model(family: ModelFamily) -> StableDiffusionModel:
+    """The family's released architecture, empty (meta device), built once per process: for the tools that only
+    need its layer names and shapes. Callers must not change it."""
+    return empty_model(family)
 
 
 def _download_from_hub(repo_id: str) -> Path:
