@@ -64,14 +64,28 @@ def tokenize_weighted(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids (B, n, 77) of the captions without their brackets, and each token's weight, in the same windows as
     library.text_encoding.tokenize; captions too long are cut, as there."""
-    total = token_length(max_token_length)
+    parsed = [weighted_tokens(tokenizer, caption) for caption in captions]
+    return padded_windows(tokenizer, parsed, token_length(max_token_length) - 2)
+
+
+def weighted_tokens(tokenizer: CLIPTokenizer, caption: str) -> tuple[list[int], list[float]]:
+    """The caption's content token ids (no start or end token, no length limit) and each one's weight."""
+    ids, weights = [], []
+    for text, weight in parse_weights(caption):
+        pieces = tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+        ids += pieces
+        weights += [weight] * len(pieces)
+    return ids, weights
+
+
+def padded_windows(
+    tokenizer: CLIPTokenizer, captions: Sequence[tuple[list[int], list[float]]], content_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`weighted_tokens` of each caption cut or padded to `content_tokens` (a multiple of 75), with start and end
+    tokens, as windows (B, n, 77) of ids and of weights."""
+    total = content_tokens + 2
     all_ids, all_weights = [], []
-    for caption in captions:
-        ids, weights = [], []
-        for text, weight in parse_weights(caption):
-            pieces = tokenizer(text, add_special_tokens=False, verbose=False).input_ids
-            ids += pieces
-            weights += [weight] * len(pieces)
+    for ids, weights in captions:
         ids, weights = ids[: total - 2], weights[: total - 2]
         padding = total - 2 - len(ids)
         all_ids.append([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id, *[tokenizer.pad_token_id] * padding])

@@ -120,14 +120,20 @@ def test_prompt_file_with_options_per_line(sd1, tmp_path):
     assert second.text["seed"] == "101" and second.text["steps"] == "2" and second.text["prompt"] == "a blue car"
 
 
-def test_prompt_longer_than_75_tokens_uses_every_token(sd1, tmp_path):
+def test_prompts_are_cut_after_75_tokens_unless_max_embeddings_multiples_allows_more(sd1, tmp_path):
     words = " ".join(f"word{index}" for index in range(40))  # about 115 tokens: two 75-token windows
-    [short] = draw(sd1[1], tmp_path / "short", "--prompt", words, "--seed", "1")
-    [longer] = draw(
-        sd1[1], tmp_path / "long", "--prompt", words + ", and a very long tail of extra words at the end", "--seed", "1"
+    tail = words + ", and a very long tail of extra words at the end"
+    [short, longer] = (
+        draw(sd1[1], tmp_path / name, "--prompt", text, "--seed", "1")[0] for name, text in [("s", words), ("l", tail)]
+    )
+    assert max_difference(short, longer) == 0  # sd-scripts' default: one window
+    windows = ["--max_embeddings_multiples", "3"]
+    [short, longer] = (
+        draw(sd1[1], tmp_path / name, "--prompt", text, "--seed", "1", *windows)[0]
+        for name, text in [("s3", words), ("l3", tail)]
     )
     assert max_difference(short, longer) > 0
-    assert Image.open(next((tmp_path / "long").iterdir())).text["prompt"].endswith("at the end")
+    assert Image.open(next((tmp_path / "l3").iterdir())).text["prompt"].endswith("at the end")
 
 
 def test_script_writes_png_with_prompt_and_seed(sd1, lora_files, tmp_path):
@@ -260,10 +266,19 @@ def test_sdxl_script_writes_png(sdxl, sdxl_lora, tmp_path):
         ),
         (["--prompt", "x", "--images_per_prompt", "0"], "--images_per_prompt is 0"),
         (["--prompt", "x", "--interactive"], "--interactive: there is no interactive mode here"),
-        (["--prompt", "x", "--highres_fix_scale", "1.5"], "--highres_fix_scale: not implemented here yet"),
+        (["--prompt", "x", "--highres_fix_scale", "1.5"], "--highres_fix_scale is 1.5; give the first pass's share"),
+        (["--prompt", "x", "--image_path", "nothing.png"], "--image_path nothing.png: no such file or folder"),
+        (["--prompt", "x", "--image_path", __file__], "test_gen_img.py: cannot be read as an image"),
+        (["--prompt", "x", "--mask_path", __file__], "a mask needs the image it masks; give --image_path too."),
+        (["--prompt", "x", "--strength", "1.5"], "--strength is 1.5; use a value above 0 and at most 1"),
+        (["--prompt", "x", "--grid", "rows"], "--grid rows: use 'epochs'"),
+        (["--prompt", "x --t 0"], "--prompt, --t: strength 0 is outside"),
+        (["--prompt", "x --nl 2"], "--prompt: option --nl: sd-scripts' negative scale is not implemented here"),
+        (["--prompt", "x", "--vae_batch_size", "0"], "--vae_batch_size is 0; use a count"),
+        (["--prompt", "x", "--negative_scale", "3"], "--negative_scale: sd-scripts' separate guidance scale"),
         (["--prompt", "x", "--clip_guidance_scale", "2"], "--clip_guidance_scale: CLIP and VGG16 guidance"),
         (["--prompt", "x", "--ds_depth_1", "3"], "--ds_depth_1: Deep Shrink is not implemented here"),
-        (["--prompt", "x", "--max_embeddings_multiples", "5"], "--max_embeddings_multiples 5: prompts are cut into"),
+        (["--prompt", "x", "--max_embeddings_multiples", "0"], "--max_embeddings_multiples is 0; use 1 or more."),
         (
             ["--prompt", "x", "--network_weights", __file__, "--network_args", "rank"],
             "--network_args 'rank': 'rank' is not key=value",

@@ -1,16 +1,18 @@
-"""Drawing one sample image, its file name and its PNG text (specs/training.md section 8.3).
+"""Drawing sample images, their file names and their PNG text (specs/training.md section 8.3).
 
-The image comes from a diffusers StableDiffusionPipeline (SD 1.x/2.x: one text encoder) or StableDiffusionXLPipeline
-(SDXL: two text encoders) built around the given modules. The SD 1.x/2.x prompt embeddings come from our own text path
-(library.text_encoding), so `clip_skip` and prompts longer than 75 tokens are encoded as in training. SDXL prompts are
-encoded as diffusers and sd-scripts do (`_sdxl_prompt_embeddings`), in one 77-token window. Noise comes from a CPU
-generator seeded with the prompt's seed, so a seed gives the same image on any device. Generating leaves the global
-torch RNG state, the modules' devices and their train/eval modes as they were.
+Images come from the diffusers pipelines (text-to-image, img2img, inpainting; SD 1.x/2.x with one text encoder,
+SDXL with two) built around the given modules; several prompts that share size, steps, scale and sampler are drawn
+in one call. The prompt embeddings come from our own text path as sd-scripts' generation pipelines compute them:
+prompts longer than 75 tokens in 75-token windows, `clip_skip`, and emphasis (`(word:1.3)`, `(word)`, `[word]`).
+Noise comes from a CPU generator per image seeded with its prompt's seed, so a seed gives the same image on any
+device and in any batch. Generating leaves the global torch RNG state, the modules' devices and their train/eval
+modes as they were.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import random
 from collections.abc import Iterator, Mapping, Sequence
@@ -25,19 +27,48 @@ from PIL.PngImagePlugin import PngInfo
 from library.file_io import atomic_output
 from library.sampling.prompts import SamplePrompt
 from library.sampling.samplers import check_sampler, make_scheduler
-from library.text_encoding import CONTENT, encode_tokens, tokenize
+from library.text_encoding import CONTENT, encode_tokens, stitch_windows
+from library.weighted_captions import padded_windows, weighted_tokens
 
 MAX_WINDOWS = 3  # prompts up to 3 x 75 tokens, as sd-scripts' sampling pipeline
 SDXL_CLIP_SKIP = 2  # SDXL conditions on the penultimate layer of both text encoders
 SEED_RANGE = 2**32
+VAE_SCALE = 8  # pixels per latent
+
+
+@dataclass(frozen=True)
+class DrawingSetup:
+    """What every image of a run shares. `dtype` is the autocast dtype (float32 runs without autocast);
+    `max_windows` is sd-scripts' max_embeddings_multiples (prompts are cut after that many 75-token windows);
+    `vae_batch_size` images are decoded at a time (None: all of a call)."""
+
+    v_prediction: bool
+    clip_skip: int | None
+    default_sampler: str
+    device: torch.device
+    dtype: torch.dtype
+    max_windows: int = MAX_WINDOWS
+    vae_batch_size: int | None = None
+
+
+@dataclass(frozen=True)
+class StartImage:
+    """What img2img, inpainting and the highres fix's second pass start from: a picture of the prompt's size, or
+    latents (1, 4, height / 8, width / 8), noised to `strength` (1: pure noise); with a mask (white: draw anew,
+    black: keep) only the white part changes."""
+
+    image: Image.Image | torch.Tensor
+    strength: float
+    mask: Image.Image | None = None
 
 
 @dataclass(frozen=True)
 class GeneratedImage:
-    image: Image.Image
+    image: Image.Image | None  # None when latents were asked for
     prompt: SamplePrompt
     seed: int  # the seed actually used: the prompt's, or the one drawn for it
     sampler: str  # the sampler actually used: the prompt's, or the run's default
+    latents: torch.Tensor | None = None  # (1, 4, h, w), when asked for instead of the picture
 
 
 def generate_image(
@@ -53,43 +84,135 @@ def generate_image(
     device: torch.device | str,
     dtype: torch.dtype,
 ) -> GeneratedImage:
-    """One image for `prompt`. `text_encoders` and `tokenizers` are the model's (`StableDiffusionModel.text_encoders`,
-    `.tokenizers`): one of each for SD 1.x/2.x, two for SDXL. Pass the unwrapped U-Net (with any LoRA applied); `dtype`
-    is the autocast dtype (float32 runs without autocast). The modules are moved to `device` for the call and back
-    afterwards."""
+    """One image for `prompt` (see generate_images)."""
+    setup = DrawingSetup(v_prediction, clip_skip, default_sampler, torch.device(device), dtype)
+    return generate_images(unet, text_encoders, tokenizers, vae, [prompt], setup)[0]
+
+
+def batch_key(prompt: SamplePrompt, default_sampler: str) -> tuple:
+    """What must be equal for images to be drawn in one call: everything but the texts and the seed."""
+    same = dataclasses.replace(prompt, prompt="", negative_prompt=None, seed=None, sampler=None)
+    return same, check_sampler(prompt.sampler or default_sampler)
+
+
+def generate_images(
+    unet: torch.nn.Module,
+    text_encoders: Sequence[torch.nn.Module],
+    tokenizers: Sequence,
+    vae: torch.nn.Module,
+    prompts: Sequence[SamplePrompt],
+    setup: DrawingSetup,
+    starts: Sequence[StartImage] | None = None,
+    latents_only: bool = False,
+) -> list[GeneratedImage]:
+    """The images for `prompts`, which share a `batch_key`, drawn together: image i is the one `prompts[i]` alone
+    gives, to float tolerance. `text_encoders` and `tokenizers` are the model's (`StableDiffusionModel`): one of
+    each for SD 1.x/2.x, two for SDXL. Pass the unwrapped U-Net (with any LoRA applied). `starts` (one per prompt)
+    makes it img2img or inpainting. The modules are moved to the setup's device for the call and back afterwards."""
     text_encoders, tokenizers = list(text_encoders), list(tokenizers)
     if len(text_encoders) not in (1, 2) or len(tokenizers) != len(text_encoders):
         raise ValueError(
             "give one text encoder and tokenizer (SD 1.x/2.x) or two of each (SDXL),"
             f" not {len(text_encoders)} and {len(tokenizers)}"
         )
-    sampler = check_sampler(prompt.sampler or default_sampler)
-    scheduler = make_scheduler(sampler, v_prediction)
-    seed = prompt.seed if prompt.seed is not None else random.SystemRandom().randrange(SEED_RANGE)
-    device = torch.device(device)
+    if len({batch_key(prompt, setup.default_sampler) for prompt in prompts}) != 1:
+        raise ValueError("the prompts of one call must share size, steps, scale and sampler (see batch_key)")
+    sampler = batch_key(prompts[0], setup.default_sampler)[1]
+    seeds = [
+        prompt.seed if prompt.seed is not None else random.SystemRandom().randrange(SEED_RANGE) for prompt in prompts
+    ]
+    device = setup.device
     with (
         _global_rng_kept(),
         _modules_on(device, (unet, *text_encoders, vae)),
         torch.no_grad(),
-        _autocast(device, dtype),
+        _autocast(device, setup.dtype),
     ):
-        if len(text_encoders) == 1:
-            prompt_embeds, negative_embeds = _prompt_embeddings(text_encoders[0], tokenizers[0], prompt, clip_skip)
-            conditioning = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_embeds}
-            pipeline = _pipeline(unet, text_encoders[0], tokenizers[0], vae, scheduler)
-        else:
-            conditioning = _sdxl_prompt_embeddings(text_encoders, tokenizers, prompt, clip_skip)
-            pipeline = _sdxl_pipeline(unet, text_encoders, tokenizers, vae, scheduler)
-        image = pipeline(
-            **conditioning,
-            height=prompt.height,
-            width=prompt.width,
-            num_inference_steps=prompt.steps,
-            guidance_scale=prompt.scale,
-            generator=torch.Generator("cpu").manual_seed(seed),
-            output_type="pil",
-        ).images[0]
-    return GeneratedImage(image, prompt, seed, sampler)
+        conditionings = [
+            _conditioning(text_encoders, tokenizers, prompt, setup.clip_skip, setup.max_windows) for prompt in prompts
+        ]
+        latents: list[torch.Tensor | None] = [None] * len(prompts)
+        for group in _same_shapes(conditionings):
+            drawn = _draw(
+                _pipeline(unet, text_encoders, tokenizers, vae, make_scheduler(sampler, setup.v_prediction), starts),
+                prompts[group[0]],
+                [conditionings[index] for index in group],
+                [seeds[index] for index in group],
+                [starts[index] for index in group] if starts else None,
+            )
+            for index, one in zip(group, drawn):
+                latents[index] = one
+        images = [None] * len(prompts) if latents_only else decode_latents(vae, latents, setup.vae_batch_size)
+    return [
+        GeneratedImage(image, prompt, seed, sampler, one if latents_only else None)
+        for image, prompt, seed, one in zip(images, prompts, seeds, latents)
+    ]
+
+
+def decode_latents(vae: torch.nn.Module, latents: Sequence[torch.Tensor], batch_size: int | None) -> list[Image.Image]:
+    """Pictures from latents (each (1, 4, h, w), all of one size), `batch_size` at a time, as the pipelines decode."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    stacked = torch.cat(list(latents))
+    images = []
+    for chunk in stacked.split(batch_size or len(stacked)):
+        decoded = vae.decode(chunk.to(vae.dtype) / vae.config.scaling_factor).sample
+        images += VaeImageProcessor(vae_scale_factor=VAE_SCALE).postprocess(decoded, output_type="pil")
+    return images
+
+
+def _draw(pipeline, prompt: SamplePrompt, conditionings, seeds, starts) -> list[torch.Tensor]:
+    conditioning = {key: torch.cat([one[key] for one in conditionings]) for key in conditionings[0]}
+    if starts:
+        conditioning["image"] = _start_images(starts)
+        conditioning["strength"] = starts[0].strength
+        if starts[0].mask is not None:
+            conditioning["mask_image"] = [start.mask for start in starts]
+    if len(conditionings[0]) > 2:  # SDXL: its size and crop conditioning
+        conditioning.update(sdxl_size_conditioning(prompt))
+    latents = pipeline(
+        **conditioning,
+        height=prompt.height,
+        width=prompt.width,
+        num_inference_steps=prompt.steps,
+        guidance_scale=prompt.scale,
+        generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+        output_type="latent",
+    ).images
+    return list(latents.split(1))
+
+
+def _start_images(starts: Sequence[StartImage]) -> list[Image.Image] | torch.Tensor:
+    if isinstance(starts[0].image, torch.Tensor):
+        return torch.cat([start.image for start in starts])
+    return [start.image for start in starts]
+
+
+def sdxl_size_conditioning(prompt: SamplePrompt) -> dict[str, tuple[int, int]]:
+    """SDXL's micro-conditioning as sd-scripts' sdxl_gen_img.py sets it: the original size (default: the image's),
+    the negative original size (default: the original size), the crop's top-left corner (default 0, 0), and the
+    image's own size as the target."""
+    original = (prompt.original_height or prompt.height, prompt.original_width or prompt.width)
+    negative = (prompt.original_height_negative or original[0], prompt.original_width_negative or original[1])
+    crop = (prompt.crop_top or 0, prompt.crop_left or 0)
+    target = (prompt.height, prompt.width)
+    return {
+        "original_size": original,
+        "crops_coords_top_left": crop,
+        "target_size": target,
+        "negative_original_size": negative,
+        "negative_crops_coords_top_left": crop,
+        "negative_target_size": target,
+    }
+
+
+def _same_shapes(conditionings: Sequence[dict[str, torch.Tensor]]) -> list[list[int]]:
+    """Indices of the prompts grouped by embedding length (prompts of more 75-token windows are drawn apart, so
+    that each image is the one its prompt alone gives)."""
+    groups: dict[int, list[int]] = {}
+    for index, conditioning in enumerate(conditionings):
+        groups.setdefault(conditioning["prompt_embeds"].shape[1], []).append(index)
+    return list(groups.values())
 
 
 def sample_file_name(
@@ -172,35 +295,44 @@ def save_sample_image(generated: GeneratedImage, path: str | Path) -> Path:
     return Path(path)
 
 
-def _prompt_embeddings(
-    text_encoder, tokenizer, prompt: SamplePrompt, clip_skip: int | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden states of the prompt and the negative prompt ("" when none), with as many 75-token windows as the
-    longer of the two needs (at most 3), as sd-scripts' sampling pipeline does."""
+def _conditioning(
+    text_encoders, tokenizers, prompt: SamplePrompt, clip_skip: int | None, max_windows: int
+) -> dict[str, torch.Tensor]:
+    """The pipeline's conditioning tensors for one prompt and its negative prompt ("" when none), each of batch 1:
+    `prompt_embeds` and `negative_prompt_embeds`, and for SDXL the pooled ones too."""
     texts = [prompt.prompt, prompt.negative_prompt or ""]
-    longest = max(len(tokenizer(text, add_special_tokens=False, verbose=False).input_ids) for text in texts)
-    windows = min(MAX_WINDOWS, max(1, -(-longest // CONTENT)))
-    ids = tokenize(tokenizer, texts, CONTENT * windows)
-    states = encode_tokens(text_encoder, ids, clip_skip)
+    if len(text_encoders) == 1:
+        positive, negative = _prompt_embeddings(text_encoders[0], tokenizers[0], prompt, clip_skip, max_windows)
+        return {"prompt_embeds": positive, "negative_prompt_embeds": negative}
+    return _sdxl_prompt_embeddings(text_encoders, tokenizers, texts, clip_skip, max_windows)
+
+
+def _prompt_embeddings(
+    text_encoder, tokenizer, prompt: SamplePrompt, clip_skip: int | None, max_windows: int = MAX_WINDOWS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states of the prompt and the negative prompt ("" when none), emphasis applied, with as many 75-token
+    windows as the longer of the two needs (at most `max_windows`), as sd-scripts' generation pipeline does."""
+    ids, weights = _weighted_ids(tokenizer, [prompt.prompt, prompt.negative_prompt or ""], max_windows)
+    states = emphasised(encode_tokens(text_encoder, ids, clip_skip), weights)
     return states[:1], states[1:]
 
 
 def _sdxl_prompt_embeddings(
-    text_encoders, tokenizers, prompt: SamplePrompt, clip_skip: int | None
+    text_encoders, tokenizers, texts: list[str], clip_skip: int | None, max_windows: int
 ) -> dict[str, torch.Tensor]:
-    """The SDXL pipeline's four conditioning tensors for the prompt and the negative prompt ("" when none), as
-    diffusers' `StableDiffusionXLPipeline.encode_prompt` and sd-scripts compute them: each encoder's penultimate
-    hidden states (`clip_skip` k takes the k-th layer from the end instead, with no final layer norm), concatenated
-    on the feature axis, and the second encoder's pooled, projected output. One 77-token window: longer prompts are
-    cut."""
+    """The SDXL pipeline's four conditioning tensors for a prompt and its negative prompt, as sd-scripts'
+    sdxl_gen_img.py computes them: for each encoder, its penultimate hidden states (`clip_skip` k takes the k-th
+    layer from the end instead, with no final layer norm) window by window, emphasis applied; the two concatenated
+    on the feature axis; and the second encoder's pooled, projected output of the first window."""
     layer = clip_skip if clip_skip is not None else SDXL_CLIP_SKIP
-    texts = [prompt.prompt, prompt.negative_prompt or ""]
+    windows = _windows_needed(tokenizers[0], texts, max_windows)
     states = []
     for text_encoder, tokenizer in zip(text_encoders, tokenizers):
-        ids = tokenize(tokenizer, texts, None)[:, 0].to(text_encoder.device)
-        output = text_encoder(ids, output_hidden_states=True)
-        states.append(output.hidden_states[-layer])
-    pooled = output.text_embeds  # the second encoder's
+        ids, weights = _weighted_ids(tokenizer, texts, windows)
+        output = text_encoder(ids.flatten(0, 1).to(text_encoder.device), output_hidden_states=True)
+        hidden = output.hidden_states[-layer]
+        states.append(emphasised(stitch_windows(hidden.unflatten(0, ids.shape[:2])), weights))
+    pooled = output.text_embeds.unflatten(0, ids.shape[:2])[:, 0]  # the second encoder's
     embeds = torch.cat(states, dim=-1)
     return {
         "prompt_embeds": embeds[:1],
@@ -210,44 +342,60 @@ def _sdxl_prompt_embeddings(
     }
 
 
-def _sdxl_pipeline(unet, text_encoders, tokenizers, vae, scheduler):
-    # As _pipeline: the scheduler is set after construction. No watermark, which would change the pixels.
-    with _transformers_quiet():
-        from diffusers import StableDiffusionXLPipeline
-    pipeline = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoders[0],
-        text_encoder_2=text_encoders[1],
-        tokenizer=tokenizers[0],
-        tokenizer_2=tokenizers[1],
-        unet=unet,
-        scheduler=None,
-        add_watermarker=False,
-    )
-    return _ready(pipeline, scheduler)
+def _weighted_ids(tokenizer, texts: list[str], max_windows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and emphasis weights (B, n, 77) of the texts, n windows for the longest (at most `max_windows`)."""
+    parsed = [weighted_tokens(tokenizer, text) for text in texts]
+    windows = min(max_windows, max(1, -(-max(len(ids) for ids, _ in parsed) // CONTENT)))
+    return padded_windows(tokenizer, parsed, CONTENT * windows)
 
 
-def _pipeline(unet, text_encoder, tokenizer, vae, scheduler):
-    # The pipeline's constructor rewrites scheduler settings it deems outdated (steps_offset, clip_sample), so the
-    # scheduler is set afterwards, as sd-scripts does. transformers notes on import that torchvision is missing
-    # for the image processor; that processor only serves the safety checker, which sampling leaves out.
-    with _transformers_quiet():
-        from diffusers import StableDiffusionPipeline
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=None,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    return _ready(pipeline, scheduler)
+def _windows_needed(tokenizer, texts: list[str], max_windows: int) -> int:
+    return _weighted_ids(tokenizer, texts, max_windows)[0].shape[1]
 
 
-def _ready(pipeline, scheduler):
-    """The pipeline with its scheduler set after construction (see _pipeline) and no progress bar."""
+def emphasised(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Prompt emphasis as sd-scripts' generation scripts apply it: each token's hidden state times its weight
+    (`weights` in windows (B, n, 77)), then the whole sequence rescaled so that its mean is what it was (unless that
+    mean is 0, which a rescale cannot restore)."""
+    if bool((weights == 1).all()):
+        return states
+    weights = stitch_windows(weights).to(states.device, states.dtype).unsqueeze(-1)
+    before = states.float().mean(dim=(-2, -1))
+    weighted = states * weights
+    after = weighted.float().mean(dim=(-2, -1))
+    ratio = torch.where(after == 0, 1.0, before / after)
+    return weighted * ratio.to(states.dtype)[:, None, None]
+
+
+def _pipeline(unet, text_encoders, tokenizers, vae, scheduler, starts: Sequence[StartImage] | None):
+    """The diffusers pipeline for the model (SD or SDXL) and the task (text-to-image, img2img or inpainting).
+    Its constructor rewrites scheduler settings it deems outdated (steps_offset, clip_sample), so the scheduler is
+    set afterwards, as sd-scripts does. No safety checker; no SDXL watermark, which would change the pixels."""
+    task = "text" if not starts else "inpaint" if starts[0].mask is not None else "image"
+    with _transformers_quiet():  # transformers notes on import that torchvision is missing (safety checker only)
+        import diffusers
+    if len(text_encoders) == 1:
+        classes = {
+            "text": diffusers.StableDiffusionPipeline,
+            "image": diffusers.StableDiffusionImg2ImgPipeline,
+            "inpaint": diffusers.StableDiffusionInpaintPipeline,
+        }
+        modules = {"text_encoder": text_encoders[0], "tokenizer": tokenizers[0]}
+        extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    else:
+        classes = {
+            "text": diffusers.StableDiffusionXLPipeline,
+            "image": diffusers.StableDiffusionXLImg2ImgPipeline,
+            "inpaint": diffusers.StableDiffusionXLInpaintPipeline,
+        }
+        modules = {
+            "text_encoder": text_encoders[0],
+            "text_encoder_2": text_encoders[1],
+            "tokenizer": tokenizers[0],
+            "tokenizer_2": tokenizers[1],
+        }
+        extra = {"add_watermarker": False}
+    pipeline = classes[task](vae=vae, unet=unet, scheduler=None, **modules, **extra)
     pipeline.scheduler = scheduler
     pipeline.set_progress_bar_config(disable=True)
     return pipeline

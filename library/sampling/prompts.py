@@ -2,7 +2,9 @@
 
 A `.txt` file has one prompt per line; blank lines and lines starting with `#` are skipped. Options follow the
 prompt text, each after " --": `--n` negative prompt, `--w`/`--h` size, `--d` seed, `--l` CFG scale, `--s` steps,
-`--ss` sampler (`--g` and `--cn` are accepted and ignored, as train_network does). Unlike sd-scripts, the prompt
+`--ss` sampler (`--g` and `--cn` are accepted and ignored, as train_network does); gen_img_diffusers.py also takes
+its own (GENERATION_LINE_OPTIONS: `--t` strength, `--am` network strengths, SDXL's size conditioning). Unlike
+sd-scripts, the prompt
 text itself is never read as an option, and a bad value stops the run at start-up instead of being skipped.
 
 A `.toml` file has a `[prompt]` table of defaults and one `[[prompt.subset]]` table per prompt; a key in the
@@ -54,6 +56,15 @@ class SamplePrompt:
     scale: float = DEFAULT_SCALE
     steps: int = DEFAULT_STEPS
     sampler: str | None = None  # None: the run's default sampler (--sample_sampler)
+    # gen_img_diffusers.py only (prompt-line options --t, --am; sdxl_gen_img.py's --ow, --oh, --nw, --nh, --ct, --cl)
+    strength: float | None = None  # img2img: how far the start image is noised (None: --strength)
+    network_multipliers: tuple[float, ...] | None = None  # one per network (None: --network_mul)
+    original_width: int | None = None  # SDXL size conditioning; None: the image's size
+    original_height: int | None = None
+    original_width_negative: int | None = None  # None: the original size
+    original_height_negative: int | None = None
+    crop_top: int | None = None  # None: 0
+    crop_left: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "width", round_size(self.width))
@@ -61,9 +72,12 @@ class SamplePrompt:
         object.__setattr__(self, "steps", clamp_steps(self.steps))
 
 
-def read_sample_prompts(path: str | Path, defaults: Mapping[str, Any] | None = None) -> list[SamplePrompt]:
+def read_sample_prompts(
+    path: str | Path, defaults: Mapping[str, Any] | None = None, generation: bool = False
+) -> list[SamplePrompt]:
     """Every prompt in a `.txt`, `.toml` or `.json` prompt file; any problem is one UserError naming the file.
-    `defaults` (SamplePrompt fields, e.g. gen_img_diffusers' --W/--steps) fill what a prompt does not set."""
+    `defaults` (SamplePrompt fields, e.g. gen_img_diffusers' --W/--steps) fill what a prompt does not set;
+    `generation` allows gen_img_diffusers' own line options."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in READERS:
@@ -74,45 +88,50 @@ def read_sample_prompts(path: str | Path, defaults: Mapping[str, Any] | None = N
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise UserError(f"{path}: the file is not UTF-8 text; save it as UTF-8.") from None
-    prompts = READERS[suffix](text, str(path), dict(defaults or {}))
+    prompts = READERS[suffix](text, str(path), dict(defaults or {}), generation)
     if not prompts:
         raise UserError(f"{path}: the file holds no prompt; add at least one.")
     return prompts
 
 
 def parse_prompt_line(
-    line: str, where: str = "sample prompt", defaults: Mapping[str, Any] | None = None
+    line: str, where: str = "sample prompt", defaults: Mapping[str, Any] | None = None, generation: bool = False
 ) -> SamplePrompt:
     """One `.txt` line: the prompt text, then options each introduced by " --"; `defaults` fill the options it
-    does not give."""
+    does not give. `generation` allows gen_img_diffusers' own options (GENERATION_LINE_OPTIONS)."""
     text, *options = line.strip().split(OPTION_SEPARATOR)
     values: dict[str, Any] = {**(defaults or {}), "prompt": text.strip()}
+    known = {**LINE_OPTIONS, **GENERATION_LINE_OPTIONS} if generation else LINE_OPTIONS
     for option in options:
         flag, value = (option.split(maxsplit=1) + [""])[:2]
         flag = flag.lower()
-        if flag not in LINE_OPTIONS:
+        if flag in GENERATION_LINE_OPTIONS and not generation:
+            raise UserError(f"{where}: option --{flag} is for gen_img_diffusers.py only; remove it here.")
+        if flag in REFUSED_LINE_OPTIONS:
+            raise UserError(f"{where}: option --{flag}: {REFUSED_LINE_OPTIONS[flag]}; remove it.")
+        if flag not in known:
             raise UserError(
-                f"{where}: unknown option --{flag}; use --n, --w, --h, --d, --l, --s or --ss,"
+                f"{where}: unknown option --{flag}; use {', '.join('--' + name for name in known)},"
                 " and write ' --' only before an option."
             )
         if not value:
             raise UserError(f"{where}: option --{flag} has no value; write it as --{flag} VALUE.")
-        key, convert = LINE_OPTIONS[flag]
+        key, convert = known[flag]
         if key is not None:
             values[key] = convert(value, f"{where}, --{flag}")
     return SamplePrompt(**values)
 
 
-def _read_txt(text: str, source: str, defaults: dict[str, Any]) -> list[SamplePrompt]:
+def _read_txt(text: str, source: str, defaults: dict[str, Any], generation: bool) -> list[SamplePrompt]:
     prompts = []
     for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if line and not line.startswith("#"):
-            prompts.append(parse_prompt_line(line, f"{source}, line {number}", defaults))
+            prompts.append(parse_prompt_line(line, f"{source}, line {number}", defaults, generation))
     return prompts
 
 
-def _read_toml(text: str, source: str, defaults: dict[str, Any]) -> list[SamplePrompt]:
+def _read_toml(text: str, source: str, defaults: dict[str, Any], generation: bool) -> list[SamplePrompt]:
     try:
         tables = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
@@ -138,7 +157,7 @@ def _read_toml(text: str, source: str, defaults: dict[str, Any]) -> list[SampleP
     return prompts
 
 
-def _read_json(text: str, source: str, defaults: dict[str, Any]) -> list[SamplePrompt]:
+def _read_json(text: str, source: str, defaults: dict[str, Any], generation: bool) -> list[SamplePrompt]:
     try:
         items = json.loads(text)
     except json.JSONDecodeError as error:
@@ -151,7 +170,7 @@ def _read_json(text: str, source: str, defaults: dict[str, Any]) -> list[SampleP
     for number, item in enumerate(items, start=1):
         where = f"{source}, item {number}"
         if isinstance(item, str):
-            prompts.append(parse_prompt_line(item, where, defaults))
+            prompts.append(parse_prompt_line(item, where, defaults, generation))
         elif isinstance(item, dict):
             prompts.append(_prompt_from_values({**defaults, **_table_values(item, where)}, where))
         else:
@@ -159,7 +178,7 @@ def _read_json(text: str, source: str, defaults: dict[str, Any]) -> list[SampleP
     return prompts
 
 
-READERS: dict[str, Callable[[str, str, dict[str, Any]], list[SamplePrompt]]] = {
+READERS: dict[str, Callable[[str, str, dict[str, Any], bool], list[SamplePrompt]]] = {
     ".txt": _read_txt,
     ".toml": _read_toml,
     ".json": _read_json,
@@ -207,6 +226,17 @@ def _ignored(value: Any, where: str) -> None:
     return None
 
 
+def _strength(value: Any, where: str) -> float:
+    strength = _number(value, where)
+    if not 0 < strength <= 1:
+        raise UserError(f"{where}: strength {strength:g} is outside (0, 1]; use a value such as 0.8.")
+    return strength
+
+
+def _numbers(value: Any, where: str) -> tuple[float, ...]:
+    return tuple(_number(part, where) for part in _text(value, where).split(","))
+
+
 # .txt flag -> (SamplePrompt field, value check); a None field is accepted and ignored.
 LINE_OPTIONS: dict[str, tuple[str | None, Callable[[Any, str], Any]]] = {
     "n": ("negative_prompt", _text),
@@ -218,6 +248,23 @@ LINE_OPTIONS: dict[str, tuple[str | None, Callable[[Any, str], Any]]] = {
     "ss": ("sampler", _sampler),
     "g": (None, _ignored),
     "cn": (None, _ignored),
+}
+# gen_img_diffusers.py's and sdxl_gen_img.py's own line options
+GENERATION_LINE_OPTIONS: dict[str, tuple[str | None, Callable[[Any, str], Any]]] = {
+    "t": ("strength", _strength),
+    "am": ("network_multipliers", _numbers),
+    "ow": ("original_width", _whole_number),
+    "oh": ("original_height", _whole_number),
+    "nw": ("original_width_negative", _whole_number),
+    "nh": ("original_height_negative", _whole_number),
+    "ct": ("crop_top", _whole_number),
+    "cl": ("crop_left", _whole_number),
+    "c": (None, _ignored),  # sd-scripts' CLIP-guidance prompt, used only with --clip_guidance_scale
+}
+REFUSED_LINE_OPTIONS = {
+    "nl": "sd-scripts' negative scale is not implemented here",
+    **{name: "Deep Shrink is not implemented here" for name in ("dsd1", "dst1", "dsd2", "dst2", "dsr")},
+    **{name: "gradual latent is not implemented here" for name in ("glt", "glr", "gle", "gls", "glsn", "glus")},
 }
 # .toml / .json key -> (SamplePrompt field, value check)
 TABLE_KEYS: dict[str, tuple[str | None, Callable[[Any, str], Any]]] = {
