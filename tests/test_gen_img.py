@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import run_script
+from generation_helpers import FAST, draw, max_difference
 from PIL import Image
 from sd_scripts_options import GEN_IMG_DIFFUSERS_OPTIONS, SDXL_GEN_IMG_EXTRA_OPTIONS
 
@@ -17,7 +18,6 @@ from lora_helpers import fill_randomly
 from networks.lora import create_network
 
 SCRIPT = "gen_img_diffusers.py"
-FAST = ["--W", "64", "--H", "64", "--steps", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +37,6 @@ def lora_files(sd1, tmp_path_factory):
         network.save_weights(folder / f"lora{seed}.safetensors")
         files.append(str(folder / f"lora{seed}.safetensors"))
     return files
-
-
-def draw(ckpt, outdir, *flags: str) -> list[np.ndarray]:
-    """Run the generator in this process; the images as int arrays, in order."""
-    args = build_parser().parse_args(["--ckpt", str(ckpt), "--outdir", str(outdir), *FAST, *flags])
-    return [np.asarray(Image.open(path), dtype=np.int16) for path in generate(options_from_arguments(args, []))]
-
-
-def max_difference(first: np.ndarray, second: np.ndarray) -> int:
-    return int(np.abs(first - second).max())
 
 
 def test_multiplier_zero_gives_the_base_image_and_apply_equals_merge(sd1, lora_files, tmp_path):

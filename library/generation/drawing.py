@@ -19,7 +19,14 @@ from library.errors import UserError
 from library.generation.options import IMAGE_SIZE_STEP, GenerationOptions, HighresFix
 from library.model_files.stable_diffusion import StableDiffusionModel
 from library.sampling import GeneratedImage, SamplePrompt, save_sample_image
-from library.sampling.generate import VAE_SCALE, DrawingSetup, StartImage, batch_key, decode_latents, generate_images
+from library.sampling.generate import (
+    DrawingSetup,
+    StartImage,
+    batch_key,
+    decode_latents,
+    generate_images,
+    vae_scale_factor,
+)
 
 SEED_MODULUS = 2**64
 DRAWN_SEED_RANGE = 2**31  # seeds drawn for images without one, as sd-scripts draws them
@@ -161,8 +168,9 @@ def _highres_fix(
     if fix.save_first:
         pictures = _pictures(model, first, setup) if fix.latents_upscaling else [one.image for one in first]
         passes.append(("0", [dataclasses.replace(one, image=picture) for one, picture in zip(first, pictures)]))
+    scale = vae_scale_factor(model.vae)
     second_starts = [
-        StartImage(_upscaled(one, prompt), prompt.strength or strength) for one, prompt in zip(first, prompts)
+        StartImage(_upscaled(one, prompt, scale), prompt.strength or strength) for one, prompt in zip(first, prompts)
     ]
     second = _generate(model, [dataclasses.replace(p, seed=p.seed + 1) for p in prompts], setup, second_starts)
     passes.append(("1", [dataclasses.replace(one, prompt=p, seed=p.seed) for one, p in zip(second, prompts)]))
@@ -174,10 +182,10 @@ def _pictures(model: StableDiffusionModel, generated: list[GeneratedImage], setu
         return decode_latents(model.vae, [one.latents.to(setup.device) for one in generated], setup.vae_batch_size)
 
 
-def _upscaled(first: GeneratedImage, prompt: SamplePrompt) -> Image.Image | torch.Tensor:
+def _upscaled(first: GeneratedImage, prompt: SamplePrompt, scale: int) -> Image.Image | torch.Tensor:
     if first.latents is None:
         return first.image.resize((prompt.width, prompt.height), Image.Resampling.LANCZOS)
-    size = (prompt.height // VAE_SCALE, prompt.width // VAE_SCALE)
+    size = (prompt.height // scale, prompt.width // scale)
     return torch.nn.functional.interpolate(first.latents.float(), size, mode="bilinear").to(first.latents.dtype)
 
 

@@ -33,7 +33,6 @@ from library.weighted_captions import padded_windows, weighted_tokens
 MAX_WINDOWS = 3  # prompts up to 3 x 75 tokens, as sd-scripts' sampling pipeline
 SDXL_CLIP_SKIP = 2  # SDXL conditions on the penultimate layer of both text encoders
 SEED_RANGE = 2**32
-VAE_SCALE = 8  # pixels per latent
 
 
 @dataclass(frozen=True)
@@ -157,8 +156,13 @@ def decode_latents(vae: torch.nn.Module, latents: Sequence[torch.Tensor], batch_
     images = []
     for chunk in stacked.split(batch_size or len(stacked)):
         decoded = vae.decode(chunk.to(vae.dtype) / vae.config.scaling_factor).sample
-        images += VaeImageProcessor(vae_scale_factor=VAE_SCALE).postprocess(decoded, output_type="pil")
+        images += VaeImageProcessor(vae_scale_factor=vae_scale_factor(vae)).postprocess(decoded, output_type="pil")
     return images
+
+
+def vae_scale_factor(vae: torch.nn.Module) -> int:
+    """Pixels per latent along each side (8 for every released model; fewer for tiny test models)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def _draw(pipeline, prompt: SamplePrompt, conditionings, seeds, starts) -> list[torch.Tensor]:
