@@ -158,5 +158,7 @@ def test_generation_guide_commands(tmp_path):
     )
     assert difference.max() <= 2
     names = sorted(path.name.split("_", 2)[2] for path in (tmp_path / "tiny" / "from_file").iterdir())
-    assert names == ["000_5.png", "001_6.png", "002_12.png", "003_13.png"]
+    assert names == ["000_12.png", "000_5.png", "001_13.png", "001_6.png"]
     assert Image.open(next((tmp_path / "tiny" / "from_file").glob("*_000_5.png"))).size == (64, 128)
+    [sheet] = (tmp_path / "tiny" / "grid").glob("grid_*.png")
+    assert Image.open(sheet).size == (192 + 2 * 68, 24 + 2 * 132)  # two columns, two rows; cells of the largest
