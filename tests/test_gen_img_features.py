@@ -256,3 +256,57 @@ def test_grid_of_epochs_and_strengths_holds_the_single_images(sd1, loras, tmp_pa
     base = draw(sd1[1], tmp_path / "base", "--prompt", "a red circle --d 4")[0]
     assert np.array_equal(as_array(Image.open(sheet).crop((192, 24, 192 + 64, 24 + 64))), base)
     assert Image.open(sheet).size[0] == 192 + 3 * 68
+
+
+# --- textual inversion -----------------------------------------------------------------------------------------
+
+
+def test_an_embedding_gives_the_prompt_states_diffusers_gives_with_its_own_loader(tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    from library.generation.embeddings import add_embeddings
+    from library.sampling import SamplePrompt
+    from library.sampling.generate import DrawingSetup, _conditioning
+
+    ours, reference = (make_tiny_model(ModelFamily.SD1, seed=0) for _ in range(2))
+    width = ours.text_encoders[0].get_input_embeddings().weight.shape[1]
+    file = tmp_path / "shinyemb.safetensors"
+    save_file({"emb_params": torch.randn(3, width, generator=torch.Generator().manual_seed(1))}, file)
+    expansions = add_embeddings(ours, [file])
+    setup = DrawingSetup(False, None, "ddim", torch.device("cpu"), torch.float32, token_expansions=expansions)
+    with torch.no_grad():
+        states = _conditioning(ours.text_encoders, ours.tokenizers, SamplePrompt("a shinyemb cat"), setup)
+    pipeline = StableDiffusionPipeline(
+        vae=reference.vae,
+        text_encoder=reference.text_encoders[0],
+        tokenizer=reference.tokenizers[0],
+        unet=reference.unet,
+        scheduler=None,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.load_textual_inversion(str(file), token="shinyemb")
+    with torch.no_grad():
+        expected, _ = pipeline.encode_prompt("a shinyemb cat", "cpu", 1, False)
+    assert torch.allclose(states["prompt_embeds"], expected, atol=1e-5)
+
+
+def test_sdxl_embeddings_change_the_images_that_name_them_and_bad_files_are_one_sentence(sdxl, sd1, tmp_path):
+    from safetensors.torch import save_file
+
+    widths = [encoder.get_input_embeddings().weight.shape[1] for encoder in sdxl[0].text_encoders]
+    file = tmp_path / "xyzneg.safetensors"
+    save_file({key: torch.randn(2, width) for key, width in zip(("clip_l", "clip_g"), widths)}, file)
+    flags = ["--seed", "2", "--textual_inversion_embeddings", str(file)]
+    base = draw(sdxl[1], tmp_path / "base", "--prompt", "a tree", "--seed", "2")[0]
+    assert np.array_equal(base, draw(sdxl[1], tmp_path / "unused", "--prompt", "a tree", *flags)[0])
+    assert max_difference(base, draw(sdxl[1], tmp_path / "used", "--prompt", "a tree --n xyzneg", *flags)[0]) > 0
+    sd_file = tmp_path / "plain.safetensors"
+    save_file({"emb_params": torch.randn(2, 7)}, sd_file)
+    with pytest.raises(UserError, match=r"plain.safetensors: not an SDXL embedding \(no clip_l or clip_g"):
+        draw(sdxl[1], tmp_path / "x", "--prompt", "x", "--textual_inversion_embeddings", str(sd_file))
+    with pytest.raises(UserError, match=r"plain.safetensors: its vectors are 7 wide but this model's text encoder"):
+        draw(sd1[1], tmp_path / "y", "--prompt", "x", "--textual_inversion_embeddings", str(sd_file))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -17,6 +17,7 @@ import torch
 
 from library.errors import UserError
 from library.generation.drawing import ImageWriter, batches, draw_batch, image_file_name, plan, planned_images
+from library.generation.embeddings import add_embeddings
 from library.generation.grid import draw_grid
 from library.generation.networks import AttachedNetworks, attach_networks
 from library.generation.options import GenerationOptions, build_parser, options_from_arguments
@@ -44,6 +45,7 @@ def generate(options: GenerationOptions, now: datetime.datetime | None = None) -
         for choice in options.networks:
             print(f"{choice.weights}:")
             print("\n".join(f"  {key}: {value}" for key, value in sorted(read_lora_file(choice.weights)[1].items())))
+    expansions = add_embeddings(model, options.embeddings)
     networks = attach_networks(model, options.networks, options.merge_networks)
     _place(model, networks, device, options.dtype, options.xformers)
     setup = DrawingSetup(
@@ -54,6 +56,7 @@ def generate(options: GenerationOptions, now: datetime.datetime | None = None) -
         options.dtype,
         options.max_windows,
         options.vae_batch_size,
+        expansions,
     )
     planned = plan(options)
     if options.grid is not None:

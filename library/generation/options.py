@@ -46,7 +46,6 @@ UNSUPPORTED_GENERATION_OPTIONS = (
     UnsupportedOption(
         "network_regional_mask_max_color_codes", "regional prompts with masks are not implemented here", "value"
     ),
-    UnsupportedOption("textual_inversion_embeddings", NOT_YET, "value", nargs="*"),
     UnsupportedOption("XTI_embeddings", "XTI embeddings are not supported here", "value", nargs="*"),
     UnsupportedOption("clip_guidance_scale", GUIDANCE, "value", default=0.0),
     UnsupportedOption("clip_image_guidance_scale", GUIDANCE, "value", default=0.0),
@@ -172,6 +171,7 @@ class GenerationOptions:
     original_file_names: bool = False  # --use_original_file_name
     highres_fix: HighresFix | None = None
     grid: Grid | None = None
+    embeddings: list[Path] = field(default_factory=list)  # --textual_inversion_embeddings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     attention.add_argument("--xformers", action="store_true", help="xformers attention when installed on CUDA")
     attention.add_argument("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (the default)")
     attention.add_argument("--diffusers_xformers", action="store_true", help="the same as --xformers here")
+    parser.add_argument(
+        "--textual_inversion_embeddings", nargs="*", help="embedding files; each file's name becomes a prompt word"
+    )
     parser.add_argument("--clip_skip", type=int, help="use the output of the n-th last text encoder layer")
     parser.add_argument("--network_module", nargs="*", help="module of each network (one for all, or one per file)")
     parser.add_argument("--network_weights", nargs="*", help="LoRA files, applied together")
@@ -328,6 +331,7 @@ def options_from_arguments(args: argparse.Namespace, notes: list[str]) -> Genera
         original_file_names=args.use_original_file_name,
         highres_fix=_highres_fix(args),
         grid=grid,
+        embeddings=[Path(file) for file in args.textual_inversion_embeddings or []],
     )
 
 

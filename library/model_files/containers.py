@@ -116,9 +116,7 @@ class PickleCheckpointFile(CheckpointFile):
     def __init__(self, path: Path):
         self.path = path
         self.metadata = {}
-        self._tensors = {
-            key: value for key, value in _load_pickle_state_dict(path).items() if isinstance(value, torch.Tensor)
-        }
+        self._tensors = {key: value for key, value in load_pickle_dict(path).items() if isinstance(value, torch.Tensor)}
 
     def info(self) -> Mapping[str, TensorInfo]:
         return {key: TensorInfo(tuple(t.shape), t.dtype) for key, t in self._tensors.items()}
@@ -180,7 +178,8 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, tuple[TensorInfo, in
     return tensors, {str(k): str(v) for k, v in metadata.items()}, data_start
 
 
-def _load_pickle_state_dict(path: Path) -> dict:
+def load_pickle_dict(path: Path) -> dict:
+    """A `.ckpt`/`.pt` file's dictionary (its `state_dict` when it has one), opened with `weights_only=True`."""
     mmap = zipfile.is_zipfile(path)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)

@@ -48,6 +48,7 @@ class DrawingSetup:
     dtype: torch.dtype
     max_windows: int = MAX_WINDOWS
     vae_batch_size: int | None = None
+    token_expansions: tuple[dict[int, list[int]], ...] = ()  # per tokenizer: a token id -> the ids it stands for
 
 
 @dataclass(frozen=True)
@@ -127,9 +128,7 @@ def generate_images(
         torch.no_grad(),
         _autocast(device, setup.dtype),
     ):
-        conditionings = [
-            _conditioning(text_encoders, tokenizers, prompt, setup.clip_skip, setup.max_windows) for prompt in prompts
-        ]
+        conditionings = [_conditioning(text_encoders, tokenizers, prompt, setup) for prompt in prompts]
         latents: list[torch.Tensor | None] = [None] * len(prompts)
         for group in _same_shapes(conditionings):
             drawn = _draw(
@@ -299,40 +298,46 @@ def save_sample_image(generated: GeneratedImage, path: str | Path) -> Path:
     return Path(path)
 
 
-def _conditioning(
-    text_encoders, tokenizers, prompt: SamplePrompt, clip_skip: int | None, max_windows: int
-) -> dict[str, torch.Tensor]:
+def _conditioning(text_encoders, tokenizers, prompt: SamplePrompt, setup: DrawingSetup) -> dict[str, torch.Tensor]:
     """The pipeline's conditioning tensors for one prompt and its negative prompt ("" when none), each of batch 1:
     `prompt_embeds` and `negative_prompt_embeds`, and for SDXL the pooled ones too."""
     texts = [prompt.prompt, prompt.negative_prompt or ""]
+    expansions = setup.token_expansions or ({},) * len(tokenizers)
     if len(text_encoders) == 1:
-        positive, negative = _prompt_embeddings(text_encoders[0], tokenizers[0], prompt, clip_skip, max_windows)
+        positive, negative = _prompt_embeddings(
+            text_encoders[0], tokenizers[0], prompt, setup.clip_skip, setup.max_windows, expansions[0]
+        )
         return {"prompt_embeds": positive, "negative_prompt_embeds": negative}
-    return _sdxl_prompt_embeddings(text_encoders, tokenizers, texts, clip_skip, max_windows)
+    return _sdxl_prompt_embeddings(text_encoders, tokenizers, texts, setup.clip_skip, setup.max_windows, expansions)
 
 
 def _prompt_embeddings(
-    text_encoder, tokenizer, prompt: SamplePrompt, clip_skip: int | None, max_windows: int = MAX_WINDOWS
+    text_encoder,
+    tokenizer,
+    prompt: SamplePrompt,
+    clip_skip: int | None,
+    max_windows: int = MAX_WINDOWS,
+    expansion: dict[int, list[int]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden states of the prompt and the negative prompt ("" when none), emphasis applied, with as many 75-token
     windows as the longer of the two needs (at most `max_windows`), as sd-scripts' generation pipeline does."""
-    ids, weights = _weighted_ids(tokenizer, [prompt.prompt, prompt.negative_prompt or ""], max_windows)
+    ids, weights = _weighted_ids(tokenizer, [prompt.prompt, prompt.negative_prompt or ""], max_windows, expansion)
     states = emphasised(encode_tokens(text_encoder, ids, clip_skip), weights)
     return states[:1], states[1:]
 
 
 def _sdxl_prompt_embeddings(
-    text_encoders, tokenizers, texts: list[str], clip_skip: int | None, max_windows: int
+    text_encoders, tokenizers, texts: list[str], clip_skip: int | None, max_windows: int, expansions
 ) -> dict[str, torch.Tensor]:
     """The SDXL pipeline's four conditioning tensors for a prompt and its negative prompt, as sd-scripts'
     sdxl_gen_img.py computes them: for each encoder, its penultimate hidden states (`clip_skip` k takes the k-th
     layer from the end instead, with no final layer norm) window by window, emphasis applied; the two concatenated
     on the feature axis; and the second encoder's pooled, projected output of the first window."""
     layer = clip_skip if clip_skip is not None else SDXL_CLIP_SKIP
-    windows = _windows_needed(tokenizers[0], texts, max_windows)
+    windows = _weighted_ids(tokenizers[0], texts, max_windows, expansions[0])[0].shape[1]
     states = []
-    for text_encoder, tokenizer in zip(text_encoders, tokenizers):
-        ids, weights = _weighted_ids(tokenizer, texts, windows)
+    for text_encoder, tokenizer, expansion in zip(text_encoders, tokenizers, expansions):
+        ids, weights = _weighted_ids(tokenizer, texts, windows, expansion)
         output = text_encoder(ids.flatten(0, 1).to(text_encoder.device), output_hidden_states=True)
         hidden = output.hidden_states[-layer]
         states.append(emphasised(stitch_windows(hidden.unflatten(0, ids.shape[:2])), weights))
@@ -346,15 +351,19 @@ def _sdxl_prompt_embeddings(
     }
 
 
-def _weighted_ids(tokenizer, texts: list[str], max_windows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and emphasis weights (B, n, 77) of the texts, n windows for the longest (at most `max_windows`)."""
-    parsed = [weighted_tokens(tokenizer, text) for text in texts]
+def _weighted_ids(
+    tokenizer, texts: list[str], max_windows: int, expansion: dict[int, list[int]] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and emphasis weights (B, n, 77) of the texts, n windows for the longest (at most `max_windows`);
+    `expansion` replaces a token by several (a textual-inversion embedding's word by all its vectors)."""
+    parsed = [_expanded(*weighted_tokens(tokenizer, text), expansion or {}) for text in texts]
     windows = min(max_windows, max(1, -(-max(len(ids) for ids, _ in parsed) // CONTENT)))
     return padded_windows(tokenizer, parsed, CONTENT * windows)
 
 
-def _windows_needed(tokenizer, texts: list[str], max_windows: int) -> int:
-    return _weighted_ids(tokenizer, texts, max_windows)[0].shape[1]
+def _expanded(ids: list[int], weights: list[float], expansion: dict[int, list[int]]) -> tuple[list, list]:
+    pairs = [(new, weight) for token, weight in zip(ids, weights) for new in expansion.get(token, [token])]
+    return [token for token, _ in pairs], [weight for _, weight in pairs]
 
 
 def emphasised(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
