@@ -105,12 +105,12 @@ def write_tokenizers(folder: Path, model: str) -> None:
         (folder / name / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
-def run_once(python: Path, root: Path, script: str, flags: list[str], steps: int, output: Path, cpu: bool) -> dict:
-    """One whole training process: wall time, peak RSS of its process tree, and what measured_run.py reports."""
+def run_once(python: Path, root: Path, script: str, flags: list[str], length: int, output: Path, cpu: bool) -> dict:
+    """One whole process of `script` with `flags` (its length: training steps, images, ...): wall time, peak RSS of
+    its process tree, and what measured_run.py reports. Its log is written to `output`."""
     report = output / "measured.json"
     output.mkdir(parents=True)
-    command = [str(python), str(MEASURED_RUN), script, *flags, "--max_train_steps", str(steps)]
-    command += ["--output_dir", str(output)]
+    command = [str(python), str(MEASURED_RUN), script, *flags]
     environment = {**os.environ, "MEASURED_RUN_OUT": str(report), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
     if cpu:
         environment["CUDA_VISIBLE_DEVICES"] = ""
@@ -124,12 +124,12 @@ def run_once(python: Path, root: Path, script: str, flags: list[str], steps: int
         tail = (output / "log.txt").read_text(encoding="utf-8", errors="replace")[-3000:]
         raise SystemExit(f"{root / script} failed (exit {process.returncode}); the end of its log:\n{tail}")
     measured = json.loads(report.read_text(encoding="utf-8"))
-    return {"steps": steps, "seconds": round(seconds, 2), "peak_rss_bytes": tree.peak, **measured}
+    return {"length": length, "seconds": round(seconds, 2), "peak_rss_bytes": tree.peak, **measured}
 
 
 def fitted(runs: list[dict], lengths: list[int]) -> tuple[float, float]:
-    """(seconds per step, fixed seconds) of one round: the line through its two lengths' wall times."""
-    short, long = (next(run["seconds"] for run in runs if run["steps"] == n) for n in lengths)
+    """(seconds per step (or image), fixed seconds) of one round: the line through its two lengths' wall times."""
+    short, long = (next(run["seconds"] for run in runs if run["length"] == n) for n in lengths)
     per_step = (long - short) / (lengths[1] - lengths[0])
     return per_step, short - lengths[0] * per_step
 
@@ -186,7 +186,7 @@ def main() -> None:
                         pythons[trainer],
                         roots[trainer],
                         SCRIPTS[args.model],
-                        flags,
+                        [*flags, "--max_train_steps", str(steps), "--output_dir", str(output)],
                         steps,
                         output,
                         args.device == "cpu",
