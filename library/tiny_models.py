@@ -94,14 +94,20 @@ def make_tiny_dataset(
         shape = SHAPES[index % len(SHAPES)]
         color, background = rng.sample(sorted(COLORS), 2)
         width, height = SIZES[index % len(SIZES)]
-        picture = Image.new("RGB", (width, height), COLORS[background])
-        draw = ImageDraw.Draw(picture)
         radius = min(width, height) // 3
         box = (width // 2 - radius, height // 2 - radius, width // 2 + radius, height // 2 + radius)
-        (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLORS[color])
+        picture = shape_picture(shape, COLORS[color], COLORS[background], (width, height), box)
         stem = image_dir / f"{index:03d}"
         picture.save(stem.with_suffix(".png"))
         stem.with_suffix(".txt").write_text(
             f"{identifier} {class_name}, a {color} {shape} on a {background} background\n", encoding="utf-8"
         )
     return image_dir
+
+
+def shape_picture(shape: str, color: tuple, background: tuple, size: tuple[int, int], box: tuple) -> Image.Image:
+    """A `shape` ("circle" or "square") of `color` filling `box` on a `background` of `size`."""
+    picture = Image.new("RGB", size, background)
+    draw = ImageDraw.Draw(picture)
+    (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=color)
+    return picture

@@ -267,7 +267,7 @@ def test_an_embedding_gives_the_prompt_states_diffusers_gives_with_its_own_loade
 
     from library.generation.embeddings import add_embeddings
     from library.sampling import SamplePrompt
-    from library.sampling.generate import DrawingSetup, _conditioning
+    from library.sampling.generate import DrawingSetup, prompt_conditioning
 
     ours, reference = (make_tiny_model(ModelFamily.SD1, seed=0) for _ in range(2))
     width = ours.text_encoders[0].get_input_embeddings().weight.shape[1]
@@ -276,7 +276,7 @@ def test_an_embedding_gives_the_prompt_states_diffusers_gives_with_its_own_loade
     expansions = add_embeddings(ours, [file])
     setup = DrawingSetup(False, None, "ddim", torch.device("cpu"), torch.float32, token_expansions=expansions)
     with torch.no_grad():
-        states = _conditioning(ours.text_encoders, ours.tokenizers, SamplePrompt("a shinyemb cat"), setup)
+        states = prompt_conditioning(ours.text_encoders, ours.tokenizers, SamplePrompt("a shinyemb cat"), setup)
     pipeline = StableDiffusionPipeline(
         vae=reference.vae,
         text_encoder=reference.text_encoders[0],

@@ -128,7 +128,7 @@ def generate_images(
         torch.no_grad(),
         _autocast(device, setup.dtype),
     ):
-        conditionings = [_conditioning(text_encoders, tokenizers, prompt, setup) for prompt in prompts]
+        conditionings = [prompt_conditioning(text_encoders, tokenizers, prompt, setup) for prompt in prompts]
         latents: list[torch.Tensor | None] = [None] * len(prompts)
         for group in _same_shapes(conditionings):
             drawn = _draw(
@@ -298,7 +298,9 @@ def save_sample_image(generated: GeneratedImage, path: str | Path) -> Path:
     return Path(path)
 
 
-def _conditioning(text_encoders, tokenizers, prompt: SamplePrompt, setup: DrawingSetup) -> dict[str, torch.Tensor]:
+def prompt_conditioning(
+    text_encoders, tokenizers, prompt: SamplePrompt, setup: DrawingSetup
+) -> dict[str, torch.Tensor]:
     """The pipeline's conditioning tensors for one prompt and its negative prompt ("" when none), each of batch 1:
     `prompt_embeds` and `negative_prompt_embeds`, and for SDXL the pooled ones too."""
     texts = [prompt.prompt, prompt.negative_prompt or ""]
