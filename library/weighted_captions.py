@@ -17,6 +17,7 @@ from library.errors import UserError
 from library.text_encoding import split_windows, token_length
 
 ROUND, SQUARE = 1.1, 1 / 1.1
+_NUMBER_LIKE_WEIGHT = re.compile(r"\(([^()]*):\s*([+-]?[\d.,]*\d[\d.,]*)\s*\)")
 _TOKEN = re.compile(r"\\[()\[\]\\]|\(|\[|:\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)|\)|\]|[^\\()\[\]:]+|:|\\")
 
 
@@ -99,3 +100,16 @@ def check_weighted_caption(caption: str, where: str) -> None:
     for _, weight in parse_weights(caption):
         if not 0 < weight < float("inf"):
             raise UserError(f"{where}: the caption weight in '{caption}' comes to {weight:g}; use weights above 0.")
+
+
+def check_prompt_weights(text: str, where: str) -> None:
+    """A weight that looks like a number but is none, such as (cat:1,5) or (cat:1.2.5), would silently become text;
+    say where it is."""
+    for match in _NUMBER_LIKE_WEIGHT.finditer(text):
+        try:
+            float(match.group(2))
+        except ValueError:
+            raise UserError(
+                f"{where}: the weight '{match.group(2)}' in '{match.group(0)}' is not a number; write it with a"
+                f" decimal point, such as ({match.group(1)}:1.2)."
+            ) from None

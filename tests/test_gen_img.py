@@ -265,6 +265,7 @@ def test_sdxl_script_writes_png(sdxl, sdxl_lora, tmp_path):
         (["--prompt", "x --t 0"], "--prompt, --t: strength 0 is outside"),
         (["--prompt", "x --nl 2"], "--prompt: option --nl: sd-scripts' negative scale is not implemented here"),
         (["--prompt", "x", "--vae_batch_size", "0"], "--vae_batch_size is 0; use a count"),
+        (["--prompt", "a (red:1,5) cat"], "prompt 'a (red:1,5) cat': the weight '1,5' in '(red:1,5)' is not a number"),
         (["--prompt", "x", "--negative_scale", "3"], "--negative_scale: sd-scripts' separate guidance scale"),
         (["--prompt", "x", "--clip_guidance_scale", "2"], "--clip_guidance_scale: CLIP and VGG16 guidance"),
         (["--prompt", "x", "--ds_depth_1", "3"], "--ds_depth_1: Deep Shrink is not implemented here"),

@@ -41,6 +41,7 @@ class AttachedNetworks(NamedTuple):
 
     applied: list[torch.nn.Module | None]
     defaults: tuple[float, ...]  # each file's --network_mul
+    current: list[float]  # each network's strength now
 
     def set_multipliers(self, multipliers: Sequence[float] | None, where: str = "") -> None:
         """Each applied network at its strength: `multipliers` (a prompt's --am; the last value repeats for the
@@ -54,14 +55,18 @@ class AttachedNetworks(NamedTuple):
             )
         if multipliers:
             multipliers = [*multipliers, *[multipliers[-1]] * (len(self.defaults) - len(multipliers))]
-        for network, multiplier, default in zip(self.applied, multipliers, self.defaults):
-            if network is not None:
-                network.set_multiplier(multiplier)
-            elif multiplier != default:
+        for index, (network, multiplier) in enumerate(zip(self.applied, multipliers)):
+            if multiplier == self.current[index]:
+                continue
+            if network is None:
                 raise UserError(
                     f"{where}: a merged network's strength cannot change per prompt; leave out --network_merge and"
                     " --network_pre_calc (a LyCORIS file needs --network_module lycoris.kohya for this)."
                 )
+            if not hasattr(network, "set_multiplier"):
+                raise UserError(f"{where}: {type(network).__name__} has no set_multiplier; its strength cannot change.")
+            network.set_multiplier(multiplier)
+            self.current[index] = multiplier
 
 
 def attach_networks(model: StableDiffusionModel, choices: list[NetworkChoice], merge: bool) -> AttachedNetworks:
@@ -84,7 +89,8 @@ def attach_networks(model: StableDiffusionModel, choices: list[NetworkChoice], m
             applied.append(attached.network)
         how = "applied" if applied[-1] is not None else "merged"
         print(f"{how} {choice.weights} ({choice.module}) with multiplier {choice.multiplier:g}")
-    return AttachedNetworks(applied, tuple(choice.multiplier for choice in choices))
+    multipliers = [choice.multiplier for choice in choices]
+    return AttachedNetworks(applied, tuple(multipliers), multipliers)
 
 
 def _loaded_network(model: StableDiffusionModel, choice: NetworkChoice) -> _LoadedNetwork:

@@ -25,6 +25,7 @@ from library.sampling import (
 )
 from library.sampling.prompts import DEFAULT_SCALE, DEFAULT_SIZE
 from library.unsupported_options import UnsupportedOption, add_unsupported_arguments, refuse_unsupported
+from library.weighted_captions import check_prompt_weights
 
 DEFAULT_STEPS = 50  # gen_img_diffusers' default (training samples use 30)
 SDXL_SIZE = 1024  # sdxl_gen_img.py's default width and height
@@ -109,6 +110,8 @@ SDXL_CONDITIONING = (  # sdxl_gen_img.py's flags -> SamplePrompt fields (also pr
     "original_height_negative",
     "crop_top",
     "crop_left",
+    "target_width",  # not in sd-scripts, whose target size is always the image's
+    "target_height",
 )
 
 
@@ -294,6 +297,9 @@ def options_from_arguments(args: argparse.Namespace, notes: list[str]) -> Genera
     masks = _image_files(args.mask_path, "--mask_path")
     strength = _fraction(args.strength, "--strength", DEFAULT_STRENGTH)
     prompts = _prompts(args, start_images)
+    for prompt in prompts:
+        for text in (prompt.prompt, prompt.negative_prompt or ""):
+            check_prompt_weights(text, f"prompt '{prompt.prompt}'")
     if args.prompt is None and args.from_file is None:  # each image with its own prompt, as sd-scripts pairs them
         start_images = [file for file in start_images for _ in range(args.images_per_prompt)]
         masks = [file for file in masks for _ in range(args.images_per_prompt)]
@@ -344,7 +350,7 @@ def _vae_batch_size(value: float | None, batch_size: int) -> int | None:
     return max(1, int(batch_size * value)) if value < 1 else int(value)
 
 
-def _fraction(value: float | None, flag: str, default: float) -> float:
+def _fraction(value: float | None, flag: str, default: float | None) -> float | None:
     if value is None:
         return default
     if not 0 < value <= 1:
@@ -364,7 +370,7 @@ def _highres_fix(args: argparse.Namespace) -> HighresFix | None:
     return HighresFix(
         scale=args.highres_fix_scale,
         steps=args.highres_fix_steps,
-        first_strength=args.highres_fix_strength and _fraction(args.highres_fix_strength, "--highres_fix_strength", 1),
+        first_strength=_fraction(args.highres_fix_strength, "--highres_fix_strength", None),
         latents_upscaling=args.highres_fix_latents_upscaling,
         save_first=args.highres_fix_save_1st,
     )

@@ -194,11 +194,11 @@ def _start_images(starts: Sequence[StartImage]) -> list[Image.Image] | torch.Ten
 def sdxl_size_conditioning(prompt: SamplePrompt) -> dict[str, tuple[int, int]]:
     """SDXL's micro-conditioning as sd-scripts' sdxl_gen_img.py sets it: the original size (default: the image's),
     the negative original size (default: the original size), the crop's top-left corner (default 0, 0), and the
-    image's own size as the target."""
+    target size (default, and always in sd-scripts: the image's)."""
     original = (prompt.original_height or prompt.height, prompt.original_width or prompt.width)
     negative = (prompt.original_height_negative or original[0], prompt.original_width_negative or original[1])
     crop = (prompt.crop_top or 0, prompt.crop_left or 0)
-    target = (prompt.height, prompt.width)
+    target = (prompt.target_height or prompt.height, prompt.target_width or prompt.width)
     return {
         "original_size": original,
         "crops_coords_top_left": crop,

@@ -65,6 +65,8 @@ class SamplePrompt:
     original_height_negative: int | None = None
     crop_top: int | None = None  # None: 0
     crop_left: int | None = None
+    target_width: int | None = None  # None: the image's size
+    target_height: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "width", round_size(self.width))
