@@ -3,6 +3,8 @@ seeds, PNG text, prompt files, long prompts and SDXL models with SDXL LoRAs."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from conftest import run_script
@@ -277,7 +279,7 @@ def test_sdxl_script_writes_png(sdxl, sdxl_lora, tmp_path):
     ],
 )
 def test_bad_flags_are_one_sentence(sd1, tmp_path, flags, message):
-    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+    with pytest.raises(UserError, match=re.escape(message)):
         args = build_parser().parse_args(["--ckpt", str(sd1[1]), "--outdir", str(tmp_path), *flags])
         options = options_from_arguments(args, [])
         generate(options)
