@@ -6,6 +6,8 @@ import numpy as np
 from PIL import Image
 
 from library.generation import build_parser, generate, options_from_arguments
+from lora_helpers import fill_randomly
+from networks.lora import create_network
 
 FAST = ["--W", "64", "--H", "64", "--steps", "2"]
 
@@ -29,3 +31,14 @@ def as_array(image_or_path) -> np.ndarray:
 
 def max_difference(first: np.ndarray, second: np.ndarray) -> int:
     return int(np.abs(first - second).max())
+
+
+def random_lora_files(model, folder, names: list[str]) -> list[str]:
+    """One SD1 LoRA file per name with random (non-zero) weights on the text encoder and the U-Net, seeds 1, 2, ..."""
+    files = []
+    for seed, name in enumerate(names, start=1):
+        network = create_network(1.0, 4, 2, model.vae, model.text_encoders[0], model.unet)
+        fill_randomly(network, seed=seed)
+        network.save_weights(folder / name)
+        files.append(str(folder / name))
+    return files

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 from conftest import run_script
-from generation_helpers import FAST, draw, max_difference
+from generation_helpers import FAST, draw, max_difference, random_lora_files
 from PIL import Image
 from sd_scripts_options import GEN_IMG_DIFFUSERS_OPTIONS, SDXL_GEN_IMG_EXTRA_OPTIONS
 
@@ -30,15 +30,7 @@ def sd1(tiny_checkpoints):
 @pytest.fixture(scope="module")
 def lora_files(sd1, tmp_path_factory):
     """Two SD1 LoRA files with random (non-zero) weights on both the text encoder and the U-Net."""
-    model = sd1[0]
-    folder = tmp_path_factory.mktemp("loras")
-    files = []
-    for seed in (1, 2):
-        network = create_network(1.0, 4, 2, model.vae, model.text_encoders[0], model.unet)
-        fill_randomly(network, seed=seed)
-        network.save_weights(folder / f"lora{seed}.safetensors")
-        files.append(str(folder / f"lora{seed}.safetensors"))
-    return files
+    return random_lora_files(sd1[0], tmp_path_factory.mktemp("loras"), ["lora1.safetensors", "lora2.safetensors"])
 
 
 def test_multiplier_zero_gives_the_base_image_and_apply_equals_merge(sd1, lora_files, tmp_path):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from generation_helpers import as_array, draw, draw_files, max_difference
+from generation_helpers import as_array, draw, draw_files, max_difference, random_lora_files
 from PIL import Image
 
 import library.sampling.generate as sampling_generate
@@ -15,8 +15,6 @@ from library.model_files.family import ModelFamily
 from library.model_files.stable_diffusion import save_stable_diffusion_checkpoint
 from library.sampling.generate import emphasised
 from library.tiny_models import make_tiny_model
-from lora_helpers import fill_randomly
-from networks.lora import create_network
 
 
 @pytest.fixture(scope="module")
@@ -32,15 +30,8 @@ def sdxl(tiny_checkpoints):
 @pytest.fixture(scope="module")
 def loras(sd1, tmp_path_factory):
     """Two SD1 LoRA files with random (non-zero) weights, named like two epochs of one training."""
-    model = sd1[0]
-    folder = tmp_path_factory.mktemp("epochs")
-    files = []
-    for epoch in (1, 2):
-        network = create_network(1.0, 4, 2, model.vae, model.text_encoders[0], model.unet)
-        fill_randomly(network, seed=epoch)
-        network.save_weights(folder / f"shapes-{epoch:06d}.safetensors")
-        files.append(str(folder / f"shapes-{epoch:06d}.safetensors"))
-    return files
+    names = [f"shapes-{epoch:06d}.safetensors" for epoch in (1, 2)]
+    return random_lora_files(sd1[0], tmp_path_factory.mktemp("epochs"), names)
 
 
 @pytest.fixture
