@@ -26,7 +26,8 @@ from library.training.diffusion import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS
 
 PRETRAINING_STEPS = 200
 PRETRAINING_BATCH = 8
-PRETRAINING_LEARNING_RATE = 2e-3
+PRETRAINING_LEARNING_RATES = {ModelFamily.SD1: 2e-3, ModelFamily.SD2: 2e-3, ModelFamily.SDXL: 5e-4}  # SDXL's tiny
+# U-Net does not learn at all at 2e-3 (its loss stays at that of predicting 0)
 PRETRAINING_SIZE = 64
 PALETTE = {  # the base model's colours: more than the demo dataset's, so that no colour is the LoRA's to teach
     "red": (220, 40, 40),
@@ -74,7 +75,7 @@ def pretrain_unet(
     scheduler = DDPMScheduler(
         NUM_TRAIN_TIMESTEPS, BETA_START, BETA_END, "scaled_linear", prediction_type="v_prediction"
     )
-    optimizer = torch.optim.AdamW(model.unet.parameters(), lr=PRETRAINING_LEARNING_RATE)
+    optimizer = torch.optim.AdamW(model.unet.parameters(), lr=PRETRAINING_LEARNING_RATES[model.family])
     model.unet.train()
     for step in range(steps):
         pictures, captions = zip(*(_random_shape(rng) for _ in range(PRETRAINING_BATCH)))
