@@ -33,7 +33,6 @@ DEFAULT_NETWORK_MODULE = "networks.lora"
 DEFAULT_STRENGTH = 0.8  # sd-scripts' img2img strength
 DEFAULT_HIGHRES_STEPS = 28  # sd-scripts' first-pass steps of the highres fix
 IMAGE_SIZE_STEP = 32  # img2img and the highres fix's first pass round sizes down to this, as sd-scripts
-GRID_KINDS = ("epochs", "mul=")
 
 NOT_YET = "not implemented here yet (docs/generation.md lists what is)"
 GUIDANCE = "CLIP and VGG16 guidance are not implemented here; they date from SD 1.x and few use them"
