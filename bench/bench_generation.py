@@ -22,7 +22,7 @@ from pathlib import Path
 from bench_train import model_file
 from vs_sd_scripts import PROJECT, commit_of, fitted, run_once, write_tokenizers
 
-from bench_common import record_result
+from bench_common import device_name, record_result
 
 SCRIPTS = {"sd15": "gen_img_diffusers.py", "sdxl": "sdxl_gen_img.py"}
 
@@ -126,8 +126,6 @@ def summarised(fits: list) -> dict:
 
 def device_label(device: str) -> str:
     import torch
-
-    from bench_common import device_name
 
     return device_name(torch.device(device))
 

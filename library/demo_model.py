@@ -18,7 +18,7 @@ from diffusers import AutoencoderKL, DDPMScheduler
 
 from library.model_files.architecture import shipped_config
 from library.model_files.family import ModelFamily
-from library.model_files.stable_diffusion import StableDiffusionModel
+from library.model_files.stable_diffusion import StableDiffusionModel, vae_scale_factor
 from library.sampling import SamplePrompt
 from library.sampling.generate import DrawingSetup, prompt_conditioning
 from library.tiny_models import SHAPES, make_tiny_model, shape_picture
@@ -127,8 +127,7 @@ def _random_shape(rng: random.Random) -> tuple[torch.Tensor, str]:
 
 def _latents(pixels: torch.Tensor, vae: AutoencoderKL) -> torch.Tensor:
     """What `exact_pixel_vae` encodes `pixels` to, times the scaling factor, by its definition."""
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    colours = torch.nn.functional.avg_pool2d(pixels, factor)
+    colours = torch.nn.functional.avg_pool2d(pixels, vae_scale_factor(vae))
     return torch.cat([colours, torch.zeros_like(colours[:, :1]).expand(-1, vae.config.latent_channels - 3, -1, -1)], 1)
 
 

@@ -22,6 +22,7 @@ from library.dataset.images import cache_pixels
 from library.dataset.plan import DatasetPlan, Sample
 from library.errors import UserError
 from library.file_io import atomic_output
+from library.model_files.stable_diffusion import vae_scale_factor
 
 logger = logging.getLogger(__name__)
 LATENT_CHANNELS = 4
@@ -91,7 +92,7 @@ def cache_latents(
     that cannot be decoded is a UserError naming it; with skip_bad_images it is left out of the result with a
     warning, and the loader leaves it out of its batches."""
     samples = _distinct_samples(plans)
-    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    vae_scale = vae_scale_factor(vae)
     cached: dict[Path, CachedLatents] = {}
     to_encode = []
     for sample in samples:

@@ -17,7 +17,7 @@ from PIL import Image
 from library.dataset.images import load_image
 from library.errors import UserError
 from library.generation.options import IMAGE_SIZE_STEP, GenerationOptions, HighresFix
-from library.model_files.stable_diffusion import StableDiffusionModel
+from library.model_files.stable_diffusion import StableDiffusionModel, vae_scale_factor
 from library.sampling import GeneratedImage, SamplePrompt, save_sample_image
 from library.sampling.generate import (
     DrawingSetup,
@@ -25,7 +25,6 @@ from library.sampling.generate import (
     batch_key,
     decode_latents,
     generate_images,
-    vae_scale_factor,
 )
 
 SEED_MODULUS = 2**64

@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch_size", type=int, default=1, help="images drawn in one U-Net call (default 1)")
     parser.add_argument("--vae", help="use this VAE instead of the model's: a VAE file or a Diffusers VAE folder")
-    parser.add_argument("--image_path", help="img2img: an image, or a folder of them (png, jpg, jpeg, webp)")
+    parser.add_argument("--image_path", help="img2img: an image, or a folder of them (png, jpg, jpeg, webp, bmp)")
     parser.add_argument("--mask_path", help="inpainting: a mask image or a folder of them (white is drawn anew)")
     parser.add_argument("--strength", type=float, help="img2img: how far the image is noised, 0 to 1 (default 0.8)")
     parser.add_argument(
@@ -396,15 +396,15 @@ def _grid(text: str | None, weights: list[str] | None) -> Grid | None:
 
 
 def _image_files(path: str | None, flag: str) -> list[Path]:
-    """--image_path / --mask_path: the file, or the folder's png, jpg, jpeg and webp files sorted by name; each
-    checked to open as an image."""
+    """--image_path / --mask_path: the file, or the folder's images (the dataset's suffixes: png, jpg, jpeg, webp,
+    bmp) sorted by name; each checked to open as an image."""
     if path is None:
         return []
     folder = Path(path)
     if folder.is_dir():
         files = sorted(file for file in folder.iterdir() if file.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise UserError(f"{flag} {path}: the folder holds no image (png, jpg, jpeg, webp); check the path.")
+            raise UserError(f"{flag} {path}: the folder holds no image (png, jpg, jpeg, webp, bmp); check the path.")
     elif folder.is_file():
         files = [folder]
     else:

@@ -98,6 +98,11 @@ class StableDiffusionModel:
             yield encoder, _text_encoder_links(encoder.state_dict().keys(), layout)
 
 
+def vae_scale_factor(vae: AutoencoderKL) -> int:
+    """Pixels per latent along each side: 8 for every released model, fewer for the tiny test and demo models."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def place(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """`module.to(device, dtype)`, bypassing diffusers' override, which warns about every dtype cast (float32
     included) and points users at a from_pretrained argument they never call."""

@@ -25,6 +25,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from library.file_io import atomic_output
+from library.model_files.stable_diffusion import vae_scale_factor
 from library.sampling.prompts import SamplePrompt
 from library.sampling.samplers import check_sampler, make_scheduler
 from library.text_encoding import CONTENT, encode_tokens, stitch_windows
@@ -157,11 +158,6 @@ def decode_latents(vae: torch.nn.Module, latents: Sequence[torch.Tensor], batch_
         decoded = vae.decode(chunk.to(vae.dtype) / vae.config.scaling_factor).sample
         images += VaeImageProcessor(vae_scale_factor=vae_scale_factor(vae)).postprocess(decoded, output_type="pil")
     return images
-
-
-def vae_scale_factor(vae: torch.nn.Module) -> int:
-    """Pixels per latent along each side (8 for every released model; fewer for tiny test models)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def _draw(pipeline, prompt: SamplePrompt, conditionings, seeds, starts) -> list[torch.Tensor]:
