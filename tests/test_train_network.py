@@ -358,7 +358,8 @@ def test_schedule_free_steps_in_train_mode_and_saves_the_averaged_weights(
 
 
 @pytest.mark.slow
-def test_a_compiled_unet_trains_as_the_eager_one(tiny_sd1, tiny_dataset, tmp_path, capsys):
+def test_a_compiled_unet_trains_as_the_eager_one(tiny_sd1, tiny_dataset, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(preparation, "use_fast_cpu_layers", lambda module: 0)  # as a compiled U-Net: PyTorch's kernels
     flags = ["--max_train_steps", "3", "--learning_rate", "1e-2", "--cache_latents", "--network_train_unet_only"]
     eager = load_file(train(training_arguments(tiny_sd1, tiny_dataset, tmp_path / "eager", *flags)))
     compiled_flags = ["--torch_compile", "--dynamo_backend", "eager"]  # inductor needs minutes of C++ on a CPU
@@ -368,3 +369,23 @@ def test_a_compiled_unet_trains_as_the_eager_one(tiny_sd1, tiny_dataset, tmp_pat
     assert "U-Net compiled (eager)" in capsys.readouterr().out
     for key, tensor in eager.items():
         torch.testing.assert_close(compiled[key], tensor, rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
+def test_a_float32_cpu_run_routes_the_frozen_layers_through_onednn_and_trains_as_the_default_kernels(
+    tiny_sd1, tiny_dataset, tmp_path, capsys, monkeypatch
+):
+    from library import cpu_layers
+
+    routed, apply = [], cpu_layers._FrozenProduct.apply
+    monkeypatch.setattr(cpu_layers._FrozenProduct, "apply", lambda *inputs: routed.append(1) or apply(*inputs))
+    # SGD: its update is linear in the gradient, so the kernels' rounding stays at rounding size (AdamW's first steps
+    # turn a rounding-size gradient into a step of the learning rate's size)
+    flags = ["--max_train_steps", "3", "--learning_rate", "1e-2", "--cache_latents", "--optimizer_type", "SGDNesterov"]
+    fast = load_file(train(training_arguments(tiny_sd1, tiny_dataset, tmp_path / "fast", *flags)))
+    assert "oneDNN matrix products for the frozen layers" in capsys.readouterr().out and routed
+
+    monkeypatch.setattr(preparation, "use_fast_cpu_layers", lambda module: 0)
+    default = load_file(train(training_arguments(tiny_sd1, tiny_dataset, tmp_path / "default", *flags)))
+    for key, tensor in default.items():
+        torch.testing.assert_close(fast[key], tensor, rtol=1e-4, atol=1e-6, msg=key)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from library.cpu_layers import use_fast_cpu_layers
 from library.errors import UserError
 from library.generation.drawing import ImageWriter, batches, draw_batch, image_file_name, plan, planned_images
 from library.generation.embeddings import add_embeddings
@@ -45,6 +46,9 @@ def generate(options: GenerationOptions, now: datetime.datetime | None = None) -
         for choice in options.networks:
             print(f"{choice.weights}:")
             print("\n".join(f"  {key}: {value}" for key, value in sorted(read_lora_file(choice.weights)[1].items())))
+    if device.type == "cpu" and options.dtype == torch.float32:
+        for module in (model.unet, *model.text_encoders):
+            use_fast_cpu_layers(module)  # before the networks wrap the layers
     expansions = add_embeddings(model, options.embeddings)
     networks = attach_networks(model, options.networks, options.merge_networks)
     _place(model, networks, device, options.dtype, options.xformers)

@@ -21,6 +21,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import InitProcessGroupKwargs
 from diffusers import DDPMScheduler
 
+from library.cpu_layers import use_fast_cpu_layers
 from library.dataset.captions import CaptionSettings
 from library.dataset.latent_cache import cache_latents
 from library.dataset.loader import BatchSettings, EpochBatches, TrainingBatches, make_data_loader, worker_count
@@ -152,7 +153,8 @@ def prepare(
     )
     on_device = caption_states is None  # cached text-encoder outputs leave the encoders on the CPU
     _freeze_and_place(options, family, accelerator.device, vae_needed=latents is None, text_encoders_needed=on_device)
-    _store_base_in_fp8(options, family, text_encoders_on_device=on_device)
+    _use_fast_cpu_layers(options, family, accelerator.device, text_encoders_on_device=on_device)
+    _store_base_in_fp8(options, family, text_encoders_on_device=on_device)  # after: fp8 layers take its own path
     network = build_network(options.network, family)
     attention = _set_attention(options, family)
     if options.model.gradient_checkpointing:
@@ -408,6 +410,28 @@ def _freeze_and_place(
         place(text_encoder, device if text_encoders_needed else "cpu", options.model.weight_dtype)
     if vae_needed:
         place(model.vae, device, family.vae_dtype)
+
+
+def uses_fast_cpu_layers(options: TrainingOptions, device: torch.device) -> bool:
+    """Float32 on the CPU: the frozen layers that the LoRA adapts and the gradients pass through run on oneDNN's
+    matrix product (library/cpu_layers.py). A compiled U-Net is left to the compiler."""
+    return (
+        device.type == "cpu"
+        and options.model.weight_dtype == torch.float32
+        and not options.model.torch_compile
+        and torch.backends.mkldnn.is_available()
+    )
+
+
+def _use_fast_cpu_layers(
+    options: TrainingOptions, family: TrainingFamily, device: torch.device, text_encoders_on_device: bool
+) -> None:
+    if not uses_fast_cpu_layers(options, device):
+        return
+    use_fast_cpu_layers(family.model.unet)
+    if text_encoders_on_device:
+        for text_encoder in family.model.text_encoders:
+            use_fast_cpu_layers(text_encoder)
 
 
 def _store_base_in_fp8(options: TrainingOptions, family: TrainingFamily, text_encoders_on_device: bool) -> None:

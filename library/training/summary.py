@@ -8,7 +8,7 @@ import torch
 from library.lora.factors import lora_scale
 from library.training.memory import MemoryEstimate, estimate_peak_memory
 from library.training.optimizers import ScheduleSettings, uses_relative_step
-from library.training.preparation import Run
+from library.training.preparation import Run, uses_fast_cpu_layers
 from library.training.validation import validation_timesteps
 
 
@@ -55,6 +55,8 @@ def numerics_options(run: Run) -> list[str]:
         named.append(f"U-Net compiled ({model.dynamo_backend})")
     if model.fp8_base or model.fp8_base_unet:
         named.append(f"{'U-Net' if model.fp8_base_unet and not model.fp8_base else 'base'} weights stored in float8")
+    if uses_fast_cpu_layers(run.options, run.accelerator.device):
+        named.append("oneDNN matrix products for the frozen layers")
     if run.accelerator.device.type == "cuda" and torch.backends.cudnn.allow_tf32:
         named.append("TF32 convolutions (PyTorch's default)")
     if run.accelerator.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:

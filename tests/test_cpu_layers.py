@@ -1,0 +1,111 @@
+"""library/cpu_layers.py: frozen layers routed through oneDNN's matrix product compute what a Linear or conv computes
+(outputs and the input's gradient against float64 references), are routed exactly where the module says, step aside
+where they do not apply, and leave a LoRA wrapped around them working."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from library import cpu_layers
+from library.cpu_layers import use_fast_cpu_layers
+from networks.lora import LoRAModule
+
+
+@pytest.fixture
+def products(monkeypatch) -> list[int]:
+    """The row counts of the products routed through oneDNN."""
+    seen, apply = [], cpu_layers._FrozenProduct.apply
+
+    def counting(x, weight, bias):
+        seen.append(x.shape[0])
+        return apply(x, weight, bias)
+
+    monkeypatch.setattr(cpu_layers._FrozenProduct, "apply", counting)
+    return seen
+
+
+def outputs_and_input_gradient(layer, reference, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's output and input gradient, and the float64 reference's, for one random output gradient."""
+    x = x.clone().requires_grad_(True)
+    y = layer(x)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    x64 = x.detach().double().requires_grad_(True)
+    y64 = reference(x64)
+    y64.backward(grad.double())
+    assert y.shape == y64.shape
+    return torch.stack([(y.double() - y64).abs().max(), (x.grad.double() - x64.grad).abs().max()])
+
+
+@pytest.mark.parametrize("rows", [8, 154, 600])
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_routed_linear_layer_computes_its_outputs_and_input_gradient(rows, bias, products):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(96, 80, bias=bias).requires_grad_(False)
+    assert use_fast_cpu_layers(layer) == 1
+    weight, bias64 = layer.weight.double(), layer.bias.double() if bias else None
+    errors = outputs_and_input_gradient(layer, lambda x: F.linear(x, weight, bias64), torch.randn(2, rows // 2, 96))
+    assert errors.max() < 1e-5
+    assert products == [rows]
+
+
+@pytest.mark.parametrize(("stride", "rows"), [(1, 32), (2, 8)])
+def test_a_large_3x3_conv_on_a_small_image_is_one_product_of_patches_and_computes_the_same(stride, rows, products):
+    torch.manual_seed(0)
+    layer = torch.nn.Conv2d(640, 1280, 3, stride=stride, padding=1).requires_grad_(False)  # SD's smallest levels
+    assert layer.weight.numel() >= cpu_layers.UNFOLD_MIN_WEIGHT
+    assert use_fast_cpu_layers(layer) == 1
+    weight, bias = layer.weight.double(), layer.bias.double()
+    reference = lambda x: F.conv2d(x, weight, bias, stride, 1)  # noqa: E731
+    errors = outputs_and_input_gradient(layer, reference, torch.randn(2, 640, 4, 4))
+    assert errors.max() < 1e-5
+    assert products == [rows]
+
+
+def test_small_convs_and_large_images_keep_the_usual_convolution(products):
+    small = torch.nn.Conv2d(320, 320, 3, padding=1).requires_grad_(False)
+    pointwise = torch.nn.Conv2d(1280, 1280, 1).requires_grad_(False)
+    assert use_fast_cpu_layers(small) == use_fast_cpu_layers(pointwise) == 0
+    large = torch.nn.Conv2d(1280, 1280, 3, padding=1).requires_grad_(False)
+    assert use_fast_cpu_layers(large) == 1
+    large(torch.randn(1, 1280, 16, 16))  # 256 output pixels: unfolded
+    large(torch.randn(2, 1280, 16, 16))  # 512: oneDNN's convolution
+    assert products == [256]
+
+
+def test_a_trained_weight_keeps_the_usual_path_and_gets_its_gradient_and_inference_is_routed(products):
+    layer = torch.nn.Linear(32, 32)  # requires_grad, as a loaded module's weights are until frozen
+    use_fast_cpu_layers(layer)
+    layer(torch.randn(20, 32)).sum().backward()
+    assert layer.weight.grad is not None and products == []
+    with torch.no_grad():
+        layer(torch.randn(20, 32))
+    assert products == [20]
+
+
+def test_other_dtypes_and_autocast_keep_the_usual_path(products):
+    layer = torch.nn.Linear(32, 32).requires_grad_(False)
+    use_fast_cpu_layers(layer)
+    layer.to(torch.bfloat16)(torch.randn(20, 32, dtype=torch.bfloat16))
+    layer.float()
+    with torch.autocast("cpu", torch.bfloat16):
+        assert layer(torch.randn(20, 32)).dtype == torch.bfloat16
+    assert products == []
+
+
+def test_a_lora_wrapped_around_a_routed_layer_adds_its_delta_and_learns(products):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 48).requires_grad_(False)
+    use_fast_cpu_layers(layer)
+    lora = LoRAModule("lora_unet_test", layer, multiplier=1.0, lora_dim=4, alpha=2)
+    torch.nn.init.normal_(lora.lora_up.weight)
+    lora.apply_to()
+    x = torch.randn(40, 64)
+    delta = F.linear(F.linear(x, lora.lora_down.weight), lora.lora_up.weight) * 0.5  # alpha / rank
+    y = layer(x)
+    assert torch.allclose(y, F.linear(x, layer.weight, layer.bias) + delta, atol=1e-5)
+    y.sum().backward()
+    assert lora.lora_down.weight.grad is not None and lora.lora_up.weight.grad is not None
+    assert products == [40]
