@@ -3,7 +3,8 @@
 Given a checkout of kohya-ss/sd-scripts (`--sd_scripts`, with its own Python: `--sd_scripts_python`, by default its
 `.venv`), the real-size architecture with random weights and a synthetic dataset are made once; then both
 `train_network.py` (or `sdxl_train_network.py`) run as whole processes with the same flags, alternated (this
-project first in odd rounds, sd-scripts first in even ones), at two lengths. Per round and trainer, the per-step time
+project first in odd rounds, sd-scripts first in even ones), at two lengths, after one unrecorded warm-up run of
+each (so that no measured run reads the model from disk). Per round and trainer, the per-step time
 is the slope between the two lengths' wall times and the fixed cost (start-up, loading, caching, saving) the
 intercept; the medians over the rounds are reported with their ratios, with each process tree's peak host RSS
 (sampled every 0.1 s) and peak CUDA memory (from inside the process, through bench/measured_run.py). The record
@@ -176,23 +177,26 @@ def main() -> None:
         make_dataset(temporary / "data", args.images, 10, args.resolution)
         write_tokenizers(temporary / "tokenizers", args.model)
         flags = training_flags(args, model, temporary / "data", temporary / "tokenizers", extra)
+
+        def run(trainer: str, steps: int, name: str) -> dict:
+            output = temporary / f"out-{name}-{steps}-{TRAINERS.index(trainer)}"
+            arguments = [*flags, "--max_train_steps", str(steps), "--output_dir", str(output)]
+            return run_once(
+                pythons[trainer], roots[trainer], SCRIPTS[args.model], arguments, steps, output, args.device == "cpu"
+            )
+
+        for trainer in TRAINERS:  # unrecorded: afterwards neither trainer reads the model or its code from disk
+            print(f"warm-up, {trainer}: {run(trainer, args.lengths[0], 'warm-up')['seconds']} s", flush=True)
         for round_index in range(args.rounds):
             order = TRAINERS if round_index % 2 == 0 else TRAINERS[::-1]
             runs = {trainer: [] for trainer in TRAINERS}
             for steps in args.lengths:
                 for trainer in order:
-                    output = temporary / f"out-{round_index}-{steps}-{TRAINERS.index(trainer)}"
-                    run = run_once(
-                        pythons[trainer],
-                        roots[trainer],
-                        SCRIPTS[args.model],
-                        [*flags, "--max_train_steps", str(steps), "--output_dir", str(output)],
-                        steps,
-                        output,
-                        args.device == "cpu",
+                    runs[trainer].append(run(trainer, steps, str(round_index)))
+                    print(
+                        f"round {round_index + 1}, {trainer}, {steps} steps: {runs[trainer][-1]['seconds']} s",
+                        flush=True,
                     )
-                    print(f"round {round_index + 1}, {trainer}, {steps} steps: {run['seconds']} s", flush=True)
-                    runs[trainer].append(run)
             for trainer in TRAINERS:
                 rounds[trainer].append(runs[trainer])
     result = summary(rounds, args.lengths)
