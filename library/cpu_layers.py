@@ -12,11 +12,24 @@ Two default kernels are slow at the sizes of CPU training and generation:
 
 from __future__ import annotations
 
+import functools
+import platform
+
 import torch
 import torch.nn.functional as F
 
 UNFOLD_MIN_WEIGHT = 640 * 1280 * 9  # 3x3 conv weights at least this large ...
 UNFOLD_MAX_PIXELS = 256  # ... on at most this many output pixels (times the batch) are unfolded
+
+
+@functools.cache
+def onednn_products_available() -> bool:
+    """On x86-64 CPUs, where it was measured, with PyTorch built with oneDNN; elsewhere PyTorch's kernels stay."""
+    return (
+        platform.machine().lower() in ("x86_64", "amd64")
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -95,8 +108,8 @@ def _unfoldable(layer: torch.nn.Conv2d) -> bool:
 def use_fast_cpu_layers(module: torch.nn.Module) -> int:
     """Route the plain Linear layers and the large 3x3 convs of a frozen `module` through oneDNN's matrix product
     (before any LoRA wraps them; a layer that is not on the CPU in float32 when it runs takes PyTorch's own path).
-    Returns how many layers were routed; none where PyTorch was built without oneDNN."""
-    if not torch.backends.mkldnn.is_available():
+    Returns how many layers were routed (none where `onednn_products_available()` is false)."""
+    if not onednn_products_available():
         return 0
     count = 0
     for layer in module.modules():

@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from library import cpu_layers
-from library.cpu_layers import use_fast_cpu_layers
+from library.cpu_layers import onednn_products_available, use_fast_cpu_layers
 from networks.lora import LoRAModule
+
+pytestmark = pytest.mark.skipif(not onednn_products_available(), reason="oneDNN's products are used on x86-64 only")
 
 
 @pytest.fixture
@@ -109,3 +111,8 @@ def test_a_lora_wrapped_around_a_routed_layer_adds_its_delta_and_learns(products
     y.sum().backward()
     assert lora.lora_down.weight.grad is not None and lora.lora_up.weight.grad is not None
     assert products == [40]
+
+
+def test_without_onednn_products_nothing_is_routed(monkeypatch):
+    monkeypatch.setattr(cpu_layers, "onednn_products_available", lambda: False)
+    assert use_fast_cpu_layers(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Conv2d(640, 1280, 3))) == 0

@@ -8,6 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from library.cpu_layers import onednn_products_available
 from library.errors import UserError
 from library.model_files.containers import open_checkpoint
 from library.model_files.family import ModelFamily
@@ -372,6 +373,7 @@ def test_a_compiled_unet_trains_as_the_eager_one(tiny_sd1, tiny_dataset, tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not onednn_products_available(), reason="oneDNN's products are used on x86-64 only")
 def test_a_float32_cpu_run_routes_the_frozen_layers_through_onednn_and_trains_as_the_default_kernels(
     tiny_sd1, tiny_dataset, tmp_path, capsys, monkeypatch
 ):

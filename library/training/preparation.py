@@ -21,7 +21,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import InitProcessGroupKwargs
 from diffusers import DDPMScheduler
 
-from library.cpu_layers import use_fast_cpu_layers
+from library.cpu_layers import onednn_products_available, use_fast_cpu_layers
 from library.dataset.captions import CaptionSettings
 from library.dataset.latent_cache import cache_latents
 from library.dataset.loader import BatchSettings, EpochBatches, TrainingBatches, make_data_loader, worker_count
@@ -419,7 +419,7 @@ def uses_fast_cpu_layers(options: TrainingOptions, device: torch.device) -> bool
         device.type == "cpu"
         and options.model.weight_dtype == torch.float32
         and not options.model.torch_compile
-        and torch.backends.mkldnn.is_available()
+        and onednn_products_available()
     )
 
 
