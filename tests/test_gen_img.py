@@ -15,7 +15,7 @@ from sd_scripts_options import GEN_IMG_DIFFUSERS_OPTIONS, SDXL_GEN_IMG_EXTRA_OPT
 from library.errors import UserError
 from library.generation import build_parser, generate, options_from_arguments, planned_images
 from library.model_files.family import ModelFamily
-from library.sampling import SamplePrompt
+from library.sampling import SamplePrompt, parse_prompt_line
 from lora_helpers import fill_randomly
 from networks.lora import create_network
 
@@ -299,6 +299,16 @@ def test_n_iter_repeats_the_prompts_and_iter_same_seed_shares_one_seed_per_itera
     ]  # fmt: skip
     shared = planned_images(prompts, 2, 7, iterations=2, same_seed_per_iteration=True)
     assert [p.seed for p in shared] == [7, 7, 7, 7, 100, 101, 8, 8, 8, 8, 100, 101]
+
+
+def test_a_prompt_line_seed_list_gives_its_images_those_seeds_then_counts_on():
+    listed = parse_prompt_line("a cat --d 5,40,9", generation=True)
+    assert listed.seeds == (5, 40, 9)
+    assert [p.seed for p in planned_images([listed], 5, 7, same_seed_per_iteration=True)] == [5, 40, 9, 10, 11]
+    assert [p.seed for p in planned_images([listed], 2, None)] == [5, 40]
+    assert [p.seed for p in planned_images([parse_prompt_line("a --d 5", generation=True)], 3, 7)] == [5, 6, 7]
+    with pytest.raises(UserError, match=re.escape("--d: '5,40' is not a whole number")):
+        parse_prompt_line("a cat --d 5,40")  # the trainer's sample prompts take one seed, as sd-scripts' do
 
 
 def test_sdxl_gen_img_draws_1024_by_default_and_refuses_other_models(sd1, sdxl, tmp_path):

@@ -47,24 +47,31 @@ def planned_images(
     same_seed_per_iteration: bool = False,
 ) -> list[SamplePrompt]:
     """Each prompt `images_per_prompt` times, the whole list `iterations` times (--n_iter), with its seed: a prompt's
-    own seed d gives its images d, d+1, ...; otherwise --seed s gives image i of the run s + i, or with
-    `same_seed_per_iteration` (--iter_same_seed) every image of iteration k the seed s + k; with neither, None (a
-    random seed per image, or per iteration)."""
+    own seeds (--d d1,d2,...) give its images d1, d2, ..., then count on from the last; otherwise --seed s gives
+    image i of the run s + i, or with `same_seed_per_iteration` (--iter_same_seed) every image of iteration k the
+    seed s + k; with neither, None (a random seed per image, or per iteration)."""
     planned = []
     for iteration in range(iterations):
         shared = _iteration_seed(seed, iteration) if same_seed_per_iteration else None
         for prompt in prompts:
+            own = prompt.seeds if prompt.seeds is not None else None if prompt.seed is None else (prompt.seed,)
             for repeat in range(images_per_prompt):
-                if prompt.seed is not None:
-                    image_seed = (prompt.seed + repeat) % SEED_MODULUS
+                if own is not None:
+                    image_seed = _own_seed(own, repeat)
                 elif same_seed_per_iteration:
                     image_seed = shared
                 elif seed is not None:
                     image_seed = (seed + len(planned)) % SEED_MODULUS
                 else:
                     image_seed = None
-                planned.append(dataclasses.replace(prompt, seed=image_seed))
+                planned.append(dataclasses.replace(prompt, seed=image_seed, seeds=None))
     return planned
+
+
+def _own_seed(seeds: tuple[int, ...], repeat: int) -> int:
+    """A prompt's own seeds in turn; past the last one, counting on from it."""
+    last = len(seeds) - 1
+    return seeds[repeat] if repeat <= last else (seeds[last] + repeat - last) % SEED_MODULUS
 
 
 def _iteration_seed(seed: int | None, iteration: int) -> int:

@@ -92,7 +92,7 @@ def generate_image(
 
 def batch_key(prompt: SamplePrompt, default_sampler: str) -> tuple:
     """What must be equal for images to be drawn in one call: everything but the texts and the seed."""
-    same = dataclasses.replace(prompt, prompt="", negative_prompt=None, seed=None, sampler=None)
+    same = dataclasses.replace(prompt, prompt="", negative_prompt=None, seed=None, seeds=None, sampler=None)
     return same, check_sampler(prompt.sampler or default_sampler)
 
 

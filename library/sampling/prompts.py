@@ -56,7 +56,8 @@ class SamplePrompt:
     scale: float = DEFAULT_SCALE
     steps: int = DEFAULT_STEPS
     sampler: str | None = None  # None: the run's default sampler (--sample_sampler)
-    # gen_img_diffusers.py only (prompt-line options --t, --am; sdxl_gen_img.py's --ow, --oh, --nw, --nh, --ct, --cl)
+    # gen_img_diffusers.py only (prompt-line options --t, --am, a --d list; sdxl_gen_img.py's --ow, --oh, --nw, --nh,
+    # --ct, --cl)
     strength: float | None = None  # img2img: how far the start image is noised (None: --strength)
     network_multipliers: tuple[float, ...] | None = None  # one per network (None: --network_mul)
     original_width: int | None = None  # SDXL size conditioning; None: the image's size
@@ -67,6 +68,7 @@ class SamplePrompt:
     crop_left: int | None = None
     target_width: int | None = None  # None: the image's size
     target_height: int | None = None
+    seeds: tuple[int, ...] | None = None  # the generator's --d list: the prompt's images' seeds in turn
 
     def __post_init__(self):
         object.__setattr__(self, "width", round_size(self.width))
@@ -103,7 +105,7 @@ def parse_prompt_line(
     does not give. `generation` allows gen_img_diffusers' own options (GENERATION_LINE_OPTIONS)."""
     text, *options = line.strip().split(OPTION_SEPARATOR)
     values: dict[str, Any] = {**(defaults or {}), "prompt": text.strip()}
-    known = {**LINE_OPTIONS, **GENERATION_LINE_OPTIONS} if generation else LINE_OPTIONS
+    known = {**LINE_OPTIONS, **GENERATION_LINE_OPTIONS, **GENERATION_SEEDS} if generation else LINE_OPTIONS
     for option in options:
         flag, value = (option.split(maxsplit=1) + [""])[:2]
         flag = flag.lower()
@@ -235,6 +237,10 @@ def _strength(value: Any, where: str) -> float:
     return strength
 
 
+def _seeds(value: Any, where: str) -> tuple[int, ...]:
+    return tuple(_seed(part, where) for part in _text(value, where).split(","))
+
+
 def _numbers(value: Any, where: str) -> tuple[float, ...]:
     return tuple(_number(part, where) for part in _text(value, where).split(","))
 
@@ -263,6 +269,7 @@ GENERATION_LINE_OPTIONS: dict[str, tuple[str | None, Callable[[Any, str], Any]]]
     "cl": ("crop_left", _whole_number),
     "c": (None, _ignored),  # sd-scripts' CLIP-guidance prompt, used only with --clip_guidance_scale
 }
+GENERATION_SEEDS = {"d": ("seeds", _seeds)}  # the generator's --d takes a comma-separated list, one seed per image
 REFUSED_LINE_OPTIONS = {
     "nl": "sd-scripts' negative scale is not implemented here",
     **{name: "Deep Shrink is not implemented here" for name in ("dsd1", "dst1", "dsd2", "dst2", "dsr")},
