@@ -33,7 +33,7 @@ if [[ "$DEVICE" == "cuda" ]]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" || true
     SETTINGS=(
         "--model sd15 --resolution 512 --batch_size 1 --network_dim 32 --conv_dim 0 --lengths 20 120"
-        "--model sd15 --resolution 512 --batch_size 8 --network_dim 32 --conv_dim 0 --lengths 10 50"
+        "--model sd15 --resolution 512 --batch_size 8 --network_dim 32 --conv_dim 0 --lengths 10 50 --no_warm_up"
         "--model sdxl --resolution 1024 --batch_size 1 --network_dim 32 --conv_dim 0 --lengths 10 40"
     )
     COMMON="--mixed_precision bf16 --device cuda --rounds 1 --workers 2"

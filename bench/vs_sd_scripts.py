@@ -3,8 +3,8 @@
 Given a checkout of kohya-ss/sd-scripts (`--sd_scripts`, with its own Python: `--sd_scripts_python`, by default its
 `.venv`), the real-size architecture with random weights and a synthetic dataset are made once; then both
 `train_network.py` (or `sdxl_train_network.py`) run as whole processes with the same flags, alternated (this
-project first in odd rounds, sd-scripts first in even ones), at two lengths, after one unrecorded warm-up run of
-each (so that no measured run reads the model from disk). Per round and trainer, the per-step time
+project first in odd rounds, sd-scripts first in even ones), at two lengths, after one unrecorded 1-step warm-up
+run of each (so that no measured run reads the model from disk). Per round and trainer, the per-step time
 is the slope between the two lengths' wall times and the fixed cost (start-up, loading, caching, saving) the
 intercept; the medians over the rounds are reported with their ratios, with each process tree's peak host RSS
 (sampled every 0.1 s) and peak CUDA memory (from inside the process, through bench/measured_run.py). The record
@@ -12,7 +12,7 @@ names the device, both torch versions, both commits and the exact flags, and is 
 
     python bench/vs_sd_scripts.py --sd_scripts ../sd-scripts [--model sd15|sdxl] [--resolution 128]
         [--batch_size 2] [--network_dim 4] [--conv_dim 4] [--mixed_precision no] [--device cpu|cuda]
-        [--lengths 2 10] [--rounds 3] [--unet_only] [trainer flags ...]
+        [--lengths 2 10] [--rounds 3] [--unet_only] [--no_warm_up] [trainer flags ...]
 
 The defaults are the issue's CPU setting: SD1.5, 128 px, batch 2, C3Lier rank 4 / conv rank 4, the text encoder
 trained, float32, AdamW, cached latents. Trainer flags this script does not know go to both trainers as given.
@@ -59,6 +59,9 @@ def parse_arguments() -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--images", type=int, default=4, help="distinct images in the dataset")
     parser.add_argument("--workers", type=int, default=0, help="--max_data_loader_n_workers for both")
     parser.add_argument("--work_dir", type=Path, default=Path(__file__).with_name("runs"))
+    parser.add_argument(
+        "--no_warm_up", dest="warm_up", action="store_false", help="skip the warm-up runs (files already cached)"
+    )
     parser.add_argument("--note", help="free text stored in the record")
     parser.add_argument("--no_record", action="store_true", help="print only; do not append to bench/results.jsonl")
     args, extra = parser.parse_known_args()
@@ -185,8 +188,8 @@ def main() -> None:
                 pythons[trainer], roots[trainer], SCRIPTS[args.model], arguments, steps, output, args.device == "cpu"
             )
 
-        for trainer in TRAINERS:  # unrecorded: afterwards neither trainer reads the model or its code from disk
-            print(f"warm-up, {trainer}: {run(trainer, args.lengths[0], 'warm-up')['seconds']} s", flush=True)
+        for trainer in TRAINERS if args.warm_up else ():  # afterwards no run reads the model or its code from disk
+            print(f"warm-up, {trainer}: {run(trainer, 1, 'warm-up')['seconds']} s", flush=True)
         for round_index in range(args.rounds):
             order = TRAINERS if round_index % 2 == 0 else TRAINERS[::-1]
             runs = {trainer: [] for trainer in TRAINERS}
