@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import platform
+import types
 
 import torch
 import torch.nn.functional as F
@@ -61,29 +62,23 @@ def _applies(layer: torch.nn.Module, x: torch.Tensor) -> bool:
     )
 
 
-def _linear_forward(layer: torch.nn.Linear):
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        if not _applies(layer, x):
-            return F.linear(x, layer.weight, layer.bias)
-        y = _FrozenProduct.apply(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias)
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    return forward
+def _linear_forward(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if not _applies(layer, x):
+        return F.linear(x, layer.weight, layer.bias)
+    y = _FrozenProduct.apply(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias)
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def _conv_forward(layer: torch.nn.Conv2d):
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or not _applies(layer, x):
-            return layer._conv_forward(x, layer.weight, layer.bias)
-        batch, height, width = x.shape[0], *_output_size(layer, x)
-        if batch * height * width > UNFOLD_MAX_PIXELS:
-            return layer._conv_forward(x, layer.weight, layer.bias)
-        patches = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
-        rows = patches.transpose(1, 2).reshape(batch * height * width, -1)
-        y = _FrozenProduct.apply(rows, layer.weight.reshape(layer.out_channels, -1), layer.bias)
-        return y.view(batch, height, width, -1).permute(0, 3, 1, 2).contiguous()
-
-    return forward
+def _conv_forward(layer: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    if x.dim() != 4 or not _applies(layer, x):
+        return layer._conv_forward(x, layer.weight, layer.bias)
+    batch, height, width = x.shape[0], *_output_size(layer, x)
+    if batch * height * width > UNFOLD_MAX_PIXELS:
+        return layer._conv_forward(x, layer.weight, layer.bias)
+    patches = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+    rows = patches.transpose(1, 2).reshape(batch * height * width, -1)
+    y = _FrozenProduct.apply(rows, layer.weight.reshape(layer.out_channels, -1), layer.bias)
+    return y.view(batch, height, width, -1).permute(0, 3, 1, 2).contiguous()
 
 
 def _output_size(layer: torch.nn.Conv2d, x: torch.Tensor) -> tuple[int, int]:
@@ -114,9 +109,9 @@ def use_fast_cpu_layers(module: torch.nn.Module) -> int:
     count = 0
     for layer in module.modules():
         if type(layer) is torch.nn.Linear:
-            layer.forward = _linear_forward(layer)
+            layer.forward = types.MethodType(_linear_forward, layer)  # a bound method: a deep copy binds to the copy
         elif type(layer) is torch.nn.Conv2d and _unfoldable(layer):
-            layer.forward = _conv_forward(layer)
+            layer.forward = types.MethodType(_conv_forward, layer)
         else:
             continue
         count += 1

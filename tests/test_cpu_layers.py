@@ -4,6 +4,8 @@ where they do not apply, and leave a LoRA wrapped around them working."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -116,3 +118,15 @@ def test_a_lora_wrapped_around_a_routed_layer_adds_its_delta_and_learns(products
 def test_without_onednn_products_nothing_is_routed(monkeypatch):
     monkeypatch.setattr(cpu_layers, "onednn_products_available", lambda: False)
     assert use_fast_cpu_layers(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Conv2d(640, 1280, 3))) == 0
+
+
+def test_a_deep_copy_of_a_routed_module_computes_with_its_own_weights(products):
+    original = torch.nn.Sequential(torch.nn.Linear(8, 8)).requires_grad_(False)
+    use_fast_cpu_layers(original)
+    copied = copy.deepcopy(original)
+    torch.nn.init.zeros_(copied[0].weight)
+    torch.nn.init.zeros_(copied[0].bias)
+    x = torch.randn(3, 8)
+    assert torch.equal(copied(x), torch.zeros(3, 8))
+    assert torch.allclose(original(x), F.linear(x, original[0].weight, original[0].bias), atol=1e-6)
+    assert products == [3, 3]
