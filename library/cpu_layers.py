@@ -5,9 +5,9 @@ products and sums; only the order of the additions inside a dot product changes,
 Two default kernels are slow at the sizes of CPU training and generation:
 - `F.linear` goes to MKL's matrix product, which on the CPUs measured runs at 10-60% of the speed of oneDNN's
   (slowest with few rows: tokens or pixels times the batch), forward and backward alike.
-- oneDNN's own 3x3 convolution with a large weight (1280 channels) on a small image (at most 256 output pixels times
-  the batch) is 2-4 times slower than unfolding the image into patches and taking one matrix product: it spends its
-  time rearranging the weight at each call.
+- oneDNN's own 3x3 convolution with a large weight (1280 channels) on a small image (at most 256 output pixels over
+  the batch) is 1.5-4 times slower than unfolding the image into patches and taking one matrix product: it spends
+  its time rearranging the weight at each call.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import types
 import torch
 import torch.nn.functional as F
 
-UNFOLD_MIN_WEIGHT = 640 * 1280 * 9  # 3x3 conv weights at least this large ...
-UNFOLD_MAX_PIXELS = 256  # ... on at most this many output pixels (times the batch) are unfolded
+UNFOLD_WEIGHTS_ABOVE = 640 * 1280 * 9  # 3x3 conv weights larger than this (SD's 640-1280 convs gain nothing) ...
+UNFOLD_MAX_PIXELS = 256  # ... on at most this many output pixels, over the whole batch, are unfolded
 
 
 @functools.cache
@@ -49,16 +49,24 @@ class _FrozenProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (weight,) = ctx.saved_tensors
-        return _onednn_linear(grad, weight.t(), None), None, None
+        return _FrozenProduct.apply(grad, weight.t(), None), None, None  # itself: a double backward stays right
+
+
+try:
+    torch.is_autocast_enabled("cpu")
+    _cpu_autocast = functools.partial(torch.is_autocast_enabled, "cpu")
+except TypeError:  # torch < 2.4
+    _cpu_autocast = torch.is_autocast_cpu_enabled
 
 
 def _applies(layer: torch.nn.Module, x: torch.Tensor) -> bool:
-    weight = layer.weight
+    weight, bias = layer.weight, layer.bias
+    trained = weight.requires_grad or (bias is not None and bias.requires_grad)
     return (
         x.device.type == "cpu"
         and weight.dtype == x.dtype == torch.float32
-        and not (weight.requires_grad and torch.is_grad_enabled())  # a trained weight needs its own gradient
-        and not torch.is_autocast_enabled("cpu")
+        and not (trained and torch.is_grad_enabled())  # a trained weight or bias needs its own gradient
+        and not _cpu_autocast()
     )
 
 
@@ -73,7 +81,7 @@ def _conv_forward(layer: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     if x.dim() != 4 or not _applies(layer, x):
         return layer._conv_forward(x, layer.weight, layer.bias)
     batch, height, width = x.shape[0], *_output_size(layer, x)
-    if batch * height * width > UNFOLD_MAX_PIXELS:
+    if not 0 < batch * height * width <= UNFOLD_MAX_PIXELS:
         return layer._conv_forward(x, layer.weight, layer.bias)
     patches = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
     rows = patches.transpose(1, 2).reshape(batch * height * width, -1)
@@ -96,7 +104,7 @@ def _unfoldable(layer: torch.nn.Conv2d) -> bool:
         and layer.groups == 1
         and layer.padding_mode == "zeros"
         and not isinstance(layer.padding, str)
-        and layer.weight.numel() >= UNFOLD_MIN_WEIGHT
+        and layer.weight.numel() > UNFOLD_WEIGHTS_ABOVE
     )
 
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not onednn_products_available(), reason="oneDNN'
 
 @pytest.fixture
 def products(monkeypatch) -> list[int]:
-    """The row counts of the products routed through oneDNN."""
+    """The row counts of the products routed through oneDNN: forward, and the input's gradient in the backward."""
     seen, apply = [], cpu_layers._FrozenProduct.apply
 
     def counting(x, weight, bias):
@@ -52,38 +52,41 @@ def test_a_routed_linear_layer_computes_its_outputs_and_input_gradient(rows, bia
     weight, bias64 = layer.weight.double(), layer.bias.double() if bias else None
     errors = outputs_and_input_gradient(layer, lambda x: F.linear(x, weight, bias64), torch.randn(2, rows // 2, 96))
     assert errors.max() < 1e-5
-    assert products == [rows]
+    assert products == [rows, rows]
 
 
 @pytest.mark.parametrize(("stride", "rows"), [(1, 32), (2, 8)])
 def test_a_large_3x3_conv_on_a_small_image_is_one_product_of_patches_and_computes_the_same(stride, rows, products):
     torch.manual_seed(0)
-    layer = torch.nn.Conv2d(640, 1280, 3, stride=stride, padding=1).requires_grad_(False)  # SD's smallest levels
-    assert layer.weight.numel() >= cpu_layers.UNFOLD_MIN_WEIGHT
+    layer = torch.nn.Conv2d(1920, 640, 3, stride=stride, padding=1).requires_grad_(False)  # an SD1 up-block conv
     assert use_fast_cpu_layers(layer) == 1
     weight, bias = layer.weight.double(), layer.bias.double()
     reference = lambda x: F.conv2d(x, weight, bias, stride, 1)  # noqa: E731
-    errors = outputs_and_input_gradient(layer, reference, torch.randn(2, 640, 4, 4))
+    errors = outputs_and_input_gradient(layer, reference, torch.randn(2, 1920, 4, 4))
     assert errors.max() < 1e-5
-    assert products == [rows]
+    assert products == [rows, rows]
 
 
 def test_small_convs_and_large_images_keep_the_usual_convolution(products):
-    small = torch.nn.Conv2d(320, 320, 3, padding=1).requires_grad_(False)
+    small = torch.nn.Conv2d(1280, 640, 3, padding=1).requires_grad_(False)  # as fast as oneDNN's convolution
     pointwise = torch.nn.Conv2d(1280, 1280, 1).requires_grad_(False)
     assert use_fast_cpu_layers(small) == use_fast_cpu_layers(pointwise) == 0
     large = torch.nn.Conv2d(1280, 1280, 3, padding=1).requires_grad_(False)
     assert use_fast_cpu_layers(large) == 1
     large(torch.randn(1, 1280, 16, 16))  # 256 output pixels: unfolded
     large(torch.randn(2, 1280, 16, 16))  # 512: oneDNN's convolution
+    assert large(torch.randn(0, 1280, 4, 4)).shape == (0, 1280, 4, 4)  # no pixels: the convolution
     assert products == [256]
 
 
-def test_a_trained_weight_keeps_the_usual_path_and_gets_its_gradient_and_inference_is_routed(products):
+def test_a_trained_weight_or_bias_keeps_the_usual_path_and_gets_its_gradient_and_inference_is_routed(products):
     layer = torch.nn.Linear(32, 32)  # requires_grad, as a loaded module's weights are until frozen
     use_fast_cpu_layers(layer)
     layer(torch.randn(20, 32)).sum().backward()
     assert layer.weight.grad is not None and products == []
+    layer.weight.requires_grad_(False)
+    layer(torch.randn(20, 32)).sum().backward()
+    assert torch.equal(layer.bias.grad, torch.full((32,), 40.0)) and products == []  # 20 rows, twice
     with torch.no_grad():
         layer(torch.randn(20, 32))
     assert products == [20]
@@ -106,13 +109,14 @@ def test_a_lora_wrapped_around_a_routed_layer_adds_its_delta_and_learns(products
     lora = LoRAModule("lora_unet_test", layer, multiplier=1.0, lora_dim=4, alpha=2)
     torch.nn.init.normal_(lora.lora_up.weight)
     lora.apply_to()
-    x = torch.randn(40, 64)
-    delta = F.linear(F.linear(x, lora.lora_down.weight), lora.lora_up.weight) * 0.5  # alpha / rank
+    x = torch.randn(40, 64, requires_grad=True)  # as the layer's input is, behind an earlier LoRA
+    effective = layer.weight + lora.lora_up.weight @ lora.lora_down.weight * 0.5  # alpha / rank
     y = layer(x)
-    assert torch.allclose(y, F.linear(x, layer.weight, layer.bias) + delta, atol=1e-5)
+    assert torch.allclose(y, F.linear(x, effective, layer.bias), atol=1e-5)
     y.sum().backward()
+    assert torch.allclose(x.grad, effective.sum(0).expand(40, 64).detach(), atol=1e-5)
     assert lora.lora_down.weight.grad is not None and lora.lora_up.weight.grad is not None
-    assert products == [40]
+    assert products == [40, 40]
 
 
 def test_without_onednn_products_nothing_is_routed(monkeypatch):
@@ -130,3 +134,16 @@ def test_a_deep_copy_of_a_routed_module_computes_with_its_own_weights(products):
     assert torch.equal(copied(x), torch.zeros(3, 8))
     assert torch.allclose(original(x), F.linear(x, original[0].weight, original[0].bias), atol=1e-6)
     assert products == [3, 3]
+
+
+def test_a_second_derivative_through_a_routed_layer_is_the_default_one(products):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 16).requires_grad_(False)
+    x = torch.randn(20, 16, requires_grad=True)
+    derivatives = []
+    for routed in (False, True):
+        if routed:
+            use_fast_cpu_layers(layer)
+        (first,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+        derivatives.append(torch.autograd.grad(first.pow(2).sum(), x)[0])
+    assert torch.allclose(*derivatives, atol=1e-5) and products

@@ -12,6 +12,7 @@ from generation_helpers import FAST, draw, max_difference, random_lora_files
 from PIL import Image
 from sd_scripts_options import GEN_IMG_DIFFUSERS_OPTIONS, SDXL_GEN_IMG_EXTRA_OPTIONS
 
+from library.cpu_layers import onednn_products_available
 from library.errors import UserError
 from library.generation import build_parser, generate, options_from_arguments, planned_images
 from library.model_files.family import ModelFamily
@@ -43,6 +44,22 @@ def test_multiplier_zero_gives_the_base_image_and_apply_equals_merge(sd1, lora_f
     assert max_difference(base, off) <= 1
     assert max_difference(base, applied) > 10  # the LoRA changes the image
     assert max_difference(applied, merged) <= 2
+
+
+@pytest.mark.skipif(not onednn_products_available(), reason="oneDNN's products are used on x86-64 only")
+def test_the_generator_routes_the_frozen_layers_through_onednn_and_draws_the_default_kernels_image(
+    sd1, lora_files, tmp_path, monkeypatch
+):
+    from library import cpu_layers, generation
+
+    routed, apply = [], cpu_layers._FrozenProduct.apply
+    monkeypatch.setattr(cpu_layers._FrozenProduct, "apply", lambda *inputs: routed.append(1) or apply(*inputs))
+    flags = ["--prompt", "a cat", "--seed", "3", "--network_weights", lora_files[0]]
+    [fast] = draw(sd1[1], tmp_path / "fast", *flags)
+    assert routed
+    monkeypatch.setattr(generation, "use_fast_cpu_layers", lambda module: 0)
+    [default] = draw(sd1[1], tmp_path / "default", *flags)
+    assert max_difference(fast, default) <= 1
 
 
 def test_two_networks_at_once_apply_and_merge_agree(sd1, lora_files, tmp_path):

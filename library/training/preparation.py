@@ -154,7 +154,7 @@ def prepare(
     on_device = caption_states is None  # cached text-encoder outputs leave the encoders on the CPU
     _freeze_and_place(options, family, accelerator.device, vae_needed=latents is None, text_encoders_needed=on_device)
     _use_fast_cpu_layers(options, family, accelerator.device, text_encoders_on_device=on_device)
-    _store_base_in_fp8(options, family, text_encoders_on_device=on_device)  # after: fp8 layers take its own path
+    _store_base_in_fp8(options, family, text_encoders_on_device=on_device)
     network = build_network(options.network, family)
     attention = _set_attention(options, family)
     if options.model.gradient_checkpointing:
@@ -414,11 +414,13 @@ def _freeze_and_place(
 
 def uses_fast_cpu_layers(options: TrainingOptions, device: torch.device) -> bool:
     """Float32 on the CPU: the frozen layers that the LoRA adapts and the gradients pass through run on oneDNN's
-    matrix product (library/cpu_layers.py). A compiled U-Net is left to the compiler."""
+    matrix product (library/cpu_layers.py). A compiled U-Net is left to the compiler, float8 layers to their own
+    forward."""
+    model = options.model
     return (
         device.type == "cpu"
-        and options.model.weight_dtype == torch.float32
-        and not options.model.torch_compile
+        and model.weight_dtype == torch.float32
+        and not (model.torch_compile or model.fp8_base or model.fp8_base_unet)
         and onednn_products_available()
     )
 
