@@ -3,7 +3,7 @@ there than PyTorch's default kernels (bench/NOTES.md has the measurements). The 
 products and sums; only the order of the additions inside a dot product changes, as it does between any two kernels.
 
 Two default kernels are slow at the sizes of CPU training and generation:
-- `F.linear` goes to MKL's matrix product, which on the CPUs measured runs at 10-60% of the speed of oneDNN's
+- `F.linear` goes to MKL's matrix product, which on the CPU measured runs at 40-95% of the speed of oneDNN's
   (slowest with few rows: tokens or pixels times the batch), forward and backward alike.
 - oneDNN's own 3x3 convolution with a large weight (1280 channels) on a small image (at most 256 output pixels over
   the batch) is 1.5-4 times slower than unfolding the image into patches and taking one matrix product: it spends
