@@ -9,10 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from library.errors import UserError
-from library.model_files.containers import load_pickle_dict
+from library.model_files.containers import load_pickle_dict, open_checkpoint
 from library.model_files.stable_diffusion import StableDiffusionModel
 
 SDXL_KEYS = ("clip_l", "clip_g")
@@ -77,10 +76,8 @@ def _read(file: Path) -> dict:
     if not file.is_file():
         raise UserError(f"{file}: no such embedding file; check --textual_inversion_embeddings.")
     if file.suffix.lower() == ".safetensors":
-        try:
-            return load_file(file)
-        except Exception as error:  # safetensors raises its own error types for damaged files
-            raise UserError(f"{file}: not a readable safetensors file ({error}); download or copy it again.") from None
+        checkpoint = open_checkpoint(file)
+        return {key: checkpoint.read(key) for key in checkpoint.keys()}
     data = load_pickle_dict(file)
     return data.get("string_to_param", data)
 
