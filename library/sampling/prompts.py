@@ -3,9 +3,9 @@
 A `.txt` file has one prompt per line; blank lines and lines starting with `#` are skipped. Options follow the
 prompt text, each after " --": `--n` negative prompt, `--w`/`--h` size, `--d` seed, `--l` CFG scale, `--s` steps,
 `--ss` sampler (`--g` and `--cn` are accepted and ignored, as train_network does); gen_img_diffusers.py also takes
-its own (GENERATION_LINE_OPTIONS: `--t` strength, `--am` network strengths, SDXL's size conditioning). Unlike
-sd-scripts, the prompt
-text itself is never read as an option, and a bad value stops the run at start-up instead of being skipped.
+its own (GENERATION_LINE_OPTIONS: `--t` strength, `--am` network strengths, a `--d` seed list, SDXL's size
+conditioning). Unlike sd-scripts, the prompt text itself is never read as an option, and a bad value stops the run
+at start-up instead of being skipped.
 
 A `.toml` file has a `[prompt]` table of defaults and one `[[prompt.subset]]` table per prompt; a key in the
 subset overrides the same key in `[prompt]`. A `.json` file is a list of prompt lines (as in `.txt`) or tables.
@@ -105,11 +105,11 @@ def parse_prompt_line(
     does not give. `generation` allows gen_img_diffusers' own options (GENERATION_LINE_OPTIONS)."""
     text, *options = line.strip().split(OPTION_SEPARATOR)
     values: dict[str, Any] = {**(defaults or {}), "prompt": text.strip()}
-    known = {**LINE_OPTIONS, **GENERATION_LINE_OPTIONS, **GENERATION_SEEDS} if generation else LINE_OPTIONS
+    known = {**LINE_OPTIONS, **GENERATION_LINE_OPTIONS} if generation else LINE_OPTIONS
     for option in options:
         flag, value = (option.split(maxsplit=1) + [""])[:2]
         flag = flag.lower()
-        if flag in GENERATION_LINE_OPTIONS and not generation:
+        if flag not in known and flag in GENERATION_LINE_OPTIONS:
             raise UserError(f"{where}: option --{flag} is for gen_img_diffusers.py only; remove it here.")
         if flag in REFUSED_LINE_OPTIONS:
             raise UserError(f"{where}: option --{flag}: {REFUSED_LINE_OPTIONS[flag]}; remove it.")
@@ -268,8 +268,8 @@ GENERATION_LINE_OPTIONS: dict[str, tuple[str | None, Callable[[Any, str], Any]]]
     "ct": ("crop_top", _whole_number),
     "cl": ("crop_left", _whole_number),
     "c": (None, _ignored),  # sd-scripts' CLIP-guidance prompt, used only with --clip_guidance_scale
+    "d": ("seeds", _seeds),  # the trainer's --d takes one seed; the generator's a comma-separated list, one per image
 }
-GENERATION_SEEDS = {"d": ("seeds", _seeds)}  # the generator's --d takes a comma-separated list, one seed per image
 REFUSED_LINE_OPTIONS = {
     "nl": "sd-scripts' negative scale is not implemented here",
     **{name: "Deep Shrink is not implemented here" for name in ("dsd1", "dst1", "dsd2", "dst2", "dsr")},
