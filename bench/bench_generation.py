@@ -4,23 +4,23 @@
 The real-size architecture with random weights is written once (bench/runs). For each batch size, each script runs
 as a whole process at two image counts (`--images_per_prompt`, multiples of the batch size); the time per image is
 the slope between the two wall times and the fixed cost (start-up, loading) the intercept. With `--sd_scripts`,
-sd-scripts' script runs alternately with the same flags in its own Python. The record names the device, the torch
-versions, the commits and the flags, and is appended to bench/results.jsonl.
+sd-scripts' script runs alternately with the same flags in its own Python; one unrecorded 1-image warm-up run of
+each comes first, as in bench/vs_sd_scripts.py. The record names the device, the torch versions, the commits and
+the flags, and is appended to bench/results.jsonl.
 
     python bench/bench_generation.py [--model sd15|sdxl] [--resolution 256] [--steps 4] [--batch_sizes 1 4]
-        [--device cpu|cuda] [--precision fp32|fp16|bf16] [--sd_scripts ../sd-scripts] [--rounds 1]
+        [--device cpu|cuda] [--precision fp32|fp16|bf16] [--sd_scripts ../sd-scripts] [--rounds 1] [--no_warm_up]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 from bench_train import model_file
-from vs_sd_scripts import PROJECT, commit_of, fitted, run_once, write_tokenizers
+from vs_sd_scripts import PROJECT, alternated_rounds, commit_of, fitted_rounds, run_once, write_tokenizers
 
 from bench_common import device_name, record_result
 
@@ -42,6 +42,9 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--python", type=Path, default=Path(sys.executable), help="this project's Python")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--work_dir", type=Path, default=Path(__file__).with_name("runs"))
+    parser.add_argument(
+        "--no_warm_up", dest="warm_up", action="store_false", help="skip the warm-up runs (files already cached)"
+    )
     parser.add_argument("--note", help="free text stored in the record")
     parser.add_argument("--no_record", action="store_true", help="print only; do not append to bench/results.jsonl")
     args = parser.parse_args()
@@ -75,7 +78,8 @@ def main() -> None:
         write_tokenizers(temporary / "tokenizers", args.model)
         for batch_size in args.batch_sizes:
             flags = generation_flags(args, model, temporary / "tokenizers", batch_size)
-            results[f"batch_{batch_size}"] = measured(args, scripts, flags, batch_size, temporary)
+            warm_up = args.warm_up and batch_size == args.batch_sizes[0]  # the files stay cached for the others
+            results[f"batch_{batch_size}"] = measured(args, scripts, flags, batch_size, temporary, warm_up)
     record = {
         "benchmark": "generation",
         "device": device_label(args.device),
@@ -90,38 +94,30 @@ def main() -> None:
         record_result(record)
 
 
-def measured(args: argparse.Namespace, scripts: dict, flags: list[str], batch_size: int, temporary: Path) -> dict:
+def measured(
+    args: argparse.Namespace, scripts: dict, flags: list[str], batch_size: int, temporary: Path, warm_up: bool
+) -> dict:
     """Each script's images per second at this batch size: rounds of runs at the two lengths, alternated."""
     lengths = [batches * batch_size for batches in args.batches]
-    fits: dict[str, list] = {name: [] for name in scripts}
-    for round_index in range(args.rounds):
-        order = list(scripts) if round_index % 2 == 0 else list(scripts)[::-1]
-        runs: dict[str, list[dict]] = {name: [] for name in scripts}
-        for images in lengths:
-            for name in order:
-                python, root = scripts[name]
-                output = temporary / f"out-{batch_size}-{round_index}-{images}-{list(scripts).index(name)}"
-                run_flags = [*flags, "--images_per_prompt", str(images), "--outdir", str(output)]
-                run = run_once(python, root, SCRIPTS[args.model], run_flags, images, output, args.device == "cpu")
-                print(f"batch {batch_size}, round {round_index + 1}, {name}, {images} images: {run['seconds']} s")
-                runs[name].append(run)
-        for name in scripts:
-            fits[name].append((fitted(runs[name], lengths), runs[name]))
-    return {name: summarised(fits[name]) for name in scripts}
 
+    def run(name: str, images: int, label: str) -> dict:
+        python, root = scripts[name]
+        output = temporary / f"out-{batch_size}-{label}-{images}-{list(scripts).index(name)}"
+        run_flags = [*flags, "--images_per_prompt", str(images), "--outdir", str(output)]
+        return run_once(python, root, SCRIPTS[args.model], run_flags, images, output, args.device == "cpu")
 
-def summarised(fits: list) -> dict:
-    per_image = statistics.median(fit[0] for fit, _ in fits)
-    runs = [run for _, round_runs in fits for run in round_runs]
-    cuda = [run["cuda_peak_bytes"] for run in runs if run["cuda_peak_bytes"] is not None]
-    return {
-        "images_per_second": round(1 / per_image, 3) if per_image > 0 else None,
-        "seconds_per_image": round(per_image, 3),
-        "fixed_seconds": round(statistics.median(fit[1] for fit, _ in fits), 2),
-        "peak_rss_gb": round(max(run["peak_rss_bytes"] for run in runs) / 1e9, 2),
-        "peak_cuda_gb": round(max(cuda) / 1e9, 2) if cuda else None,
-        "torch": runs[0]["torch"],
-    }
+    print(f"batch size {batch_size}", flush=True)
+    rounds = alternated_rounds(list(scripts), lengths, args.rounds, run, warm_up, "images")
+    results = {}
+    for name, per_round in rounds.items():
+        fit = fitted_rounds(per_round, lengths)
+        per_image = fit.pop("seconds_per_length")
+        results[name] = {
+            "images_per_second": round(1 / per_image, 3) if per_image > 0 else None,
+            "seconds_per_image": round(per_image, 3),
+            **fit,
+        }
+    return results
 
 
 def device_label(device: str) -> str:

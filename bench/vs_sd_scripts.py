@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -138,19 +139,48 @@ def fitted(runs: list[dict], lengths: list[int]) -> tuple[float, float]:
     return per_step, short - lengths[0] * per_step
 
 
+def alternated_rounds(
+    names: list[str], lengths: list[int], rounds: int, run: Callable[[str, int, str], dict], warm_up: bool, unit: str
+) -> dict[str, list[list[dict]]]:
+    """Each name's runs per round, at each length, the names alternating which runs first; before them (`warm_up`)
+    one unrecorded run of length 1 each, so that no measured run reads the model or its code from disk.
+    `run(name, length, label)` runs one whole process (run_once)."""
+    for name in names if warm_up else ():
+        print(f"warm-up, {name}: {run(name, 1, 'warm-up')['seconds']} s", flush=True)
+    per_name: dict[str, list[list[dict]]] = {name: [] for name in names}
+    for round_index in range(rounds):
+        order = names if round_index % 2 == 0 else names[::-1]
+        runs: dict[str, list[dict]] = {name: [] for name in names}
+        for length in lengths:
+            for name in order:
+                runs[name].append(run(name, length, str(round_index)))
+                print(f"round {round_index + 1}, {name}, {length} {unit}: {runs[name][-1]['seconds']} s", flush=True)
+        for name in names:
+            per_name[name].append(runs[name])
+    return per_name
+
+
+def fitted_rounds(per_round: list[list[dict]], lengths: list[int]) -> dict:
+    """One name's rounds: the medians of the per-length time (slope) and the fixed cost (intercept), each round's
+    pair, and the peaks over every run."""
+    fits = [fitted(runs, lengths) for runs in per_round]
+    every = [run for runs in per_round for run in runs]
+    cuda = [run["cuda_peak_bytes"] for run in every if run["cuda_peak_bytes"] is not None]
+    return {
+        "seconds_per_length": statistics.median(fit[0] for fit in fits),
+        "fixed_seconds": round(statistics.median(fit[1] for fit in fits), 2),
+        "per_round": [[round(value, 3) for value in fit] for fit in fits],
+        "peak_rss_gb": round(max(run["peak_rss_bytes"] for run in every) / 1e9, 2),
+        "peak_cuda_gb": round(max(cuda) / 1e9, 2) if cuda else None,
+        "torch": every[0]["torch"],
+    }
+
+
 def summary(rounds: dict[str, list[list[dict]]], lengths: list[int]) -> dict:
     result = {}
     for trainer, per_round in rounds.items():
-        fits = [fitted(runs, lengths) for runs in per_round]
-        cuda = [run["cuda_peak_bytes"] for runs in per_round for run in runs if run["cuda_peak_bytes"] is not None]
-        result[trainer] = {
-            "seconds_per_step": round(statistics.median(fit[0] for fit in fits), 3),
-            "fixed_seconds": round(statistics.median(fit[1] for fit in fits), 2),
-            "per_round": [[round(value, 3) for value in fit] for fit in fits],
-            "peak_rss_gb": round(max(run["peak_rss_bytes"] for runs in per_round for run in runs) / 1e9, 2),
-            "peak_cuda_gb": round(max(cuda) / 1e9, 2) if cuda else None,
-            "torch": per_round[0][0]["torch"],
-        }
+        fit = fitted_rounds(per_round, lengths)
+        result[trainer] = {"seconds_per_step": round(fit.pop("seconds_per_length"), 3), **fit}
     ours, theirs = result[TRAINERS[0]], result[TRAINERS[1]]
     result["speed_ratio"] = round(theirs["seconds_per_step"] / ours["seconds_per_step"], 2)
     result["fixed_cost_ratio"] = round(ours["fixed_seconds"] / theirs["fixed_seconds"], 2)
@@ -174,7 +204,6 @@ def main() -> None:
     model = model_file(args.work_dir, args.model)
     roots = {TRAINERS[0]: PROJECT, TRAINERS[1]: args.sd_scripts}
     pythons = {TRAINERS[0]: args.python, TRAINERS[1]: args.sd_scripts_python}
-    rounds: dict[str, list[list[dict]]] = {trainer: [] for trainer in TRAINERS}
     with tempfile.TemporaryDirectory() as temporary:
         temporary = Path(temporary)
         make_dataset(temporary / "data", args.images, 10, args.resolution)
@@ -188,20 +217,7 @@ def main() -> None:
                 pythons[trainer], roots[trainer], SCRIPTS[args.model], arguments, steps, output, args.device == "cpu"
             )
 
-        for trainer in TRAINERS if args.warm_up else ():  # afterwards no run reads the model or its code from disk
-            print(f"warm-up, {trainer}: {run(trainer, 1, 'warm-up')['seconds']} s", flush=True)
-        for round_index in range(args.rounds):
-            order = TRAINERS if round_index % 2 == 0 else TRAINERS[::-1]
-            runs = {trainer: [] for trainer in TRAINERS}
-            for steps in args.lengths:
-                for trainer in order:
-                    runs[trainer].append(run(trainer, steps, str(round_index)))
-                    print(
-                        f"round {round_index + 1}, {trainer}, {steps} steps: {runs[trainer][-1]['seconds']} s",
-                        flush=True,
-                    )
-            for trainer in TRAINERS:
-                rounds[trainer].append(runs[trainer])
+        rounds = alternated_rounds(list(TRAINERS), args.lengths, args.rounds, run, args.warm_up, "steps")
     result = summary(rounds, args.lengths)
     record = {
         "benchmark": "vs_sd_scripts",
