@@ -1,4 +1,5 @@
-"""Test-wide guards: no network (sockets to anything but this machine fail), no hub downloads."""
+"""Test-wide guards: no network (sockets to anything but this machine fail), no hub downloads; and the fixtures
+several test files share."""
 
 from __future__ import annotations
 
@@ -79,3 +80,19 @@ def tiny_dataset(tmp_path_factory):
     folder = tmp_path_factory.mktemp("data")
     make_tiny_dataset(folder, images=4, repeats=5)
     return folder
+
+
+@pytest.fixture
+def routed_products(monkeypatch) -> list[int]:
+    """The row counts of the products library/cpu_layers.py routes through oneDNN in the test: forward, and the
+    input's gradient in the backward."""
+    from library import cpu_layers
+
+    seen, apply = [], cpu_layers._FrozenProduct.apply
+
+    def counting(x, weight, bias):
+        seen.append(x.shape[0])
+        return apply(x, weight, bias)
+
+    monkeypatch.setattr(cpu_layers._FrozenProduct, "apply", counting)
+    return seen

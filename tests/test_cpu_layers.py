@@ -17,19 +17,6 @@ from networks.lora import LoRAModule
 pytestmark = pytest.mark.skipif(not onednn_products_available(), reason="oneDNN's products are used on x86-64 only")
 
 
-@pytest.fixture
-def products(monkeypatch) -> list[int]:
-    """The row counts of the products routed through oneDNN: forward, and the input's gradient in the backward."""
-    seen, apply = [], cpu_layers._FrozenProduct.apply
-
-    def counting(x, weight, bias):
-        seen.append(x.shape[0])
-        return apply(x, weight, bias)
-
-    monkeypatch.setattr(cpu_layers._FrozenProduct, "apply", counting)
-    return seen
-
-
 def outputs_and_input_gradient(layer, reference, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's output and input gradient, and the float64 reference's, for one random output gradient."""
     x = x.clone().requires_grad_(True)
@@ -45,18 +32,20 @@ def outputs_and_input_gradient(layer, reference, x: torch.Tensor) -> tuple[torch
 
 @pytest.mark.parametrize("rows", [8, 154, 600])
 @pytest.mark.parametrize("bias", [True, False])
-def test_a_routed_linear_layer_computes_its_outputs_and_input_gradient(rows, bias, products):
+def test_a_routed_linear_layer_computes_its_outputs_and_input_gradient(rows, bias, routed_products):
     torch.manual_seed(0)
     layer = torch.nn.Linear(96, 80, bias=bias).requires_grad_(False)
     assert use_fast_cpu_layers(layer) == 1
     weight, bias64 = layer.weight.double(), layer.bias.double() if bias else None
     errors = outputs_and_input_gradient(layer, lambda x: F.linear(x, weight, bias64), torch.randn(2, rows // 2, 96))
     assert errors.max() < 1e-5
-    assert products == [rows, rows]
+    assert routed_products == [rows, rows]
 
 
 @pytest.mark.parametrize(("stride", "rows"), [(1, 32), (2, 8)])
-def test_a_large_3x3_conv_on_a_small_image_is_one_product_of_patches_and_computes_the_same(stride, rows, products):
+def test_a_large_3x3_conv_on_a_small_image_is_one_product_of_patches_and_computes_the_same(
+    stride, rows, routed_products
+):
     torch.manual_seed(0)
     layer = torch.nn.Conv2d(1920, 640, 3, stride=stride, padding=1).requires_grad_(False)  # an SD1 up-block conv
     assert use_fast_cpu_layers(layer) == 1
@@ -64,10 +53,10 @@ def test_a_large_3x3_conv_on_a_small_image_is_one_product_of_patches_and_compute
     reference = lambda x: F.conv2d(x, weight, bias, stride, 1)  # noqa: E731
     errors = outputs_and_input_gradient(layer, reference, torch.randn(2, 1920, 4, 4))
     assert errors.max() < 1e-5
-    assert products == [rows, rows]
+    assert routed_products == [rows, rows]
 
 
-def test_small_convs_and_large_images_keep_the_usual_convolution(products):
+def test_small_convs_and_large_images_keep_the_usual_convolution(routed_products):
     small = torch.nn.Conv2d(1280, 640, 3, padding=1).requires_grad_(False)  # as fast as oneDNN's convolution
     pointwise = torch.nn.Conv2d(1280, 1280, 1).requires_grad_(False)
     assert use_fast_cpu_layers(small) == use_fast_cpu_layers(pointwise) == 0
@@ -76,33 +65,33 @@ def test_small_convs_and_large_images_keep_the_usual_convolution(products):
     large(torch.randn(1, 1280, 16, 16))  # 256 output pixels: unfolded
     large(torch.randn(2, 1280, 16, 16))  # 512: oneDNN's convolution
     assert large(torch.randn(0, 1280, 4, 4)).shape == (0, 1280, 4, 4)  # no pixels: the convolution
-    assert products == [256]
+    assert routed_products == [256]
 
 
-def test_a_trained_weight_or_bias_keeps_the_usual_path_and_gets_its_gradient_and_inference_is_routed(products):
+def test_a_trained_weight_or_bias_keeps_the_usual_path_and_gets_its_gradient_and_inference_is_routed(routed_products):
     layer = torch.nn.Linear(32, 32)  # requires_grad, as a loaded module's weights are until frozen
     use_fast_cpu_layers(layer)
     layer(torch.randn(20, 32)).sum().backward()
-    assert layer.weight.grad is not None and products == []
+    assert layer.weight.grad is not None and routed_products == []
     layer.weight.requires_grad_(False)
     layer(torch.randn(20, 32)).sum().backward()
-    assert torch.equal(layer.bias.grad, torch.full((32,), 40.0)) and products == []  # 20 rows, twice
+    assert torch.equal(layer.bias.grad, torch.full((32,), 40.0)) and routed_products == []  # 20 rows, twice
     with torch.no_grad():
         layer(torch.randn(20, 32))
-    assert products == [20]
+    assert routed_products == [20]
 
 
-def test_other_dtypes_and_autocast_keep_the_usual_path(products):
+def test_other_dtypes_and_autocast_keep_the_usual_path(routed_products):
     layer = torch.nn.Linear(32, 32).requires_grad_(False)
     use_fast_cpu_layers(layer)
     layer.to(torch.bfloat16)(torch.randn(20, 32, dtype=torch.bfloat16))
     layer.float()
     with torch.autocast("cpu", torch.bfloat16):
         assert layer(torch.randn(20, 32)).dtype == torch.bfloat16
-    assert products == []
+    assert routed_products == []
 
 
-def test_a_lora_wrapped_around_a_routed_layer_adds_its_delta_and_learns(products):
+def test_a_lora_wrapped_around_a_routed_layer_adds_its_delta_and_learns(routed_products):
     torch.manual_seed(0)
     layer = torch.nn.Linear(64, 48).requires_grad_(False)
     use_fast_cpu_layers(layer)
@@ -116,7 +105,7 @@ def test_a_lora_wrapped_around_a_routed_layer_adds_its_delta_and_learns(products
     y.sum().backward()
     assert torch.allclose(x.grad, effective.sum(0).expand(40, 64).detach(), atol=1e-5)
     assert lora.lora_down.weight.grad is not None and lora.lora_up.weight.grad is not None
-    assert products == [40, 40]
+    assert routed_products == [40, 40]
 
 
 def test_without_onednn_products_nothing_is_routed(monkeypatch):
@@ -124,7 +113,7 @@ def test_without_onednn_products_nothing_is_routed(monkeypatch):
     assert use_fast_cpu_layers(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Conv2d(640, 1280, 3))) == 0
 
 
-def test_a_deep_copy_of_a_routed_module_computes_with_its_own_weights(products):
+def test_a_deep_copy_of_a_routed_module_computes_with_its_own_weights(routed_products):
     original = torch.nn.Sequential(torch.nn.Linear(8, 8)).requires_grad_(False)
     use_fast_cpu_layers(original)
     copied = copy.deepcopy(original)
@@ -133,10 +122,10 @@ def test_a_deep_copy_of_a_routed_module_computes_with_its_own_weights(products):
     x = torch.randn(3, 8)
     assert torch.equal(copied(x), torch.zeros(3, 8))
     assert torch.allclose(original(x), F.linear(x, original[0].weight, original[0].bias), atol=1e-6)
-    assert products == [3, 3]
+    assert routed_products == [3, 3]
 
 
-def test_a_second_derivative_through_a_routed_layer_is_the_default_one(products):
+def test_a_second_derivative_through_a_routed_layer_is_the_default_one(routed_products):
     torch.manual_seed(0)
     layer = torch.nn.Linear(16, 16).requires_grad_(False)
     x = torch.randn(20, 16, requires_grad=True)
@@ -146,4 +135,4 @@ def test_a_second_derivative_through_a_routed_layer_is_the_default_one(products)
             use_fast_cpu_layers(layer)
         (first,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
         derivatives.append(torch.autograd.grad(first.pow(2).sum(), x)[0])
-    assert torch.allclose(*derivatives, atol=1e-5) and products
+    assert torch.allclose(*derivatives, atol=1e-5) and routed_products

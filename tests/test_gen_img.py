@@ -48,15 +48,13 @@ def test_multiplier_zero_gives_the_base_image_and_apply_equals_merge(sd1, lora_f
 
 @pytest.mark.skipif(not onednn_products_available(), reason="oneDNN's products are used on x86-64 only")
 def test_the_generator_routes_the_frozen_layers_through_onednn_and_draws_the_default_kernels_image(
-    sd1, lora_files, tmp_path, monkeypatch
+    sd1, lora_files, tmp_path, monkeypatch, routed_products
 ):
-    from library import cpu_layers, generation
+    from library import generation
 
-    routed, apply = [], cpu_layers._FrozenProduct.apply
-    monkeypatch.setattr(cpu_layers._FrozenProduct, "apply", lambda *inputs: routed.append(1) or apply(*inputs))
     flags = ["--prompt", "a cat", "--seed", "3", "--network_weights", lora_files[0]]
     [fast] = draw(sd1[1], tmp_path / "fast", *flags)
-    assert routed
+    assert routed_products
     monkeypatch.setattr(generation, "use_fast_cpu_layers", lambda module: 0)
     [default] = draw(sd1[1], tmp_path / "default", *flags)
     assert max_difference(fast, default) <= 1

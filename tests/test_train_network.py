@@ -375,17 +375,13 @@ def test_a_compiled_unet_trains_as_the_eager_one(tiny_sd1, tiny_dataset, tmp_pat
 @pytest.mark.slow
 @pytest.mark.skipif(not onednn_products_available(), reason="oneDNN's products are used on x86-64 only")
 def test_a_float32_cpu_run_routes_the_frozen_layers_through_onednn_and_trains_as_the_default_kernels(
-    tiny_sd1, tiny_dataset, tmp_path, capsys, monkeypatch
+    tiny_sd1, tiny_dataset, tmp_path, capsys, monkeypatch, routed_products
 ):
-    from library import cpu_layers
-
-    routed, apply = [], cpu_layers._FrozenProduct.apply
-    monkeypatch.setattr(cpu_layers._FrozenProduct, "apply", lambda *inputs: routed.append(1) or apply(*inputs))
     # SGD: its update is linear in the gradient, so the kernels' rounding stays at rounding size (AdamW's first steps
     # turn a rounding-size gradient into a step of the learning rate's size)
     flags = ["--max_train_steps", "3", "--learning_rate", "1e-2", "--cache_latents", "--optimizer_type", "SGDNesterov"]
     fast = load_file(train(training_arguments(tiny_sd1, tiny_dataset, tmp_path / "fast", *flags)))
-    assert "oneDNN matrix products for the frozen layers" in capsys.readouterr().out and routed
+    assert "oneDNN matrix products for the frozen layers" in capsys.readouterr().out and routed_products
 
     monkeypatch.setattr(preparation, "use_fast_cpu_layers", lambda module: 0)
     default = load_file(train(training_arguments(tiny_sd1, tiny_dataset, tmp_path / "default", *flags)))
