@@ -12,7 +12,8 @@ class UserError(Exception):
 
 
 def run_cli(main: Callable[[], None]) -> None:
-    """Run a script's main function; a UserError becomes one line on stderr and exit status 2.
+    """Run a script's main function; a UserError becomes one line on stderr and exit status 2, and so does a file
+    this user may not read or write (wherever the script met it).
 
     The objects that exist by now (the imported modules of torch, diffusers and transformers: hundreds of thousands)
     are moved out of the garbage collector's sight, before and after the work: collections during the run and at the
@@ -24,6 +25,11 @@ def run_cli(main: Callable[[], None]) -> None:
         main()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except PermissionError as error:
+        print(
+            f"error: {error.filename}: permission denied; change its permissions or give another path.", file=sys.stderr
+        )
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

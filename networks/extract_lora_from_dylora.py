@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from library.errors import UserError, run_cli
-from library.lora.files import ModuleFactors, read_lora_file, save_lora_file, split_modules
+from library.lora.files import ModuleFactors, check_lora_output, read_lora_file, save_lora_file, split_modules
 from library.lora.naming import ALPHA, DOWN, UP
 from networks.dylora import DEFAULT_UNIT, NETWORK_MODULE, check_unit_divides, unit_from_metadata
 
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def extract_ranks(model: str | Path, save_to: str | Path, unit: int | None = None) -> list[Path]:
     """Write one LoRA per rank unit, 2*unit, ..., full rank; returns the files written."""
-    model, save_to = Path(model), Path(save_to)
+    model, save_to = Path(model), check_lora_output(save_to)
     weights, metadata = read_lora_file(model)
     unit = _checked_unit(model, metadata, unit)
     modules = split_modules(weights, str(model), "give a file that networks.dylora wrote.")

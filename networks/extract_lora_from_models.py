@@ -185,7 +185,7 @@ def extract_lora(
     model_org: str | Path, model_tuned: str | Path, save_to: str | Path, options: ExtractOptions = ExtractOptions()
 ) -> dict[str, ExtractedModule]:
     """Write the LoRA of tuned - original to `save_to` (atomically); returns what each module holds."""
-    save_to = check_lora_output(save_to)
+    save_to = check_lora_output(save_to, [model_org, model_tuned])
     original = load_model(model_org, options.family, options.load_precision, options.original_device)
     tuned = load_model(model_tuned, options.family, options.load_precision, options.tuned_device)
     pairs = paired_layers(original, tuned, options)

@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from library.compute_options import PRECISION_CHOICES, parse_device, parse_precision
 from library.errors import UserError, run_cli
+from library.file_io import check_output_file
 from library.lora.block_weights import BlockWeights, check_layout_family, parse_block_weights
 from library.lora.factors import lora_scale
 from library.lora.files import (
@@ -196,7 +197,7 @@ def merge_into_checkpoint(
     options: MergeOptions = MergeOptions(),
 ) -> Path:
     """Write `sd_model` with each LoRA's ratio-weighted delta added, in order, to `save_to` (atomically)."""
-    save_to = Path(save_to)
+    save_to = check_output_file(save_to, "--save_to", [sd_model, *(lora.path for lora in loras)])
     if save_to.suffix.lower() not in CHECKPOINT_SUFFIXES:
         raise UserError(
             f"--save_to {save_to}: unknown checkpoint file type '{save_to.suffix}'; use .safetensors or .ckpt."
@@ -306,7 +307,7 @@ def _checkpoint_entries(checkpoint: AliasedCheckpoint, merged: Mapping[str, torc
 def merge_loras(save_to: str | os.PathLike, loras: Sequence[LoraInput], options: MergeOptions = MergeOptions()) -> Path:
     """Merge the LoRAs into one and write it to `save_to` (atomically); modules missing from a file count as zero
     there."""
-    save_to = check_lora_output(save_to)
+    save_to = check_lora_output(save_to, [lora.path for lora in loras])
     loras = [lora.plain(LORA_PLUS_LORA_FIX) for lora in loras]
     check_layout_family(options.block_weights, inputs_family(loras))
     groups = modules_by_name(loras, options.block_weights)

@@ -115,7 +115,7 @@ def options_from_flags(args: argparse.Namespace) -> ResizeOptions:
     _check_dynamic(args.dynamic_method, args.dynamic_param)
     return ResizeOptions(
         model=Path(args.model),
-        save_to=check_lora_output(args.save_to),
+        save_to=check_lora_output(args.save_to, [args.model]),
         ranks=ranks,
         save_precision=parse_precision(args.save_precision, torch.float32),
         device=parse_device("--device", args.device),

@@ -108,7 +108,7 @@ def options_from_flags(args: argparse.Namespace) -> SvdMergeOptions:
     return SvdMergeOptions(
         models=tuple(Path(model) for model in args.models),
         ratios=tuple(args.ratios),
-        save_to=check_lora_output(args.save_to),
+        save_to=check_lora_output(args.save_to, args.models),
         ranks=ranks,
         block_weights=tuple(parse_block_weights(args.lbws, args.models)) if args.lbws else (),
         precision=precision,

@@ -178,3 +178,10 @@ def test_center_crop_offsets():
     cropped = center_crop(image, (7, 2))
     # left = (10 - 7) // 2 = 1, top = (5 - 2) // 2 = 1
     assert cropped.size == (7, 2) and cropped.getpixel((0, 0))[:2] == (1, 1)
+
+
+def test_the_source_folder_as_destination_is_refused(tmp_path):
+    make_image(tmp_path / "src" / "cat.png", (100, 100))
+    result = run_script(TOOL, str(tmp_path / "src"), str(tmp_path / "src" / "."), "--max_resolution", "64x64")
+    assert result.returncode == 2 and "the destination is the source folder" in result.stderr
+    assert [path.name for path in (tmp_path / "src").iterdir()] == ["cat.png"]

@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def convert(source: str | Path, target: str | Path, to: str | None = None) -> tuple[str, int]:
     """Convert `source` into `target`; returns the form written and the number of modules."""
-    source, target = Path(source), check_lora_output(target)
+    source, target = Path(source), check_lora_output(target, [source], "the output")
     weights, metadata = read_lora_file(source)
     peft = is_peft_file(weights)
     to = to or ("kohya" if peft else "diffusers")

@@ -19,7 +19,7 @@ from library.dataset.config import IMAGE_SUFFIXES
 from library.dataset.images import load_image
 from library.dataset.resize import center_crop, resize_image
 from library.errors import UserError, run_cli
-from library.file_io import atomic_output
+from library.file_io import atomic_output, check_output_folder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,6 +105,12 @@ def main() -> None:
     source, destination = Path(args.src_img_folder), Path(args.dst_img_folder)
     if not source.is_dir():
         raise UserError(f"{source}: source folder not found; pass an existing folder of images as the first argument.")
+    if destination.is_dir() and destination.samefile(source):
+        raise UserError(
+            f"{destination}: the destination is the source folder, where the resized copies would join the originals"
+            " (and be trained on); give another destination folder."
+        )
+    check_output_folder(destination, "the destination folder")
     destination.mkdir(parents=True, exist_ok=True)
 
     entries = sorted(source.iterdir())

@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main() -> None:
     args = build_parser().parse_args()
     path = Path(args.model)
-    if path.suffix.lower() != ".safetensors":
+    if path.suffix.lower() != ".safetensors" and not path.is_dir():
         raise UserError(
             f"{path}: only .safetensors files carry metadata; a {path.suffix or 'suffix-less'} file has none."
         )

@@ -17,6 +17,7 @@ import torch
 
 from library.cpu_layers import use_fast_cpu_layers
 from library.errors import UserError
+from library.file_io import check_output_folder
 from library.generation.drawing import ImageWriter, batches, draw_batch, image_file_name, plan, planned_images
 from library.generation.embeddings import add_embeddings
 from library.generation.grid import draw_grid
@@ -40,6 +41,7 @@ __all__ = [
 
 def generate(options: GenerationOptions, now: datetime.datetime | None = None) -> list[Path]:
     """Load the model and networks, draw every image, save each as PNG; returns the files in order."""
+    check_output_folder(options.outdir, "--outdir")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(options)
     if options.show_network_metadata:

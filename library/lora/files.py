@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from library.errors import UserError
-from library.file_io import atomic_output
+from library.file_io import atomic_output, check_output_file
 from library.lora.factors import added, compose, lora_scale
 from library.lora.lycoris import LYCORIS_UNET_PREFIX, LycorisModule, lycoris_algorithm
 from library.lora.naming import ALPHA, DOWN, LORA_PARTS, UNET_PREFIX, UP, adaptable_layers, text_encoder_prefixes
@@ -328,7 +328,7 @@ def save_lora_file(
 ) -> None:
     """Save a LoRA atomically: every tensor (alpha included) cast to `dtype` when given; `.safetensors` gets the
     metadata plus the `sshs_*` hashes of the cast tensors, a torch pickle (`.ckpt`, `.pt`) the bare tensors."""
-    path = check_lora_output(path)
+    path = _lora_suffix_checked(path)
     final = {
         key: tensor.detach().to(device="cpu", dtype=dtype or tensor.dtype).contiguous()
         for key, tensor in tensors.items()
@@ -340,8 +340,15 @@ def save_lora_file(
             torch.save(final, temporary)
 
 
-def check_lora_output(path: str | os.PathLike) -> Path:
-    """The output path of a LoRA file, refused before any work when its suffix names no format we write."""
+def check_lora_output(
+    path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), option: str = "--save_to"
+) -> Path:
+    """The output path of a LoRA file, refused before any work when its suffix names no format we write, when it
+    cannot be written there or when it would replace one of the `inputs`."""
+    return _lora_suffix_checked(check_output_file(path, option, inputs))
+
+
+def _lora_suffix_checked(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".safetensors" and path.suffix.lower() not in PICKLE_SUFFIXES:
         raise UserError(f"{path}: unknown LoRA file type '{path.suffix}'; use one of {', '.join(LORA_SUFFIXES)}.")

@@ -128,8 +128,12 @@ class PickleCheckpointFile(CheckpointFile):
 def open_checkpoint(path: str | os.PathLike) -> CheckpointFile:
     """Open a single-file checkpoint (or LoRA) by its extension; bad files raise a one-sentence UserError."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: a folder, not a file; give the .safetensors or .ckpt file.")
     if not path.is_file():
         raise UserError(f"{path}: no such file; check the path (a Diffusers model is a folder, not a file).")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"{path}: this user may not read the file; change its permissions or give a readable copy.")
     if path.suffix.lower() == ".safetensors":
         return SafetensorsFile(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:

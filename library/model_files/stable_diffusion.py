@@ -12,8 +12,6 @@ import functools
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ from diffusers import AutoencoderKL, ModelMixin, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from library.errors import UserError
+from library.file_io import atomic_folder
 from library.metadata import checkpoint_modelspec
 from library.model_files.architecture import (
     TEXT_ENCODER_FOLDERS,
@@ -440,10 +439,7 @@ def save_diffusers_folder(
     model: StableDiffusionModel, folder: str | os.PathLike, dtype: torch.dtype | None = None
 ) -> None:
     """Write a Diffusers model folder (unet, vae, text encoders, tokenizers, scheduler, model_index.json)."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as staging:
         for name, module in diffusers_modules(model).items():
             _save_module(module, staging / name, dtype)
         for name, tokenizer in zip(TOKENIZER_FOLDERS, model.tokenizers):
@@ -451,9 +447,6 @@ def save_diffusers_folder(
         (staging / "scheduler").mkdir()
         (staging / "scheduler" / "scheduler_config.json").write_text(json.dumps(model.scheduler_config(), indent=2))
         (staging / "model_index.json").write_text(json.dumps(diffusers_model_index(model), indent=2))
-        _replace_folder(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def diffusers_modules(model: StableDiffusionModel) -> dict[str, torch.nn.Module]:
@@ -499,17 +492,6 @@ def diffusers_model_index(model: StableDiffusionModel) -> dict:
             requires_safety_checker=False,
         )
     return index
-
-
-def _replace_folder(staging: Path, folder: Path) -> None:
-    if folder.exists():
-        retired = folder.with_name(f".{folder.name}.old")
-        shutil.rmtree(retired, ignore_errors=True)
-        os.replace(folder, retired)
-        os.replace(staging, folder)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(staging, folder)
 
 
 def _unused_or_fabricated(model: StableDiffusionModel) -> dict[str, torch.Tensor]:

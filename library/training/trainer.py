@@ -20,6 +20,7 @@ from library.dataset.inspection import dataset_summary_lines, debug_dataset
 from library.dataset.loader import BatchSettings
 from library.dataset.plan import DatasetPlan
 from library.errors import UserError
+from library.file_io import check_output_folder
 from library.training.diagnosis import non_finite_latents_message, non_finite_loss_message
 from library.training.families import load_training_family
 from library.training.forward import batch_loss
@@ -47,6 +48,7 @@ from library.weighted_captions import check_weighted_caption
 def train(options: TrainingOptions, on_step: Callable[[int], None] | None = None) -> Path:
     """Run the whole training; returns the final LoRA file. `on_step(global_step)` is called after every optimizer
     step (the benchmark times steps with it)."""
+    _check_output_folders(options)
     resumed = read_train_state(options.saving.resume) if options.saving.resume else None
     seed = options.length.seed
     if seed is None:  # the data order and noise of the run being continued, or a new random seed
@@ -82,6 +84,13 @@ def train(options: TrainingOptions, on_step: Callable[[int], None] | None = None
         raise UserError(
             f"CUDA ran out of memory; to need less, try {out_of_memory_advice(options, batch_size)}."
         ) from error
+
+
+def _check_output_folders(options: TrainingOptions) -> None:
+    """Where the run writes, checked before anything loads, so that no run ends unable to save its work."""
+    check_output_folder(options.saving.output_dir, "--output_dir")
+    if options.logging.logging_dir:
+        check_output_folder(options.logging.logging_dir, "--logging_dir")
 
 
 def _check_captions(options: TrainingOptions, plans: list[DatasetPlan]) -> None:
