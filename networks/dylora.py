@@ -33,6 +33,10 @@ from library.lora.network_args import LORAPLUS_KEYS, LoRAArgs, parse_network_arg
 from networks.lora import DEFAULT_ALPHA, DEFAULT_DIM, LoRANetwork, dim_and_alpha, read_weights_for_model
 
 NETWORK_MODULE = "networks.dylora"
+MAX_NORM_REFUSAL = (
+    "--scale_weight_norms is not available with networks.dylora (sd-scripts' DyLoRA has none either): capping the"
+    " full-rank norm would rescale every lower rank too; remove the option or train networks.lora."
+)
 DEFAULT_UNIT = 1
 KNOWN_KEYS = ("unit", "conv_dim", "conv_alpha", *LORAPLUS_KEYS)
 UNIT_PARTS = ((DOWN, "lora_down_units", 0), (UP, "lora_up_units", 1))  # file key, parameter list, rank axis
@@ -209,10 +213,7 @@ class DyLoRANetwork(LoRANetwork):
         return {**super()._metadata_network_args(), "unit": str(self.unit)}
 
     def apply_max_norm_regularization(self, max_norm_value: float, device=None):
-        raise UserError(
-            "--scale_weight_norms is not available with networks.dylora (sd-scripts' DyLoRA has none either): capping"
-            " the full-rank norm would rescale every lower rank too; remove the option or train networks.lora."
-        )
+        raise UserError(MAX_NORM_REFUSAL)
 
 
 # ---------------------------------------------------------------- --network_args

@@ -32,6 +32,7 @@ from lora_helpers import (
 )
 from networks import dylora, lora
 from networks.extract_lora_from_dylora import extract_ranks
+from training_helpers import training_arguments
 
 EXTRACT = "networks/extract_lora_from_dylora.py"
 LINEAR = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
@@ -213,6 +214,9 @@ def test_conv_alpha_is_used_and_defaults_to_network_alpha():
         dylora.create_network(1.0, 8, 2, None, model.text_encoders[0], model.unet, neuron_dropout=0.1)
     with pytest.raises(UserError, match="--scale_weight_norms is not available with networks.dylora"):
         default.apply_max_norm_regularization(1.0)
+    flags = ["--network_module", "networks.dylora", "--scale_weight_norms", "1"]
+    with pytest.raises(UserError, match="--scale_weight_norms is not available with networks.dylora"):
+        training_arguments("model.safetensors", "data", "out", *flags)  # refused with the options, before loading
 
 
 # ---------------------------------------------------------------- files and extraction

@@ -11,8 +11,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from library.errors import UserError
+from library.model_files.family import ModelFamily
 from library.model_files.stable_diffusion import load_stable_diffusion
 from library.training.families.sd import StableDiffusionTraining
+from library.training.network_module import _continuation_line
 from library.training.preparation import _merge_base_weights
 from library.training.trainer import train
 from lora_helpers import ModelProbe, assert_outputs_close, fill_randomly
@@ -84,3 +86,35 @@ def test_initial_step_starts_the_count_and_the_schedule_there(tiny_sd1, tiny_dat
     assert sorted(started) == [6, 7, 8]
     assert [started[step] for step in (6, 7, 8)] == pytest.approx([whole[step] for step in (6, 7, 8)])
     assert (tmp_path / "started" / "at-step00000007.safetensors").is_file()
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_anything_loads(tiny_dataset, tmp_path):
+    (tmp_path / "taken").write_text("")
+    options = training_arguments(tmp_path / "no-model.safetensors", tiny_dataset, tmp_path / "taken" / "out")
+    with pytest.raises(UserError, match=f"--output_dir {tmp_path}/taken/out: {tmp_path}/taken is a file, not a folder"):
+        train(options)
+
+
+def test_continuing_from_a_lora_of_another_model_is_refused(tiny_checkpoints, tiny_sd1, tiny_dataset, tmp_path):
+    sdxl = tiny_checkpoints[ModelFamily.SDXL][0]
+    create_network(1.0, 4, 1, None, list(sdxl.text_encoders), sdxl.unet).save_weights(tmp_path / "xl.safetensors")
+    options = training_arguments(
+        tiny_sd1, tiny_dataset, tmp_path, "--network_weights", str(tmp_path / "xl.safetensors")
+    )
+    with pytest.raises(UserError, match=r"xl.safetensors: none of this network's \d+ modules is in the file"):
+        train(options)
+
+
+def test_continuing_names_the_modules_that_start_fresh(tiny_checkpoints, tmp_path):
+    model = tiny_checkpoints[ModelFamily.SD1][0]
+    network = create_network(1.0, 4, 1, None, model.text_encoders[0], model.unet)
+    state = network.state_dict()
+    unet_only = {key: value for key, value in state.items() if key.startswith("lora_unet_")}
+    missing = network.load_state_dict(unet_only, strict=False).missing_keys
+    fresh = len(network.text_encoder_loras)
+    assert fresh > 0 and len(missing) == 3 * fresh  # down, up and alpha of each
+    line = _continuation_line("u.safetensors", network, missing)
+    assert line == (
+        f"continuing from u.safetensors ({fresh} of the network's {len(state) // 3} modules are not in the file and"
+        " start fresh)"
+    )

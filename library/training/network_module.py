@@ -64,12 +64,28 @@ def build_network(options: NetworkOptions, family: TrainingFamily) -> torch.nn.M
         if not third_party:
             raise
         raise UserError(_failure(options.network_module, error)) from error
+    if options.scale_weight_norms and not callable(getattr(network, "apply_max_norm_regularization", None)):
+        raise UserError(
+            f"--scale_weight_norms: the network of {options.network_module} has no apply_max_norm_regularization;"
+            " remove the option."
+        )
     if options.network_weights and not options.dim_from_weights:
         loaded = network.load_weights(options.network_weights)
-        missing = getattr(loaded, "missing_keys", [])
-        suffix = f" ({len(missing)} modules not in the file start fresh)" if missing else ""
-        print(f"continuing from {options.network_weights}{suffix}")
+        print(_continuation_line(options.network_weights, network, getattr(loaded, "missing_keys", [])))
     return network
+
+
+def _continuation_line(file: str, network: torch.nn.Module, missing_keys: list[str]) -> str:
+    """What continuing from `file` keeps, refused when it keeps nothing (a LoRA of another model)."""
+    modules = {key.split(".")[0] for key in network.state_dict()}
+    missing = {key.split(".")[0] for key in missing_keys}
+    if modules and missing >= modules:
+        raise UserError(
+            f"--network_weights {file}: none of this network's {len(modules)} modules is in the file, so nothing would"
+            " continue from it; give a LoRA trained for this model and these layers, or leave out --network_weights."
+        )
+    fresh = f" ({len(missing)} of the network's {len(modules)} modules are not in the file and start fresh)"
+    return f"continuing from {file}{fresh if missing else ''}"
 
 
 def _failure(name: str, error: Exception) -> str:

@@ -22,6 +22,7 @@ from library.training.diffusion import THRESHOLD_LOSS_TYPES, LossSettings, Noise
 from library.training.optimizers import CUDA_ONLY_OPTIMIZERS, ScheduleSettings, optimizer_name, parse_key_values
 from library.training.option_tables import MODELSPEC_FIELDS, UNSUPPORTED_OPTIONS
 from library.unsupported_options import refuse_unsupported
+from networks import dylora
 
 
 @dataclass(frozen=True)
@@ -303,6 +304,8 @@ def _model_options(args: argparse.Namespace, sdxl: bool, notes: list[str]) -> Mo
 
 
 def _network_options(args: argparse.Namespace) -> NetworkOptions:
+    if args.scale_weight_norms and args.network_module == dylora.NETWORK_MODULE:
+        raise UserError(dylora.MAX_NORM_REFUSAL)  # before anything loads, not at the first step
     if args.dim_from_weights and not args.network_weights:
         raise UserError("--dim_from_weights needs --network_weights FILE to take the ranks from.")
     files, multipliers = args.base_weights or [], args.base_weights_multiplier or []
