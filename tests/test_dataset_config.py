@@ -252,3 +252,9 @@ def test_caption_settings_come_from_the_resolved_subset(tmp_path):
     settings = CaptionSettings.of(plan.samples[0].subset)
     assert (settings.shuffle_caption, settings.keep_tokens, settings.caption_tag_dropout_rate) == (True, 2, 0.1)
     assert settings.caption_separator == "," and settings.token_warmup_min == 1  # schema defaults
+
+
+def test_a_resolution_that_does_not_parse_is_named_as_typed(tmp_path):
+    write_images(tmp_path / "10_cat", 1)
+    with pytest.raises(UserError, match="'64x' is not a resolution"):
+        prepare_datasets(None, {"resolution": "64x"}, train_data_dir=str(tmp_path))

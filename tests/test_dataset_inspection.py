@@ -124,3 +124,20 @@ def test_cache_latents_tool_refuses_conflicts_before_loading(tiny_checkpoints, t
     assert result.returncode == 2
     assert "random_crop changes the image every epoch" in result.stderr and "Traceback" not in result.stderr
     assert not list((tmp_path / "data").rglob("*.npz"))
+
+
+def test_cache_latents_tool_names_the_sdxl_flag_for_the_model_given(tiny_checkpoints, tmp_path):
+    _, model_file, _ = tiny_checkpoints[ModelFamily.SD1]
+    make_tiny_dataset(tmp_path / "data", images=1)
+    result = run_script(
+        "tools/cache_latents.py",
+        "--pretrained_model_name_or_path",
+        str(model_file),
+        "--train_data_dir",
+        str(tmp_path / "data"),
+        "--resolution",
+        "64",
+        "--sdxl",
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{model_file}: an SD1.x model; leave out --sdxl" in result.stderr

@@ -20,8 +20,9 @@ from library.dataset.arguments import add_dataset_arguments, dataset_options, pr
 from library.dataset.inspection import dataset_summary_lines, debug_dataset
 from library.dataset.latent_cache import cache_latents
 from library.dataset.loader import BatchSettings
-from library.errors import run_cli
-from library.model_files.stable_diffusion import place
+from library.errors import UserError, run_cli
+from library.model_files.family import ModelFamily
+from library.model_files.stable_diffusion import local_model_family, place
 from library.training.arguments import add_model_arguments
 from library.training.families import family_class
 from library.training.options import ModelOptions
@@ -62,6 +63,7 @@ def main() -> None:
         mixed_precision=args.mixed_precision if device == "cuda" else "no",
         no_half_vae=args.no_half_vae,
     )
+    _check_sdxl_flag(args.pretrained_model_name_or_path, args.sdxl)
     family = family_class(args.sdxl)
     model = family.load(model_options)
     if dataset.debug_dataset:
@@ -90,6 +92,14 @@ def main() -> None:
         f"{encoded} images encoded on {device} in {dtype} ({encoded / max(seconds, 1e-9):.1f} images/s), {reused}"
         " up-to-date cache files reused"
     )
+
+
+def _check_sdxl_flag(path: str, sdxl: bool) -> None:
+    """The model's family against --sdxl, refused with this tool's fix (the trainers name the other script)."""
+    found = local_model_family(path)
+    if found is not None and sdxl != (found is ModelFamily.SDXL):
+        fix = "leave out --sdxl" if sdxl else "add --sdxl"
+        raise UserError(f"{path}: an {found.label} model; {fix}, so that the latents are cached for its trainer.")
 
 
 if __name__ == "__main__":

@@ -270,6 +270,7 @@ def _resolution(value: Any, where: str, problems: Problems) -> tuple[int, int] |
             f"{where}: no training resolution; give --resolution 512 (or 'W,H') or resolution = 512 in the config."
         )
         return None
+    given = value
     if isinstance(value, str):
         value = [int(part) for part in value.split(",")] if _has_kind(value, "resolution") else None
     if isinstance(value, int):
@@ -277,7 +278,7 @@ def _resolution(value: Any, where: str, problems: Problems) -> tuple[int, int] |
     if not value or len(value) == 1:
         value = value * 2 if value else None
     if value is None or min(value) <= 0:
-        problems.add(f"{where}: {value!r} is not a resolution; use a positive number or [width, height].")
+        problems.add(f"{where}: {given!r} is not a resolution; use a positive number or [width, height].")
         return None
     return (int(value[0]), int(value[1]))
 
