@@ -80,8 +80,15 @@ def check_output_file(path: str | os.PathLike, option: str, inputs: Iterable[str
         raise UserError(f"{option} {path}: a folder, not a file; give a file name such as {path / 'output'}.")
     if any(_entry(path) == Path(os.path.realpath(source)) for source in inputs):
         raise UserError(f"{option} {path}: this is also an input, which writing would replace; give another name.")
-    check_output_folder(path.parent, option)
+    _check_writable(path.parent, f"{option} {path}")
     return path
+
+
+def check_output_folder(folder: str | os.PathLike, option: str) -> Path:
+    """`folder`, refused in one sentence when it is a file or cannot be made or written to."""
+    folder = Path(folder)
+    _check_writable(folder, f"{option} {folder}")
+    return folder
 
 
 def _entry(path: Path) -> Path:
@@ -89,15 +96,10 @@ def _entry(path: Path) -> Path:
     return Path(os.path.realpath(path.parent)) / path.name
 
 
-def check_output_folder(folder: str | os.PathLike, option: str) -> Path:
-    """`folder`, refused in one sentence when it is a file or cannot be made or written to (checked on its nearest
-    existing ancestor, so nothing is created before the work starts)."""
-    folder = Path(folder)
+def _check_writable(folder: Path, named: str) -> None:
+    """Checked on the nearest existing ancestor of `folder`, so that nothing is created before the work starts."""
     existing = next(parent for parent in (folder, *folder.absolute().parents) if parent.exists())
     if not existing.is_dir():
-        raise UserError(f"{option} {folder}: {existing} is a file, not a folder; choose another folder.")
+        raise UserError(f"{named}: {existing} is a file, not a folder; choose another folder.")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(
-            f"{option} {folder}: {existing} is not writable for this user; choose a folder you may write to."
-        )
-    return folder
+        raise UserError(f"{named}: this user may not write in {existing}; choose another folder.")

@@ -86,8 +86,10 @@ def test_outputs_are_checked_before_any_work(tmp_path, monkeypatch):
         check_output_folder(tmp_path / "file" / "out", "--output_dir")
     assert check_output_file(tmp_path / "other.safetensors", "--save_to", [source]) == tmp_path / "other.safetensors"
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # tests run as root, who may write anywhere
-    with pytest.raises(UserError, match=f"--outdir .*new/deeper: {tmp_path} is not writable for this user"):
+    with pytest.raises(UserError, match=f"--outdir .*new/deeper: this user may not write in {tmp_path};"):
         check_output_folder(tmp_path / "new" / "deeper", "--outdir")
+    with pytest.raises(UserError, match=f"--save_to .*new/out.safetensors: this user may not write in {tmp_path};"):
+        check_output_file(tmp_path / "new" / "out.safetensors", "--save_to")
     assert not (tmp_path / "new").exists()
 
 
