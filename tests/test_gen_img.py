@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 from conftest import run_script
-from generation_helpers import FAST, draw, max_difference, random_lora_files
+from generation_helpers import FAST, as_array, draw, draw_files, max_difference, random_lora_files
 from PIL import Image
 from sd_scripts_options import GEN_IMG_DIFFUSERS_OPTIONS, SDXL_GEN_IMG_EXTRA_OPTIONS
 
@@ -264,11 +264,15 @@ def test_sdxl_script_writes_png(sdxl, sdxl_lora, tmp_path):
             "--network_module networks.nothing: no such module",
         ),
         (["--prompt", "x", "--images_per_prompt", "0"], "--images_per_prompt is 0"),
-        (["--prompt", "x", "--interactive"], "--interactive: there is no interactive mode here"),
         (["--prompt", "x", "--highres_fix_scale", "1.5"], "--highres_fix_scale is 1.5; give the first pass's share"),
         (["--prompt", "x", "--image_path", "nothing.png"], "--image_path nothing.png: no such file or folder"),
         (["--prompt", "x", "--image_path", __file__], "test_gen_img.py: cannot be read as an image"),
         (["--prompt", "x", "--mask_path", __file__], "a mask needs the image it masks; give --image_path too."),
+        (
+            ["--prompt", "x", "--image_path", __file__, "--mask_path", __file__, "--network_weights", __file__],
+            "with --network_weights: sd-scripts takes the mask as the networks' regions (regional LoRA)",
+        ),
+        (["--prompt", "x", "--guide_image_path", "hint.png"], "guide images (ControlNet hints, CLIP and VGG16"),
         (["--prompt", "x", "--strength", "1.5"], "--strength is 1.5; use a value above 0 and at most 1"),
         (["--prompt", "x", "--grid", "rows"], "--grid rows: use 'epochs'"),
         (["--prompt", "x --t 0"], "--prompt, --t: strength 0 is outside"),
@@ -350,3 +354,23 @@ def test_sequential_names_and_automatic1111_parameters_in_the_png(sd1, tmp_path)
         "Negative prompt: blurry",
         "Steps: 2, Sampler: Euler a, CFG scale: 6, Seed: 8, Size: 64x64",
     ]
+
+
+def test_interactive_mode_draws_each_typed_prompt_as_its_prompt_line_would(sd1, tmp_path, monkeypatch, capsys):
+    typed = iter(["", "a cat --d 7 --s 3", "a dog --zz 1", "a dog --n noise"])
+
+    def next_line():
+        try:
+            return next(typed)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", next_line)
+    files = draw_files(sd1[1], tmp_path / "typed", "--interactive", "--seed", "10")
+    assert "error: the typed prompt" in capsys.readouterr().out  # the line that does not parse is asked again
+    [cat] = draw(sd1[1], tmp_path / "cat", "--prompt", "a cat --d 7 --s 3")
+    [dog] = draw(sd1[1], tmp_path / "dog", "--prompt", "a dog --n noise", "--seed", "11")  # the run's second image
+    assert len(files) == 2
+    assert max_difference(as_array(files[0]), cat) == 0 and max_difference(as_array(files[1]), dog) == 0
+    with pytest.raises(UserError, match="--interactive reads the prompts as they are typed"):
+        draw(sd1[1], tmp_path / "both", "--interactive", "--prompt", "a cat")

@@ -10,23 +10,34 @@ lays them out as one contact sheet (`grid`).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from library.cpu_layers import use_fast_cpu_layers
 from library.errors import UserError
 from library.file_io import check_output_folder
-from library.generation.drawing import ImageWriter, batches, draw_batch, image_file_name, plan, planned_images
+from library.generation.drawing import (
+    ImageWriter,
+    PlannedImage,
+    batches,
+    draw_batch,
+    image_file_name,
+    plan,
+    planned_images,
+)
 from library.generation.embeddings import add_embeddings
 from library.generation.grid import draw_grid
 from library.generation.networks import AttachedNetworks, attach_networks
-from library.generation.options import GenerationOptions, build_parser, options_from_arguments
+from library.generation.options import GenerationOptions, build_parser, options_from_arguments, typed_prompt
 from library.lora.files import read_lora_file
 from library.model_files.family import ModelFamily
 from library.model_files.stable_diffusion import StableDiffusionModel, load_stable_diffusion, local_model_family, place
 from library.model_files.vae import load_vae_weights
+from library.sampling import SamplePrompt
 from library.sampling.generate import DrawingSetup
 
 __all__ = [
@@ -64,14 +75,54 @@ def generate(options: GenerationOptions, now: datetime.datetime | None = None) -
         options.vae_batch_size,
         expansions,
     )
-    planned = plan(options)
     if options.grid is not None:
-        return [draw_grid(model, networks, options, planned, setup, now)]
-    writer = ImageWriter(options, now)
-    for batch in batches(planned, options.batch_size, options.sampler):
-        networks.set_multipliers(batch[0].prompt.network_multipliers, f"prompt '{batch[0].prompt.prompt}'")
-        writer.save(batch, draw_batch(model, batch, setup, options))
-    return writer.files
+        return [draw_grid(model, networks, options, plan(options), setup, now)]
+    draw = Drawing(model, networks, setup, options, ImageWriter(options, now))
+    if options.interactive:
+        _draw_typed_prompts(draw)
+    else:
+        draw(plan(options))
+    return draw.writer.files
+
+
+class Drawing(NamedTuple):
+    model: StableDiffusionModel
+    networks: AttachedNetworks
+    setup: DrawingSetup
+    options: GenerationOptions
+    writer: ImageWriter
+
+    def __call__(self, planned: list[PlannedImage]) -> None:
+        """Draw and save the images, in batches of the same settings and network strengths."""
+        for batch in batches(planned, self.options.batch_size, self.options.sampler):
+            self.networks.set_multipliers(batch[0].prompt.network_multipliers, f"prompt '{batch[0].prompt.prompt}'")
+            self.writer.save(batch, draw_batch(self.model, batch, self.setup, self.options))
+
+
+def _draw_typed_prompts(draw: Drawing) -> None:
+    """--interactive: each prompt drawn as it is typed; the run's seeds count on across prompts."""
+    drawn, seed = 0, draw.options.seed
+    while (prompt := _typed_prompt(draw.options.line_defaults)) is not None:
+        planned = plan(dataclasses.replace(draw.options, prompts=[prompt], seed=None if seed is None else seed + drawn))
+        draw(planned)
+        drawn += len(planned)
+
+
+def _typed_prompt(defaults: dict[str, object]) -> SamplePrompt | None:
+    """The next prompt typed (a prompt-file line); None at the end of the input (Ctrl+D). A line without a prompt
+    is asked again; a line that does not parse is named and asked again."""
+    while True:
+        print("Type a prompt (options such as --n, --d, --s may follow; Ctrl+D to end):")
+        try:
+            line = input()
+        except EOFError:
+            return None
+        if not line.split(" --")[0].strip():
+            continue
+        try:
+            return typed_prompt(line, defaults)
+        except UserError as error:
+            print(f"error: {error}")
 
 
 def load_model(options: GenerationOptions) -> StableDiffusionModel:

@@ -38,7 +38,6 @@ NOT_YET = "not implemented here yet (docs/generation.md lists what is)"
 GUIDANCE = "CLIP and VGG16 guidance are not implemented here; they date from SD 1.x and few use them"
 CONTROL = "ControlNet and ControlNet-LLLite are not implemented here"
 UNSUPPORTED_GENERATION_OPTIONS = (
-    UnsupportedOption("interactive", "there is no interactive mode here; give --prompt or --from_file"),
     UnsupportedOption("ddim_eta", NOT_YET, "value"),
     UnsupportedOption("vae_slices", NOT_YET, "value"),
     UnsupportedOption("replace_clip_l14_336", "the 336-pixel CLIP vision variant is not supported here"),
@@ -51,7 +50,12 @@ UNSUPPORTED_GENERATION_OPTIONS = (
     UnsupportedOption("clip_image_guidance_scale", GUIDANCE, "value", default=0.0),
     UnsupportedOption("vgg16_guidance_scale", GUIDANCE, "value", default=0.0),
     UnsupportedOption("vgg16_guidance_layer", GUIDANCE, "value", default=20),
-    UnsupportedOption("guide_image_path", GUIDANCE, "value", nargs="*"),
+    UnsupportedOption(
+        "guide_image_path",
+        "guide images (ControlNet hints, CLIP and VGG16 guidance) are not implemented here",
+        "value",
+        nargs="*",
+    ),
     UnsupportedOption(
         "highres_fix_upscaler",
         "upscaler modules are not supported here; the highres fix upscales with Lanczos or, with"
@@ -174,6 +178,8 @@ class GenerationOptions:
     highres_fix: HighresFix | None = None
     grid: Grid | None = None
     embeddings: list[Path] = field(default_factory=list)  # --textual_inversion_embeddings
+    interactive: bool = False  # --interactive: prompts typed one at a time, read with `line_defaults`
+    line_defaults: dict[str, object] = field(default_factory=dict)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", help="the prompt; options such as --n NEGATIVE may follow it as in prompt files")
     parser.add_argument(
         "--from_file", help="prompt file: one prompt per line with --n --w --h --d --l --s --ss (or .toml/.json)"
+    )
+    parser.add_argument(
+        "--interactive", action="store_true", help="type prompts (with prompt-line options) one at a time; Ctrl+D ends"
     )
     parser.add_argument("--outdir", default="outputs", help="folder for the PNG files (default outputs)")
     parser.add_argument("--W", type=int, help="width (default 512, 1024 for SDXL)")
@@ -290,19 +299,24 @@ def options_from_arguments(args: argparse.Namespace, notes: list[str]) -> Genera
         )
     refuse_unsupported(args, UNSUPPORTED_GENERATION_OPTIONS)
     notes.extend(f"--{name}: {why}." for name, why in NO_EFFECT.items() if getattr(args, name))
+    if args.mask_path and args.network_weights:
+        raise UserError(
+            f"--mask_path {args.mask_path} with --network_weights: sd-scripts takes the mask as the networks' regions"
+            " (regional LoRA), which is not implemented here, so it is not read as an inpainting mask either; inpaint"
+            " without networks, or with a checkpoint the LoRA is merged into (networks/merge_lora.py)."
+        )
     if args.mask_path and not args.image_path:
         raise UserError(f"--mask_path {args.mask_path}: a mask needs the image it masks; give --image_path too.")
     start_images = _image_files(args.image_path, "--image_path")
     masks = _image_files(args.mask_path, "--mask_path")
     strength = _fraction(args.strength, "--strength", DEFAULT_STRENGTH)
-    prompts = _prompts(args, start_images)
-    for prompt in prompts:
-        for text in (prompt.prompt, prompt.negative_prompt or ""):
-            check_prompt_weights(text, f"prompt '{prompt.prompt}'")
-    if args.prompt is None and args.from_file is None:  # each image with its own prompt, as sd-scripts pairs them
+    prompts = [_weights_checked(prompt) for prompt in _prompts(args, start_images)]
+    if args.prompt is None and args.from_file is None and not args.interactive:  # each image with its own prompt
         start_images = [file for file in start_images for _ in range(args.images_per_prompt)]
         masks = [file for file in masks for _ in range(args.images_per_prompt)]
     grid = _grid(args.grid, args.network_weights)
+    if grid and args.interactive:
+        raise UserError("--grid draws a whole prompt list on one sheet; leave out --interactive.")
     merge = args.network_merge or args.network_pre_calc
     if grid and merge:
         raise UserError("--grid changes the networks' strengths between columns; leave out --network_merge.")
@@ -311,7 +325,7 @@ def options_from_arguments(args: argparse.Namespace, notes: list[str]) -> Genera
         outdir=Path(args.outdir),
         prompts=_ordered(prompts, args.shuffle_prompts, args.seed),
         images_per_prompt=args.images_per_prompt,
-        iterations=args.n_iter,
+        iterations=1 if args.interactive else args.n_iter,
         same_seed_per_iteration=args.iter_same_seed,
         seed=args.seed,
         sampler=check_sampler(args.sampler, "--sampler"),
@@ -337,6 +351,8 @@ def options_from_arguments(args: argparse.Namespace, notes: list[str]) -> Genera
         highres_fix=_highres_fix(args),
         grid=grid,
         embeddings=[Path(file) for file in args.textual_inversion_embeddings or []],
+        interactive=args.interactive,
+        line_defaults=_line_defaults(args),
     )
 
 
@@ -438,9 +454,11 @@ def _prompts(args: argparse.Namespace, start_images: list[Path]) -> list[SampleP
     """`--prompt`, every prompt of `--from_file`, or (img2img with neither, as sd-scripts) the prompts written in
     the start images' PNG text; --W, --H, --steps, --scale and sdxl_gen_img.py's conditioning flags fill what a
     prompt does not set."""
-    size = SDXL_SIZE if local_model_family(args.ckpt) is ModelFamily.SDXL else DEFAULT_SIZE
-    defaults = {"width": args.W or size, "height": args.H or size, "steps": args.steps, "scale": args.scale}
-    defaults |= {name: getattr(args, name) for name in SDXL_CONDITIONING if getattr(args, name) is not None}
+    defaults = _line_defaults(args)
+    if args.interactive:
+        if args.prompt is not None or args.from_file is not None:
+            raise UserError("--interactive reads the prompts as they are typed; leave out --prompt and --from_file.")
+        return []
     if args.prompt is not None and args.from_file is not None:
         raise UserError("give the prompt with --prompt or a prompt file with --from_file, not both.")
     if args.prompt is not None:
@@ -452,6 +470,24 @@ def _prompts(args: argparse.Namespace, start_images: list[Path]) -> list[SampleP
     if start_images:
         return _prompts_of_images(start_images, defaults)
     raise UserError('give the prompt with --prompt "..." or a prompt file with --from_file FILE.')
+
+
+def _line_defaults(args: argparse.Namespace) -> dict[str, object]:
+    """What a prompt line does not set: --W, --H, --steps, --scale and sdxl_gen_img.py's conditioning flags."""
+    size = SDXL_SIZE if local_model_family(args.ckpt) is ModelFamily.SDXL else DEFAULT_SIZE
+    defaults = {"width": args.W or size, "height": args.H or size, "steps": args.steps, "scale": args.scale}
+    return defaults | {name: getattr(args, name) for name in SDXL_CONDITIONING if getattr(args, name) is not None}
+
+
+def typed_prompt(line: str, defaults: dict[str, object]) -> SamplePrompt:
+    """A prompt typed in --interactive mode, read as a prompt-file line."""
+    return _weights_checked(parse_prompt_line(line, "the typed prompt", defaults, generation=True))
+
+
+def _weights_checked(prompt: SamplePrompt) -> SamplePrompt:
+    for text in (prompt.prompt, prompt.negative_prompt or ""):
+        check_prompt_weights(text, f"prompt '{prompt.prompt}'")
+    return prompt
 
 
 def _prompts_of_images(files: list[Path], defaults: dict) -> list[SamplePrompt]:
