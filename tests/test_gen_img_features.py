@@ -230,6 +230,11 @@ def test_per_prompt_strengths_and_pre_calculation(sd1, loras, tmp_path):
     assert np.array_equal(merged, draw(sd1[1], tmp_path / "pre", *flags, "--network_pre_calc")[0])
     with pytest.raises(UserError, match="a merged network's strength cannot change per prompt"):
         draw(sd1[1], tmp_path / "bad", "--prompt", "x --am 0", "--network_weights", loras[0], "--network_merge")
+    # with a prompt's --am, sd-scripts merges again at that strength; applied here, the same image up to rounding
+    one = ["--seed", "1", "--network_weights", loras[0]]
+    pre = draw(sd1[1], tmp_path / "pre_am", "--prompt", "x --am 0.2", *one, "--network_pre_calc")[0]
+    remerged = draw(sd1[1], tmp_path / "merged_02", "--prompt", "x", *one, "--network_mul", "0.2", "--network_merge")[0]
+    assert max_difference(pre, remerged) <= 2 and max_difference(pre, base) > 2
 
 
 def test_grid_of_epochs_and_strengths_holds_the_single_images(sd1, loras, tmp_path):

@@ -264,7 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--network_show_meta", action="store_true", help="print each network file's metadata")
     parser.add_argument(
-        "--network_pre_calc", action="store_true", help="merge the networks into the weights once, before drawing"
+        "--network_pre_calc",
+        action="store_true",
+        help="merge the networks into the weights before drawing (applied instead when --am changes their strengths)",
     )
     parser.add_argument(
         "--grid",
@@ -317,7 +319,7 @@ def options_from_arguments(args: argparse.Namespace, notes: list[str]) -> Genera
     grid = _grid(args.grid, args.network_weights)
     if grid and args.interactive:
         raise UserError("--grid draws a whole prompt list on one sheet; leave out --interactive.")
-    merge = args.network_merge or args.network_pre_calc
+    merge = args.network_merge or _pre_calculated(args, prompts, grid, notes)
     if grid and merge:
         raise UserError("--grid changes the networks' strengths between columns; leave out --network_merge.")
     return GenerationOptions(
@@ -354,6 +356,21 @@ def options_from_arguments(args: argparse.Namespace, notes: list[str]) -> Genera
         interactive=args.interactive,
         line_defaults=_line_defaults(args),
     )
+
+
+def _pre_calculated(args: argparse.Namespace, prompts: list[SamplePrompt], grid: Grid | None, notes: list[str]) -> bool:
+    """--network_pre_calc merges the networks unless their strengths change during the run (a prompt's --am, typed
+    prompts, a grid): sd-scripts then merges again for each batch; here they are applied, which draws the same
+    images up to rounding."""
+    if not args.network_pre_calc:
+        return False
+    if args.interactive or grid is not None or any(prompt.network_multipliers is not None for prompt in prompts):
+        notes.append(
+            "--network_pre_calc: the networks' strengths change during this run, so they are applied rather than"
+            " merged (the same images up to rounding)."
+        )
+        return False
+    return True
 
 
 def _vae_batch_size(value: float | None, batch_size: int) -> int | None:
