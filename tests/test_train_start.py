@@ -113,8 +113,15 @@ def test_continuing_names_the_modules_that_start_fresh(tiny_checkpoints, tmp_pat
     missing = network.load_state_dict(unet_only, strict=False).missing_keys
     fresh = len(network.text_encoder_loras)
     assert fresh > 0 and len(missing) == 3 * fresh  # down, up and alpha of each
-    line = _continuation_line("u.safetensors", network, missing)
+    line = _continuation_line("u.safetensors", network, missing, [])
     assert line == (
         f"continuing from u.safetensors ({fresh} of the network's {len(state) // 3} modules are not in the file and"
         " start fresh)"
+    )
+    conv = create_network(1.0, 4, 1, None, model.text_encoders[0], model.unet, conv_dim="2")
+    unexpected = network.load_state_dict(conv.state_dict(), strict=False).unexpected_keys
+    convs = len({key.split(".")[0] for key in unexpected})
+    assert convs == len(conv.unet_loras) - len(network.unet_loras) > 0  # the 3x3 convs this network has no module for
+    assert _continuation_line("c.safetensors", network, [], unexpected).startswith(
+        f"continuing from c.safetensors ({convs} of the file's modules are not in this network and are left out"
     )

@@ -71,21 +71,30 @@ def build_network(options: NetworkOptions, family: TrainingFamily) -> torch.nn.M
         )
     if options.network_weights and not options.dim_from_weights:
         loaded = network.load_weights(options.network_weights)
-        print(_continuation_line(options.network_weights, network, getattr(loaded, "missing_keys", [])))
+        missing, unexpected = (getattr(loaded, name, []) for name in ("missing_keys", "unexpected_keys"))
+        print(_continuation_line(options.network_weights, network, missing, unexpected))
     return network
 
 
-def _continuation_line(file: str, network: torch.nn.Module, missing_keys: list[str]) -> str:
-    """What continuing from `file` keeps, refused when it keeps nothing (a LoRA of another model)."""
+def _continuation_line(file: str, network: torch.nn.Module, missing_keys: list[str], unexpected_keys: list[str]) -> str:
+    """What continuing from `file` keeps and leaves out, refused when it keeps nothing (a LoRA of another model)."""
     modules = {key.split(".")[0] for key in network.state_dict()}
     missing = {key.split(".")[0] for key in missing_keys}
+    dropped = {key.split(".")[0] for key in unexpected_keys}
     if modules and missing >= modules:
         raise UserError(
             f"--network_weights {file}: none of this network's {len(modules)} modules is in the file, so nothing would"
             " continue from it; give a LoRA trained for this model and these layers, or leave out --network_weights."
         )
-    fresh = f" ({len(missing)} of the network's {len(modules)} modules are not in the file and start fresh)"
-    return f"continuing from {file}{fresh if missing else ''}"
+    notes = []
+    if missing:
+        notes.append(f"{len(missing)} of the network's {len(modules)} modules are not in the file and start fresh")
+    if dropped:
+        notes.append(
+            f"{len(dropped)} of the file's modules are not in this network and are left out (first: {min(dropped)};"
+            " conv modules need conv_dim in --network_args, text-encoder modules need the text encoder trained)"
+        )
+    return f"continuing from {file}" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def _failure(name: str, error: Exception) -> str:
