@@ -108,6 +108,10 @@ def test_training_lowers_the_loss_and_saves_sd_scripts_files(trained, tiny_sd1, 
         "shp shape" in metadata["ss_tag_frequency"] and metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
     )
     assert open_checkpoint(output / "tiny-step00000020.safetensors").metadata["ss_steps"] == "20"
+    # sd-scripts' formats: the optimizer without "()" when it has no arguments, its default validation split, and
+    # no VAE name without --vae
+    assert metadata["ss_optimizer"] == "torch.optim.adamw.AdamW" and metadata["ss_validation_split"] == "0.0"
+    assert "ss_vae_name" not in metadata
 
 
 @pytest.mark.slow

@@ -164,7 +164,7 @@ def optimizer_name(optimizer_type: str | None, use_8bit_adam: bool = False, use_
 def make_optimizer(
     name: str, optimizer_args: dict[str, Any], param_groups: list[dict], lr: float
 ) -> tuple[torch.optim.Optimizer, str]:
-    """The optimizer and the string logged for it (`module.Class(k=v, ...)`)."""
+    """The optimizer and the string logged for it: `module.Class`, followed by `(k=v,...)` when arguments are given."""
     factory = OPTIMIZERS.get(name.lower())
     if factory is None:
         factory = _by_class_path(name)
@@ -175,7 +175,8 @@ def make_optimizer(
             f"--optimizer_args {optimizer_args} do not fit {name} ({error}); check the argument names."
         ) from None
     arguments = ",".join(f"{key}={value}" for key, value in optimizer_args.items())
-    return optimizer, f"{type(optimizer).__module__}.{type(optimizer).__name__}({arguments})"
+    described = f"{type(optimizer).__module__}.{type(optimizer).__name__}"
+    return optimizer, described + (f"({arguments})" if arguments else "")  # sd-scripts' ss_optimizer
 
 
 def _by_class_path(name: str) -> Callable:

@@ -170,10 +170,9 @@ def training_metadata(options: TrainingOptions, plans: Sequence[DatasetPlan], fa
         "ss_huber_c": str(loss.huber_c),
         "ss_huber_scale": str(loss.huber_scale),
         "ss_sd_model_name": Path(model.pretrained_model_name_or_path).name,
-        "ss_vae_name": Path(model.vae).name if model.vae else "None",
         "ss_training_comment": str(options.saving.training_comment),
         "ss_num_validation_images": str(sum(len(plan.validation_samples) for plan in plans)),
-        "ss_validation_split": str(dataset.fallbacks.get("validation_split")),
+        "ss_validation_split": str(dataset.fallbacks.get("validation_split") or 0.0),  # sd-scripts' default
         "ss_validation_seed": str(dataset.fallbacks.get("validation_seed")),
         "ss_validate_every_n_steps": str(options.validation.validate_every_n_steps),
         "ss_validate_every_n_epochs": str(options.validation.validate_every_n_epochs),
@@ -181,6 +180,8 @@ def training_metadata(options: TrainingOptions, plans: Sequence[DatasetPlan], fa
         "ss_datasets": json.dumps([_dataset_metadata(plan) for plan in plans]),
         "ss_tag_frequency": json.dumps(_tag_frequencies(plans)),
     }
+    if model.vae:  # sd-scripts writes the key only for a --vae
+        metadata["ss_vae_name"] = Path(model.vae).name
     return {**metadata, **base_model_metadata(options, facts)}
 
 
