@@ -103,7 +103,9 @@ def test_optimizer_choice_and_its_errors():
         optimizer_name("AdamW", False, True)
     parameter = torch.nn.Parameter(torch.zeros(2))
     optimizer, text = make_optimizer("SGDNesterov", {}, [{"params": [parameter], "lr": 0.1}], 0.1)
-    assert optimizer.defaults["nesterov"] and optimizer.defaults["momentum"] == 0.9 and text.endswith("SGD()")
+    assert optimizer.defaults["nesterov"] and optimizer.defaults["momentum"] == 0.9 and text == "torch.optim.sgd.SGD"
+    _, text = make_optimizer("SGDNesterov", {"dampening": 0.0}, [{"params": [parameter], "lr": 0.1}], 0.1)
+    assert text == "torch.optim.sgd.SGD(dampening=0.0)"  # sd-scripts' ss_optimizer: arguments only when given
     optimizer, _ = make_optimizer("torch.optim.RMSprop", {"alpha": 0.9}, [{"params": [parameter], "lr": 0.1}], 0.1)
     assert isinstance(optimizer, torch.optim.RMSprop) and optimizer.defaults["alpha"] == 0.9
     with pytest.raises(UserError, match="no such optimizer"):
