@@ -25,7 +25,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     except OSError as error:
-        raise UserError(f"{path}: cannot write here ({error.strerror}); choose a folder you may write to.") from None
+        raise _cannot_write(path, error) from None
     os.close(handle)
     temporary = Path(temporary)
     try:
@@ -45,13 +45,17 @@ def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
     except OSError as error:
-        raise UserError(f"{folder}: cannot write here ({error.strerror}); choose a folder you may write to.") from None
+        raise _cannot_write(folder, error) from None
     try:
         yield staging
         staging.chmod(0o777 & ~_umask())
         _replace_folder(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _cannot_write(path: Path, error: OSError) -> UserError:
+    return UserError(f"{path}: cannot write here ({error.strerror}); choose a folder you may write to.")
 
 
 def _replace_folder(staging: Path, folder: Path) -> None:

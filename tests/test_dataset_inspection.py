@@ -108,7 +108,14 @@ def test_cache_latents_tool_writes_then_reuses_the_files(tiny_checkpoints, tmp_p
     assert "3 images encoded" in flipped.stdout
 
 
-def test_cache_latents_tool_refuses_conflicts_before_loading(tiny_checkpoints, tmp_path):
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--random_crop", "random_crop changes the image every epoch"),
+        ("--sdxl", "{model}: an SD1.x model; leave out --sdxl"),
+    ],
+)
+def test_cache_latents_tool_refuses_before_loading(tiny_checkpoints, tmp_path, flag, message):
     _, model_file, _ = tiny_checkpoints[ModelFamily.SD1]
     make_tiny_dataset(tmp_path / "data", images=1)
     result = run_script(
@@ -119,25 +126,8 @@ def test_cache_latents_tool_refuses_conflicts_before_loading(tiny_checkpoints, t
         str(tmp_path / "data"),
         "--resolution",
         "64",
-        "--random_crop",
+        flag,
     )
     assert result.returncode == 2
-    assert "random_crop changes the image every epoch" in result.stderr and "Traceback" not in result.stderr
+    assert message.format(model=model_file) in result.stderr and "Traceback" not in result.stderr
     assert not list((tmp_path / "data").rglob("*.npz"))
-
-
-def test_cache_latents_tool_names_the_sdxl_flag_for_the_model_given(tiny_checkpoints, tmp_path):
-    _, model_file, _ = tiny_checkpoints[ModelFamily.SD1]
-    make_tiny_dataset(tmp_path / "data", images=1)
-    result = run_script(
-        "tools/cache_latents.py",
-        "--pretrained_model_name_or_path",
-        str(model_file),
-        "--train_data_dir",
-        str(tmp_path / "data"),
-        "--resolution",
-        "64",
-        "--sdxl",
-    )
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert f"{model_file}: an SD1.x model; leave out --sdxl" in result.stderr

@@ -312,7 +312,8 @@ def options_from_arguments(args: argparse.Namespace, notes: list[str]) -> Genera
     start_images = _image_files(args.image_path, "--image_path")
     masks = _image_files(args.mask_path, "--mask_path")
     strength = _fraction(args.strength, "--strength", DEFAULT_STRENGTH)
-    prompts = [_weights_checked(prompt) for prompt in _prompts(args, start_images)]
+    line_defaults = _line_defaults(args)
+    prompts = [_weights_checked(prompt) for prompt in _prompts(args, start_images, line_defaults)]
     if args.prompt is None and args.from_file is None and not args.interactive:  # each image with its own prompt
         start_images = [file for file in start_images for _ in range(args.images_per_prompt)]
         masks = [file for file in masks for _ in range(args.images_per_prompt)]
@@ -354,7 +355,7 @@ def options_from_arguments(args: argparse.Namespace, notes: list[str]) -> Genera
         grid=grid,
         embeddings=[Path(file) for file in args.textual_inversion_embeddings or []],
         interactive=args.interactive,
-        line_defaults=_line_defaults(args),
+        line_defaults=line_defaults,
     )
 
 
@@ -467,11 +468,10 @@ def _dtype(args: argparse.Namespace, notes: list[str]) -> torch.dtype:
     return torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
 
 
-def _prompts(args: argparse.Namespace, start_images: list[Path]) -> list[SamplePrompt]:
+def _prompts(args: argparse.Namespace, start_images: list[Path], defaults: dict[str, object]) -> list[SamplePrompt]:
     """`--prompt`, every prompt of `--from_file`, or (img2img with neither, as sd-scripts) the prompts written in
     the start images' PNG text; --W, --H, --steps, --scale and sdxl_gen_img.py's conditioning flags fill what a
-    prompt does not set."""
-    defaults = _line_defaults(args)
+    prompt does not set (`defaults`)."""
     if args.interactive:
         if args.prompt is not None or args.from_file is not None:
             raise UserError("--interactive reads the prompts as they are typed; leave out --prompt and --from_file.")
